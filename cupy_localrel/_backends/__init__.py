@@ -1,0 +1,48 @@
+"""Backends are peers behind one dispatch.
+
+Each backend is a module with the same function set, taking a checked
+:class:`~cupy_localrel._geometry.Geometry` and arrays of its own kind:
+
+- ``attention_forward(geo, q, k, v, bias, rel) -> (out, lse)``
+- ``attention_backward(geo, grad_out, q, k, v, out, lse, bias, rel) -> (dq, dk, dv, dbias, drel)``
+- ``qk_forward(geo, q, k, bias, rel) -> logits``
+- ``qk_backward(geo, grad_logits, q, k, bias, rel) -> (dq, dk, dbias, drel)``
+- ``av_forward(geo, attn, v) -> out``
+- ``av_backward(geo, grad_out, attn, v) -> (dattn, dv)``
+
+Gradients of optional inputs that were not given (``bias``/``rel`` is ``None``) are
+``None``. Arguments are already checked; a backend never re-checks them.
+"""
+from __future__ import annotations
+
+import importlib
+
+# Which array kind each backend takes.
+_ARRAY_KIND = {"numpy": "numpy", "sim": "numpy", "cupy": "cupy"}
+_MODULES = {"numpy": "._numpy", "sim": "._sim", "cupy": "._cupy"}
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """``(available, reason)`` for one backend, without raising."""
+    try:
+        module = importlib.import_module(_MODULES[name], __name__)
+    except ImportError as exc:  # a backend whose module or dependency is missing
+        return False, f"not importable: {exc}"
+    status = getattr(module, "available", None)
+    return status() if status else (True, "")
+
+
+def resolve(backend: str | None, kind: str):
+    """The backend module for ``backend`` (``None``: by array ``kind``).
+
+    Raises ``TypeError`` when the arrays are of the wrong kind for the backend and
+    ``RuntimeError`` (naming the missing piece) when the backend cannot run here.
+    """
+    name = kind if backend is None else backend
+    ok, reason = backend_status(name)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    if _ARRAY_KIND[name] != kind:
+        expected = "CuPy" if _ARRAY_KIND[name] == "cupy" else "NumPy"
+        raise TypeError(f"backend={name!r} takes {expected} arrays, got {kind} arrays")
+    return importlib.import_module(_MODULES[name], __name__)

@@ -1,0 +1,367 @@
+"""The NumPy reference: every op, forward and backward, on the CPU.
+
+Vectorised over pixels, with a Python loop over the ``kh*kw`` window slots. The work is
+cut into chunks of (batch, heads, output rows) so that the extra memory stays under a
+fixed budget whatever the input size (:func:`set_memory_budget`). Inputs of any float
+dtype are computed in float32 (float64 for float64) and the results cast back.
+
+Geometry comes from :mod:`cupy_localrel._geometry`: each slot's input position, validity
+and table index per axis. Here they are only applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._geometry import Geometry, lse_dtype
+
+_MIB = 1 << 20
+_budget = 256 * _MIB
+# Chunks larger than this gain nothing in NumPy and only cost cache; the budget caps them.
+_PREFERRED_CHUNK = 48 * _MIB
+
+
+def available():
+    return True, "always (pure NumPy)"
+
+
+def set_memory_budget(nbytes: int) -> int:
+    """Cap the reference's extra memory per call at ``nbytes``; returns the old cap."""
+    global _budget
+    if int(nbytes) < _MIB:
+        raise ValueError(f"nbytes must be at least 1 MiB, got {nbytes!r}")
+    old, _budget = _budget, int(nbytes)
+    return old
+
+
+def get_memory_budget() -> int:
+    return _budget
+
+
+# ---------------------------------------------------------------------------------------
+# Chunks
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One piece of work: batches ``b``, heads ``h``, output rows ``i`` (slices)."""
+
+    b: slice
+    h: slice
+    i: slice
+    in_rows: slice  # the input rows the chunk's windows touch (a halo around ``i``)
+
+
+def _chunks(geo: Geometry, channels_per_head: int):
+    """Yield chunks whose temporaries fit the memory budget.
+
+    ``channels_per_head`` counts the per-head channels the op touches (for example
+    ``2*Dqk + Dv`` for attention); the estimate counts the ``K`` slot arrays
+    (logits, weights and their gradients) and a few copies of the gathered channels.
+    """
+    acc = geo.acc_dtype.itemsize
+    per_row = acc * geo.out_w * (5 * geo.slots + 6 * channels_per_head) \
+        + acc * geo.width * 3 * channels_per_head * geo.stride[0]
+    halo = acc * geo.width * 3 * channels_per_head * (geo.kernel[0] * geo.dilation[0])
+    target = min(_budget, _PREFERRED_CHUNK)
+    whole_image = per_row * geo.out_h + halo
+    if whole_image <= target:
+        rows = geo.out_h
+        units = max(1, target // whole_image)
+    else:
+        rows = max(1, (target - halo) // per_row)
+        units = 1
+    nh = min(geo.heads, units)
+    nb = max(1, min(geo.batch, units // geo.heads)) if nh == geo.heads else 1
+    for b0 in range(0, geo.batch, nb):
+        for h0 in range(0, geo.heads, nh):
+            for i0 in range(0, geo.out_h, rows):
+                i = slice(i0, min(i0 + rows, geo.out_h))
+                yield _Chunk(slice(b0, min(b0 + nb, geo.batch)), slice(h0, min(h0 + nh, geo.heads)),
+                             i, _input_rows(geo, i))
+
+
+def _input_rows(geo: Geometry, i: slice) -> slice:
+    """The input rows that output rows ``i`` use: their centres and every valid slot."""
+    pos = geo.rows.pos[i]
+    centres = np.arange(i.start, i.stop) * geo.stride[0]
+    used = np.concatenate([pos[pos >= 0], centres])
+    return slice(int(used.min()), int(used.max()) + 1)
+
+
+def _heads_view(x, geo: Geometry, c: _Chunk, per_head: int, rows: slice | None = None):
+    """``x[c.b, channels of heads c.h, rows]`` as ``(nb, nh, per_head, rows, W)`` in acc dtype."""
+    ch = slice(c.h.start * per_head, c.h.stop * per_head)
+    part = x[c.b, ch] if rows is None else x[c.b, ch, rows]
+    part = part.reshape(part.shape[0], -1, per_head, *part.shape[2:])
+    return part.astype(geo.acc_dtype, copy=False)
+
+
+def _centres(x_rows, geo: Geometry, c: _Chunk):
+    """Values at the window centres of the chunk's outputs: ``(..., rows, Wo)``."""
+    sh, sw = geo.stride
+    first = c.i.start * sh - c.in_rows.start
+    return x_rows[..., first:first + (c.i.stop - c.i.start - 1) * sh + 1:sh, ::sw]
+
+
+# ---------------------------------------------------------------------------------------
+# Applying the geometry of one slot
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Slot:
+    """Slot ``(ty, tx)`` for the outputs of one chunk; positions relative to ``in_rows``."""
+
+    ys: np.ndarray     # (rows,) input row, or -1
+    xs: np.ndarray     # (Wo,) input column, or -1
+    ay: np.ndarray     # (rows,) table row
+    ax: np.ndarray     # (Wo,) table column
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``(rows, Wo)`` bool."""
+        return (self.ys >= 0)[:, None] & (self.xs >= 0)[None, :]
+
+    def injective(self) -> bool:
+        """No two outputs of this slot look at the same input (true for centred windows)."""
+        y, x = self.ys[self.ys >= 0], self.xs[self.xs >= 0]
+        return len(np.unique(y)) == len(y) and len(np.unique(x)) == len(x)
+
+
+def _slots(geo: Geometry, c: _Chunk):
+    """Yield ``(t, _Slot)`` for every window slot, row-major from the top-left."""
+    rows, cols = geo.rows, geo.cols
+    for ty in range(geo.kernel[0]):
+        ys = rows.pos[c.i, ty].astype(np.int64)
+        ys = np.where(ys >= 0, ys - c.in_rows.start, -1)
+        for tx in range(geo.kernel[1]):
+            yield ty * geo.kernel[1] + tx, _Slot(ys, cols.pos[:, tx].astype(np.int64),
+                                                  rows.table[c.i, ty], cols.table[:, tx])
+
+
+def _gather(x_rows, s: _Slot):
+    """``x`` at the slot's inputs, ``(..., rows, Wo)``, exactly 0 where invalid."""
+    picked = x_rows[..., np.maximum(s.ys, 0)[:, None], np.maximum(s.xs, 0)[None, :]]
+    return np.where(s.valid, picked, 0)
+
+
+def _scatter_add(dst_rows, src, s: _Slot):
+    """``dst[..., y, x] += src[..., i, j]`` for every valid output ``(i, j)`` of the slot."""
+    vy, vx = s.ys >= 0, s.xs >= 0
+    index = (Ellipsis, s.ys[vy][:, None], s.xs[vx][None, :])
+    values = src[..., vy, :][..., vx]
+    if s.injective():
+        dst_rows[index] += values
+    else:  # shift windows: several outputs may share an input in one slot
+        np.add.at(dst_rows, index, values)
+
+
+def _table(t, s: _Slot):
+    """``t[..., ay, ax]`` per output of the slot: ``(..., rows, Wo)``."""
+    return t[..., s.ay[:, None], s.ax[None, :]]
+
+
+def _table_add(dst, src, s: _Slot):
+    """``dst[..., ay, ax] += src[..., i, j]`` summed over outputs: a tiny one-hot product."""
+    one_y = np.eye(dst.shape[-2], dtype=src.dtype)[s.ay]  # (rows, Ty)
+    one_x = np.eye(dst.shape[-1], dtype=src.dtype)[s.ax]  # (Wo, Tx)
+    dst += np.einsum("...ij,ia,jb->...ab", src, one_y, one_x, optimize=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Chunk kernels: logits, weighted sums and their gradients
+# ---------------------------------------------------------------------------------------
+
+def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool):
+    """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked."""
+    qc = _centres(q_rows, geo, c)                         # (nb, nh, Dqk, rows, Wo)
+    bias_h = None if bias is None else bias[c.h].astype(geo.acc_dtype, copy=False)
+    rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
+    logits = np.empty((qc.shape[0], qc.shape[1], geo.slots) + qc.shape[3:], geo.acc_dtype)
+    for t, s in _slots(geo, c):
+        key = _gather(k_rows, s)
+        if rel_h is not None:
+            key = key + _table(rel_h, s)[None]
+        logit = geo.scale * np.einsum("bhdij,bhdij->bhij", qc, key)
+        if bias_h is not None:
+            logit += _table(bias_h, s)[None]
+        if mask_invalid:
+            logit = np.where(s.valid, logit, -np.inf)
+        logits[:, :, t] = logit
+    return logits
+
+
+def _chunk_weighted_sum(geo, c, weights, v_rows):
+    """``sum_t weights[:, :, t] * v at slot t``: ``(nb, nh, Dv, rows, Wo)``."""
+    out = 0
+    for t, s in _slots(geo, c):
+        out = out + weights[:, :, t, None] * _gather(v_rows, s)
+    return out
+
+
+def _chunk_av_grads(geo, c, grad_out, weights, v_rows, dv_rows):
+    """Returns ``dweights``; adds the value gradient into ``dv_rows``.
+
+    Invalid slots add nothing to the output whatever their weight, so their weight
+    gradient is 0 and they pass no gradient to ``v``.
+    """
+    dweights = np.empty_like(weights)
+    for t, s in _slots(geo, c):
+        dweights[:, :, t] = np.where(s.valid, np.einsum("bhdij,bhdij->bhij", grad_out,
+                                                        _gather(v_rows, s)), 0)
+        _scatter_add(dv_rows, weights[:, :, t, None] * grad_out, s)
+    return dweights
+
+
+def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel):
+    """Adds the gradients of the chunk's logits into ``dq``/``dk``/``dbias``/``drel``."""
+    qc = _centres(q_rows, geo, c)
+    dqc = _centres(dq_rows, geo, c)
+    rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
+    for t, s in _slots(geo, c):
+        g = geo.scale * dlogits[:, :, t, None]            # (nb, nh, 1, rows, Wo)
+        key = _gather(k_rows, s)
+        if rel_h is not None:
+            key = key + _table(rel_h, s)[None]
+            _table_add(drel[c.h], (g * qc).sum(axis=0), s)
+        dqc += g * key
+        _scatter_add(dk_rows, g * qc, s)
+        if dbias is not None:
+            _table_add(dbias[c.h], dlogits[:, :, t].sum(axis=0), s)
+
+
+def _softmax(logits):
+    """``(weights, lse)`` over axis 2; ``-inf`` logits get weight exactly 0."""
+    top = logits.max(axis=2, keepdims=True)
+    lse = top + np.log(np.exp(logits - top).sum(axis=2, keepdims=True))
+    return np.exp(logits - lse), lse[:, :, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient buffers: each chunk accumulates in the acc dtype, then lands in the result
+# ---------------------------------------------------------------------------------------
+
+def _grad_rows(geo, c, per_head):
+    return np.zeros((c.b.stop - c.b.start, c.h.stop - c.h.start, per_head,
+                     c.in_rows.stop - c.in_rows.start, geo.width), geo.acc_dtype)
+
+
+def _land(dst, rows_grad, c, per_head):
+    """Add a chunk's ``(nb, nh, per_head, rows, W)`` gradient into ``dst`` ``(B, C, H, W)``."""
+    ch = slice(c.h.start * per_head, c.h.stop * per_head)
+    region = dst[c.b, ch, c.in_rows]
+    region += rows_grad.reshape(region.shape).astype(dst.dtype)
+
+
+def _out_rows(x, geo, c, per_head):
+    """The ``(nb, nh, per_head, rows, Wo)`` view of output ``x`` for this chunk."""
+    ch = slice(c.h.start * per_head, c.h.stop * per_head)
+    part = x[c.b, ch, c.i]
+    return part.reshape(part.shape[0], -1, per_head, *part.shape[2:])
+
+
+def _small_grads(geo, bias, rel):
+    dbias = None if bias is None else np.zeros(bias.shape, geo.acc_dtype)
+    drel = None if rel is None else np.zeros(rel.shape, geo.acc_dtype)
+    return dbias, drel
+
+
+def _cast(geo, *arrays):
+    return tuple(None if a is None else a.astype(geo.dtype) for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------
+# The backend's function set
+# ---------------------------------------------------------------------------------------
+
+def qk_forward(geo: Geometry, q, k, bias, rel):
+    """Logits ``(B, heads, K, Ho, Wo)``; masked slots ``-inf`` with ``border="mask"``."""
+    logits = np.empty(geo.attn_shape, geo.dtype)
+    for c in _chunks(geo, 2 * geo.dqk):
+        q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
+        k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        logits[c.b, c.h, :, c.i] = _chunk_logits(geo, c, q_rows, k_rows, bias, rel,
+                                                 geo.border == "mask")
+    return logits
+
+
+def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel):
+    dq, dk = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype)
+    dbias, drel = _small_grads(geo, bias, rel)
+    for c in _chunks(geo, 4 * geo.dqk):
+        g = grad_logits[c.b, c.h, :, c.i].astype(geo.acc_dtype, copy=False)
+        if geo.border == "mask":  # gradients at masked slots are ignored
+            g = _mask_slots(geo, c, g)
+        dq_rows, dk_rows = _grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk)
+        _chunk_qk_grads(geo, c, g, _heads_view(q, geo, c, geo.dqk, c.in_rows),
+                        _heads_view(k, geo, c, geo.dqk, c.in_rows), rel, dq_rows, dk_rows,
+                        dbias, drel)
+        _land(dq, dq_rows, c, geo.dqk)
+        _land(dk, dk_rows, c, geo.dqk)
+    return (dq, dk) + _cast(geo, dbias, drel)
+
+
+def _mask_slots(geo, c, per_slot):
+    """Zero ``per_slot`` ``(nb, nh, K, rows, Wo)`` at invalid slots."""
+    valid = np.stack([s.valid for _, s in _slots(geo, c)])      # (K, rows, Wo)
+    return np.where(valid, per_slot, 0)
+
+
+def av_forward(geo: Geometry, attn, v):
+    out = np.empty(geo.out_shape, geo.dtype)
+    for c in _chunks(geo, 2 * geo.dv):
+        w = attn[c.b, c.h, :, c.i].astype(geo.acc_dtype, copy=False)
+        _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(
+            geo, c, w, _heads_view(v, geo, c, geo.dv, c.in_rows))
+    return out
+
+
+def av_backward(geo: Geometry, grad_out, attn, v):
+    dattn, dv = np.empty(attn.shape, attn.dtype), np.zeros(v.shape, v.dtype)
+    for c in _chunks(geo, 3 * geo.dv):
+        w = attn[c.b, c.h, :, c.i].astype(geo.acc_dtype, copy=False)
+        g = _out_rows(grad_out, geo, c, geo.dv).astype(geo.acc_dtype, copy=False)
+        dv_rows = _grad_rows(geo, c, geo.dv)
+        dattn[c.b, c.h, :, c.i] = _chunk_av_grads(
+            geo, c, g, w, _heads_view(v, geo, c, geo.dv, c.in_rows), dv_rows)
+        _land(dv, dv_rows, c, geo.dv)
+    return dattn, dv
+
+
+def attention_forward(geo: Geometry, q, k, v, bias, rel):
+    out = np.empty(geo.out_shape, geo.dtype)
+    lse = np.empty(geo.lse_shape, lse_dtype(geo.dtype))
+    for c in _chunks(geo, 2 * geo.dqk + 2 * geo.dv):
+        logits = _chunk_logits(geo, c, _heads_view(q, geo, c, geo.dqk, c.in_rows),
+                               _heads_view(k, geo, c, geo.dqk, c.in_rows), bias, rel,
+                               geo.border == "mask")
+        weights, lse[c.b, c.h, c.i] = _softmax(logits)
+        _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(
+            geo, c, weights, _heads_view(v, geo, c, geo.dv, c.in_rows))
+    return out, lse
+
+
+def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel):
+    dq, dk, dv = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
+    dbias, drel = _small_grads(geo, bias, rel)
+    for c in _chunks(geo, 4 * geo.dqk + 3 * geo.dv):
+        q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
+        k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask")
+        # Recompute the weights from the saved log-sum-exp instead of storing them.
+        weights = np.exp(logits - lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
+        del logits
+        g = _out_rows(grad_out, geo, c, geo.dv).astype(geo.acc_dtype, copy=False)
+        dq_rows, dk_rows, dv_rows = (_grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk),
+                                     _grad_rows(geo, c, geo.dv))
+        dweights = _chunk_av_grads(geo, c, g, weights,
+                                   _heads_view(v, geo, c, geo.dv, c.in_rows), dv_rows)
+        # Softmax backward: dlogit_t = p_t * (dp_t - sum_s p_s dp_s).
+        dweights -= (weights * dweights).sum(axis=2, keepdims=True)
+        dweights *= weights
+        _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel)
+        for dst, rows_grad, per_head in ((dq, dq_rows, geo.dqk), (dk, dk_rows, geo.dqk),
+                                         (dv, dv_rows, geo.dv)):
+            _land(dst, rows_grad, c, per_head)
+    return (dq, dk, dv) + _cast(geo, dbias, drel)

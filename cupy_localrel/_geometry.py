@@ -1,0 +1,344 @@
+"""Arguments and window geometry: the one home of both.
+
+Every public call is checked here once, before any backend runs, and every backend
+takes its window geometry from here. The border rule (SPEC.md, "Geometry") lives in
+:func:`axis_window`; nothing else in the package decides which input position a window
+slot looks at, whether it is valid, or which ``bias``/``rel`` entry it uses.
+
+Geometry is separable: the 2-D window is the product of two 1-D windows, so a
+:class:`AxisWindow` per axis (arrays of shape ``(Lo, k)``) describes it completely and
+costs ``O(Lo * k)`` memory. The CUDA kernels receive these same tables, so they carry no
+border logic of their own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BORDERS = ("mask", "zeros", "shift")
+BACKENDS = ("numpy", "cupy", "sim")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+CENTRED_BORDERS = ("mask", "zeros")
+
+
+# ---------------------------------------------------------------------------------------
+# Per-axis window geometry
+# ---------------------------------------------------------------------------------------
+
+def output_length(length: int, stride: int) -> int:
+    """``ceil(length / stride)``: output index ``i`` is centred on input ``i * stride``."""
+    return -(-length // stride)
+
+
+def table_length(kernel: int, border: str) -> int:
+    """Length of the ``bias``/``rel`` table along one axis: ``k``, or ``2k-1`` for shift."""
+    return 2 * kernel - 1 if border == "shift" else kernel
+
+
+@dataclass(frozen=True)
+class AxisWindow:
+    """The window along one axis, for every output index and slot.
+
+    Attributes (all ``(Lo, k)`` int32 arrays, ``Lo = ceil(L / stride)``):
+        pos:   input position slot ``t`` of output ``i`` looks at, ``-1`` where invalid.
+        table: index of that slot into the ``bias``/``rel`` table along this axis.
+    """
+
+    pos: np.ndarray
+    table: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``(Lo, k)`` bool: the slot looks inside the image."""
+        return self.pos >= 0
+
+
+@functools.lru_cache(maxsize=256)
+def axis_window(length: int, kernel: int, dilation: int, stride: int, border: str) -> AxisWindow:
+    """Window geometry along one axis (SPEC.md, "Geometry").
+
+    ``mask``/``zeros``: centred windows, slot ``t`` looks at ``c + (t - k//2) * d`` and is
+    valid inside ``[0, L)``; the table index is ``t``.
+    ``shift`` (NATTEN): among positions of the same residue ``c mod d`` the window slides
+    to stay inside the image, so every slot is valid; the table index is the relative
+    offset ``start + t - c//d`` shifted into ``0 .. 2k-2``.
+    """
+    centre = np.arange(output_length(length, stride), dtype=np.int64)[:, None] * stride
+    slot = np.arange(kernel, dtype=np.int64)[None, :]
+    if border in CENTRED_BORDERS:
+        pos = centre + (slot - kernel // 2) * dilation
+        pos = np.where((pos >= 0) & (pos < length), pos, -1)
+        table = np.broadcast_to(slot, pos.shape)
+    else:
+        residue = centre % dilation
+        same_residue = (length - residue + dilation - 1) // dilation
+        centre_in_residue = centre // dilation
+        start = np.clip(centre_in_residue - kernel // 2, 0, same_residue - kernel)
+        pos = residue + dilation * (start + slot)
+        table = start + slot - centre_in_residue + (kernel - 1)
+    pos = np.ascontiguousarray(pos, dtype=np.int32)
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    pos.flags.writeable = False  # cached and shared: nobody may change it
+    table.flags.writeable = False
+    return AxisWindow(pos, table)
+
+
+# ---------------------------------------------------------------------------------------
+# The checked description of one call
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything a backend needs to know about one call, already checked.
+
+    Shapes: ``q``/``k`` ``(batch, heads*dqk, height, width)``, ``v`` ``(batch, heads*dv,
+    height, width)``, output ``(batch, heads*dv, out_h, out_w)``, attention
+    ``(batch, heads, kh*kw, out_h, out_w)``.
+    """
+
+    batch: int
+    heads: int
+    dqk: int
+    dv: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    stride: tuple[int, int]
+    border: str
+    scale: float
+    dtype: np.dtype
+    rows: AxisWindow = field(init=False, repr=False, compare=False)
+    cols: AxisWindow = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        object.__setattr__(self, "rows", axis_window(self.height, kh, dh, sh, self.border))
+        object.__setattr__(self, "cols", axis_window(self.width, kw, dw, sw, self.border))
+
+    @property
+    def out_h(self) -> int:
+        return output_length(self.height, self.stride[0])
+
+    @property
+    def out_w(self) -> int:
+        return output_length(self.width, self.stride[1])
+
+    @property
+    def slots(self) -> int:
+        """``K = kh * kw``, window slots, row-major from the top-left."""
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def table_shape(self) -> tuple[int, int]:
+        """``(kh, kw)``, or ``(2kh-1, 2kw-1)`` for ``border="shift"``."""
+        return (table_length(self.kernel[0], self.border), table_length(self.kernel[1], self.border))
+
+    @property
+    def acc_dtype(self) -> np.dtype:
+        """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads * self.dv, self.out_h, self.out_w)
+
+    @property
+    def attn_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.batch, self.heads, self.slots, self.out_h, self.out_w)
+
+    @property
+    def lse_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.out_h, self.out_w)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of scalars and parameters
+# ---------------------------------------------------------------------------------------
+
+def to_pair(value, name: str) -> tuple[int, int]:
+    """Normalise an int or a pair of ints to a pair of positive ints."""
+    items = (value, value) if _is_int(value) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}") from None
+    if len(items) != 2 or not all(_is_int(x) for x in items):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    if min(items) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_border(border) -> str:
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    return border
+
+
+def check_backend_name(backend):
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_heads(heads, name: str = "heads") -> int:
+    if not _is_int(heads) or heads < 1:
+        raise ValueError(f"{name} must be a positive int, got {heads!r}")
+    return int(heads)
+
+
+def check_scale(scale, default: float) -> float:
+    if scale is None:
+        return float(default)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a real number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_window(height, width, kernel, dilation, border) -> None:
+    """Kernel/border rules: odd kernels for centred modes; ``L // d >= k`` for shift."""
+    for axis, length, k, d in (("height", height, kernel[0], dilation[0]),
+                               ("width", width, kernel[1], dilation[1])):
+        if border in CENTRED_BORDERS and k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd with border={border!r}, got {kernel}")
+        if border == "shift" and length // d < k:
+            raise ValueError(
+                f"kernel_size {kernel} with dilation {dilation} does not fit the input {axis} "
+                f"{length} with border='shift' (needs {axis} // dilation >= kernel_size)")
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of arrays
+# ---------------------------------------------------------------------------------------
+
+def array_kind(x) -> str:
+    """``"numpy"`` or ``"cupy"`` for a supported array, else raise ``TypeError`` later."""
+    module = type(x).__module__
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if module.startswith("cupy"):
+        return "cupy"
+    return "other"
+
+
+def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
+    """Check the given arrays (``None`` values skipped) for one kind and one float dtype.
+
+    Returns ``(kind, dtype)``: ``kind`` is ``"numpy"`` or ``"cupy"``.
+    """
+    kinds, dtypes = {}, {}
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        kind = array_kind(x)
+        if kind == "other":
+            raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__} "
+                            "(torch tensors go through cupy_localrel.adapters.torch, other "
+                            "arrays through cupy_localrel.adapters.dlpack)")
+        if np.dtype(x.dtype).name not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
+        kinds[name], dtypes[name] = kind, np.dtype(x.dtype)
+    if len(set(kinds.values())) > 1:
+        raise TypeError("arrays must all be NumPy or all CuPy, got " +
+                        ", ".join(f"{n}: {k}" for n, k in kinds.items()))
+    if len(set(dtypes.values())) > 1:
+        raise TypeError("all floating inputs must share one dtype, got " +
+                        ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
+    first = next(iter(kinds))
+    return kinds[first], dtypes[first]
+
+
+def check_ndim(x, name: str, ndim: int, layout: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def check_shape(x, name: str, expected: tuple) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def lse_dtype(dtype: np.dtype) -> np.dtype:
+    """``lse`` is float32, or float64 for float64 inputs (SPEC.md, "Layout and names")."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def check_lse(lse, geo: Geometry) -> None:
+    if array_kind(lse) == "other":
+        raise TypeError(f"lse must be a NumPy or CuPy array, got {type(lse).__name__}")
+    if np.dtype(lse.dtype) != lse_dtype(geo.dtype):
+        raise TypeError(f"lse must have dtype {lse_dtype(geo.dtype)} for {geo.dtype} inputs, "
+                        f"got {lse.dtype}")
+    check_shape(lse, "lse", geo.lse_shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole-call checks, one per family of ops
+# ---------------------------------------------------------------------------------------
+
+def _window_params(kernel_size, dilation, stride, border):
+    kernel = to_pair(kernel_size, "kernel_size")
+    return kernel, to_pair(dilation, "dilation"), to_pair(stride, "stride"), check_border(border)
+
+
+def _split_heads(channels: int, heads: int, name: str) -> int:
+    if channels % heads:
+        raise ValueError(f"heads={heads} must divide the channels of {name}, got {channels}")
+    return channels // heads
+
+
+def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale,
+                default_scale=None, v=None) -> Geometry:
+    """Check ``q``/``k`` (and ``v``, ``bias``, ``rel``) and describe the call.
+
+    ``q``, ``k``: ``(B, heads*Dqk, H, W)``; ``v``: ``(B, heads*Dv, H, W)`` or ``None``.
+    """
+    kernel, dilation, stride, border = _window_params(kernel_size, dilation, stride, border)
+    heads = check_heads(heads)
+    check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
+    check_shape(k, "k", q.shape) if k.ndim == 4 else check_ndim(k, "k", 4, "(B, heads*Dqk, H, W)")
+    batch, channels, height, width = (int(s) for s in q.shape)
+    dqk = _split_heads(channels, heads, "q")
+    dv = 0
+    if v is not None:
+        check_ndim(v, "v", 4, "(B, heads*Dv, H, W)")
+        if (v.shape[0], v.shape[2], v.shape[3]) != (batch, height, width):
+            raise ValueError(f"v must have shape (B, heads*Dv, H, W) = ({batch}, heads*Dv, "
+                             f"{height}, {width}) like q, got {tuple(v.shape)}")
+        dv = _split_heads(int(v.shape[1]), heads, "v")
+    check_window(height, width, kernel, dilation, border)
+    if default_scale is None:
+        default_scale = 1.0 / math.sqrt(dqk) if dqk else 1.0
+    geo = Geometry(batch, heads, dqk, dv, height, width, kernel, dilation, stride, border,
+                   check_scale(scale, default_scale), np.dtype(q.dtype))
+    if bias is not None:
+        check_shape(bias, "bias", (heads, *geo.table_shape))
+    if rel is not None:
+        check_shape(rel, "rel", (heads, dqk, *geo.table_shape))
+    return geo
+
+
+def av_geometry(attn, v, kernel_size, dilation, stride, border) -> Geometry:
+    """Check ``attn`` ``(B, heads, K, Ho, Wo)`` and ``v`` ``(B, heads*Dv, H, W)``."""
+    kernel, dilation, stride, border = _window_params(kernel_size, dilation, stride, border)
+    check_ndim(attn, "attn", 5, "(B, heads, kh*kw, Ho, Wo)")
+    check_ndim(v, "v", 4, "(B, heads*Dv, H, W)")
+    batch, heads = int(attn.shape[0]), int(attn.shape[1])
+    if heads < 1:
+        raise ValueError(f"attn must have at least one head, got shape {tuple(attn.shape)}")
+    _, channels, height, width = (int(s) for s in v.shape)
+    dv = _split_heads(channels, heads, "v")
+    check_window(height, width, kernel, dilation, border)
+    geo = Geometry(batch, heads, 0, dv, height, width, kernel, dilation, stride, border,
+                   1.0, np.dtype(v.dtype))
+    check_shape(attn, "attn", geo.attn_shape)
+    return geo

@@ -1,0 +1,282 @@
+"""The public operations: check once (``_geometry``), then dispatch (``_backends``).
+
+Shapes (SPEC.md): ``q``/``k`` ``(B, heads*Dqk, H, W)``, ``v`` ``(B, heads*Dv, H, W)``,
+``attn``/``logits`` ``(B, heads, kh*kw, Ho, Wo)``, ``out`` ``(B, heads*Dv, Ho, Wo)``,
+``lse`` ``(B, heads, Ho, Wo)``, ``bias`` ``(heads, kh, kw)`` and ``rel``
+``(heads, Dqk, kh, kw)`` (``2k-1`` per axis with ``border="shift"``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _backends
+from . import _geometry as G
+
+
+class AttentionGrads(NamedTuple):
+    q: object
+    k: object
+    v: object
+    bias: object
+    rel: object
+
+
+class QKGrads(NamedTuple):
+    q: object
+    k: object
+    bias: object
+    rel: object
+
+
+class AVGrads(NamedTuple):
+    attn: object
+    v: object
+
+
+class LocalRelationGrads(NamedTuple):
+    x: object
+    key: object
+    query: object
+    geometry: object
+
+
+class SASAGrads(NamedTuple):
+    q: object
+    k: object
+    v: object
+    rel_h: object
+    rel_w: object
+
+
+def _array_module(kind: str):
+    if kind == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def _is_empty(geo: G.Geometry) -> bool:
+    return geo.batch == 0 or geo.out_h * geo.out_w == 0
+
+
+def _zeros_like_each(xp, *arrays):
+    return tuple(None if a is None else xp.zeros(a.shape, a.dtype) for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------
+# local_attention2d
+# ---------------------------------------------------------------------------------------
+
+def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale=None,
+                      return_lse=False, dilation=1, stride=1, border="mask", backend=None):
+    """Fused local attention over a ``kernel_size`` window around each output pixel.
+
+    Args:
+        q, k: ``(B, heads*Dqk, H, W)``. v: ``(B, heads*Dv, H, W)``.
+        heads: number of heads; head ``h`` owns channel group ``h`` of ``q``/``k``/``v``.
+        kernel_size: int or ``(kh, kw)``; odd for ``border="mask"``/``"zeros"``.
+        bias: ``(heads, kh, kw)`` additive logit per window offset
+            (``(heads, 2kh-1, 2kw-1)`` with ``border="shift"``).
+        rel: ``(heads, Dqk, kh, kw)`` content-position embedding, adds ``q . rel``
+            (``2k-1`` per axis with ``border="shift"``).
+        scale: logit scale, default ``1/sqrt(Dqk)``.
+        return_lse: also return the log-sum-exp of the logits.
+        dilation, stride: int or pair. border: ``"mask"``, ``"zeros"`` or ``"shift"``.
+        backend: ``None`` (by array type), ``"numpy"``, ``"cupy"`` or ``"sim"``.
+
+    Returns:
+        ``out`` ``(B, heads*Dv, Ho, Wo)`` with ``Ho = ceil(H / stride)``, or
+        ``(out, lse)`` with ``lse`` ``(B, heads, Ho, Wo)`` in float32 (float64 for
+        float64 inputs).
+    """
+    kind, _ = G.check_arrays(dict(q=q, k=k, v=v, bias=bias, rel=rel))
+    G.check_backend_name(backend)
+    geo = G.qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale, v=v)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        xp = _array_module(kind)
+        out, lse = xp.zeros(geo.out_shape, geo.dtype), xp.zeros(geo.lse_shape, G.lse_dtype(geo.dtype))
+    else:
+        out, lse = impl.attention_forward(geo, q, k, v, bias, rel)
+    return (out, lse) if return_lse else out
+
+
+def local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, *, bias=None,
+                               rel=None, scale=None, dilation=1, stride=1, border="mask",
+                               backend=None) -> AttentionGrads:
+    """Gradients of :func:`local_attention2d`.
+
+    Args: ``grad_out`` and ``out`` ``(B, heads*Dv, Ho, Wo)``; ``lse`` ``(B, heads, Ho,
+    Wo)`` as returned by the forward with ``return_lse=True``; the rest as the forward.
+
+    Returns:
+        ``AttentionGrads(q, k, v, bias, rel)`` with the inputs' shapes; ``bias``/``rel``
+        are ``None`` when not given.
+    """
+    kind, _ = G.check_arrays(dict(grad_out=grad_out, q=q, k=k, v=v, out=out, bias=bias, rel=rel))
+    G.check_backend_name(backend)
+    geo = G.qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale, v=v)
+    G.check_shape(grad_out, "grad_out", geo.out_shape)
+    G.check_shape(out, "out", geo.out_shape)
+    G.check_lse(lse, geo)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        return AttentionGrads(*_zeros_like_each(_array_module(kind), q, k, v, bias, rel))
+    return AttentionGrads(*impl.attention_backward(geo, grad_out, q, k, v, out, lse, bias, rel))
+
+
+# ---------------------------------------------------------------------------------------
+# local_qk2d / local_av2d: the unfused halves, for users who want the weights
+# ---------------------------------------------------------------------------------------
+
+def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dilation=1,
+               stride=1, border="mask", backend=None):
+    """Window logits ``(B, heads, kh*kw, Ho, Wo)``; masked slots are ``-inf``.
+
+    Args as :func:`local_attention2d` (no ``v``). With ``border="zeros"`` an out-of-image
+    slot has the logit of a zero key: ``scale * q . rel + bias``.
+    """
+    kind, _ = G.check_arrays(dict(q=q, k=k, bias=bias, rel=rel))
+    G.check_backend_name(backend)
+    geo = G.qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        return _array_module(kind).zeros(geo.attn_shape, geo.dtype)
+    return impl.qk_forward(geo, q, k, bias, rel)
+
+
+def local_qk2d_backward(grad_logits, q, k, heads, kernel_size, *, bias=None, rel=None,
+                        scale=None, dilation=1, stride=1, border="mask", backend=None) -> QKGrads:
+    """Gradients of :func:`local_qk2d`; ``grad_logits`` ``(B, heads, kh*kw, Ho, Wo)``.
+
+    Gradients at masked slots are ignored. Returns ``QKGrads(q, k, bias, rel)``.
+    """
+    kind, _ = G.check_arrays(dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel))
+    G.check_backend_name(backend)
+    geo = G.qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale)
+    G.check_shape(grad_logits, "grad_logits", geo.attn_shape)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        return QKGrads(*_zeros_like_each(_array_module(kind), q, k, bias, rel))
+    return QKGrads(*impl.qk_backward(geo, grad_logits, q, k, bias, rel))
+
+
+def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", backend=None):
+    """Weighted sum of each window's values: ``out`` ``(B, heads*Dv, Ho, Wo)``.
+
+    Args: ``attn`` ``(B, heads, kh*kw, Ho, Wo)`` (heads from ``attn.shape[1]``), ``v``
+    ``(B, heads*Dv, H, W)``. Invalid slots add nothing, whatever their weight.
+    """
+    kind, _ = G.check_arrays(dict(attn=attn, v=v))
+    G.check_backend_name(backend)
+    geo = G.av_geometry(attn, v, kernel_size, dilation, stride, border)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        return _array_module(kind).zeros(geo.out_shape, geo.dtype)
+    return impl.av_forward(geo, attn, v)
+
+
+def local_av2d_backward(grad_out, attn, v, kernel_size, *, dilation=1, stride=1,
+                        border="mask", backend=None) -> AVGrads:
+    """Gradients of :func:`local_av2d`: ``AVGrads(attn, v)``; invalid slots get 0."""
+    kind, _ = G.check_arrays(dict(grad_out=grad_out, attn=attn, v=v))
+    G.check_backend_name(backend)
+    geo = G.av_geometry(attn, v, kernel_size, dilation, stride, border)
+    G.check_shape(grad_out, "grad_out", geo.out_shape)
+    impl = _backends.resolve(backend, kind)
+    if _is_empty(geo):
+        return AVGrads(*_zeros_like_each(_array_module(kind), attn, v))
+    return AVGrads(*impl.av_backward(geo, grad_out, attn, v))
+
+
+# ---------------------------------------------------------------------------------------
+# The two papers' layers, as compositions of local_attention2d
+# ---------------------------------------------------------------------------------------
+
+def _relation_heads(key, query):
+    G.check_ndim(key, "key", 4, "(B, C/m, H, W)")
+    G.check_ndim(query, "query", 4, "(B, C/m, H, W)")
+    return int(key.shape[1])
+
+
+def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_lse=False,
+                     dilation=1, stride=1, border="mask", backend=None):
+    """LR-Net aggregation (Hu et al. 2019).
+
+    Args:
+        x: ``(B, C, H, W)`` values; ``C/m`` channels share each weight map.
+        key, query: ``(B, C/m, H, W)``, one channel per head (``heads = key.shape[1]``).
+        geometry: ``(heads, kh, kw)`` geometry-prior logits (the ``bias``).
+        scale: appearance-composability scale, default 1.
+
+    Returns: ``out`` ``(B, C, Ho, Wo)``, or ``(out, lse)`` with ``return_lse=True``.
+    """
+    heads = _relation_heads(key, query)
+    return local_attention2d(query, key, x, heads, kernel_size, bias=geometry, scale=scale,
+                             return_lse=return_lse, dilation=dilation, stride=stride,
+                             border=border, backend=backend)
+
+
+def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kernel_size, *,
+                              scale=1.0, dilation=1, stride=1, border="mask",
+                              backend=None) -> LocalRelationGrads:
+    """Gradients of :func:`local_relation2d`: ``LocalRelationGrads(x, key, query, geometry)``."""
+    heads = _relation_heads(key, query)
+    g = local_attention2d_backward(grad_out, query, key, x, out, lse, heads, kernel_size,
+                                   bias=geometry, scale=scale, dilation=dilation,
+                                   stride=stride, border=border, backend=backend)
+    return LocalRelationGrads(x=g.v, key=g.k, query=g.q, geometry=g.bias)
+
+
+def _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border):
+    """Check SASA's row/column embeddings and build ``rel`` ``(heads, Dqk, kh, kw)``."""
+    if border not in G.CENTRED_BORDERS:
+        raise ValueError(f"sasa2d needs a centred border ('mask' or 'zeros'), got border={border!r}")
+    G.check_arrays(dict(q=q, rel_h=rel_h, rel_w=rel_w))
+    heads = G.check_heads(heads)
+    G.check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
+    if q.shape[1] % heads:
+        raise ValueError(f"heads={heads} must divide the channels of q, got {q.shape[1]}")
+    dqk = int(q.shape[1]) // heads
+    if dqk % 2:
+        raise ValueError(f"sasa2d needs an even Dqk (half rows, half columns), got Dqk={dqk}")
+    kh, kw = G.to_pair(kernel_size, "kernel_size")
+    G.check_shape(rel_h, "rel_h", (heads, dqk // 2, kh))
+    G.check_shape(rel_w, "rel_w", (heads, dqk // 2, kw))
+    xp = _array_module(G.array_kind(q))
+    rows = xp.broadcast_to(rel_h[:, :, :, None], (heads, dqk // 2, kh, kw))
+    cols = xp.broadcast_to(rel_w[:, :, None, :], (heads, dqk // 2, kh, kw))
+    return xp.ascontiguousarray(xp.concatenate([rows, cols], axis=1))
+
+
+def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=False,
+           dilation=1, stride=1, border="mask", backend=None):
+    """Stand-alone self-attention (Ramachandran et al. 2019).
+
+    Args:
+        q, k: ``(B, heads*Dqk, H, W)``, ``Dqk`` even. v: ``(B, heads*Dv, H, W)``.
+        rel_h: ``(heads, Dqk/2, kh)`` row-offset embedding (first half of the channels).
+        rel_w: ``(heads, Dqk/2, kw)`` column-offset embedding (second half).
+        scale: default 1 (the paper has no ``1/sqrt(d)``). border: ``"mask"``/``"zeros"``.
+
+    Returns: ``out`` ``(B, heads*Dv, Ho, Wo)``, or ``(out, lse)``.
+    """
+    rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
+    return local_attention2d(q, k, v, heads, kernel_size, rel=rel, scale=scale,
+                             return_lse=return_lse, dilation=dilation, stride=stride,
+                             border=border, backend=backend)
+
+
+def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, *,
+                    scale=1.0, dilation=1, stride=1, border="mask", backend=None) -> SASAGrads:
+    """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w)``."""
+    rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
+    g = local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, rel=rel,
+                                   scale=scale, dilation=dilation, stride=stride,
+                                   border=border, backend=backend)
+    half = rel.shape[1] // 2
+    # rel_h[h, :, a] feeds every column b of row a: its gradient sums over b (and vice versa).
+    return SASAGrads(q=g.q, k=g.k, v=g.v, rel_h=g.rel[:, :half].sum(axis=3),
+                     rel_w=g.rel[:, half:].sum(axis=2))

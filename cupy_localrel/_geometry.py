@@ -43,18 +43,41 @@ def table_length(kernel: int, border: str) -> int:
 class AxisWindow:
     """The window along one axis, for every output index and slot.
 
-    Attributes (all ``(Lo, k)`` int32 arrays, ``Lo = ceil(L / stride)``):
+    Attributes (``(Lo, k)`` int32 arrays, ``Lo = ceil(L / stride)``):
         pos:   input position slot ``t`` of output ``i`` looks at, ``-1`` where invalid.
         table: index of that slot into the ``bias``/``rel`` table along this axis.
     """
 
     pos: np.ndarray
     table: np.ndarray
+    length: int  # L, the input length along the axis
 
     @property
     def valid(self) -> np.ndarray:
         """``(Lo, k)`` bool: the slot looks inside the image."""
         return self.pos >= 0
+
+    @functools.cached_property
+    def users(self) -> tuple[np.ndarray, np.ndarray]:
+        """Who looks at each input position: ``(out_index, slot)``, each ``(L, m)`` int32.
+
+        Row ``n`` lists the pairs ``(i, t)`` with ``pos[i, t] == n`` (sorted by ``i``),
+        padded with ``-1``; ``m`` is the largest count. Backward passes gather through it
+        (each key collects from the queries whose window holds it) instead of scattering
+        with atomics.
+        """
+        length = self.length
+        out_index, slot = np.nonzero(self.pos >= 0)
+        position = self.pos[out_index, slot]
+        order = np.lexsort((out_index, position))
+        out_index, slot, position = out_index[order], slot[order], position[order]
+        counts = np.bincount(position, minlength=length)
+        width = int(counts.max()) if counts.size else 0
+        rank = np.arange(len(position)) - np.repeat(np.cumsum(counts) - counts, counts)
+        users_i = np.full((length, width), -1, np.int32)
+        users_t = np.full((length, width), -1, np.int32)
+        users_i[position, rank], users_t[position, rank] = out_index, slot
+        return users_i, users_t
 
 
 @functools.lru_cache(maxsize=256)
@@ -84,7 +107,7 @@ def axis_window(length: int, kernel: int, dilation: int, stride: int, border: st
     table = np.ascontiguousarray(table, dtype=np.int32)
     pos.flags.writeable = False  # cached and shared: nobody may change it
     table.flags.writeable = False
-    return AxisWindow(pos, table)
+    return AxisWindow(pos, table, length)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""PyTorch bridge: custom ops with autograd, layers and models (work in progress)."""

@@ -1,0 +1,178 @@
+"""The one loader of the package's CUDA kernel sources, for the GPU (CuPy) and the CPU engine.
+
+    mod = load_module("local_attn.cu", ["attn_fwd<float,32>"], target="cupy")   # or "sim"
+    kern = mod.get_function("attn_fwd<float,32>")
+    kern(grid, block, args, shared_mem=0)          # cupy.RawKernel's call shape
+
+`filename` names a file in `KERNEL_DIR` (an absolute path also works, for test kernels).
+Quoted includes (``#include "common.cuh"``) resolve against the file's folder and
+`KERNEL_DIR` on both targets; ``<cuda_fp16.h>``/``<cuda_bf16.h>`` come from the CUDA
+headers on the GPU and from the engine's stand-ins on the CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._sim import engine as _engine
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+_INSTANTIATIONS_FILE = KERNEL_DIR / "instantiations.json"
+TARGETS = ("cupy", "sim")
+
+
+def _load_instantiations() -> dict[str, list[str]]:
+    """{file name: [name expression, ...]} from kernels/instantiations.json (if present)."""
+    try:
+        data = json.loads(_INSTANTIATIONS_FILE.read_text())
+    except FileNotFoundError:
+        return {}
+    return {str(k): [str(n) for n in v] for k, v in data.items()}
+
+
+#: Each .cu file in KERNEL_DIR mapped to the name expressions (template instantiations) it
+#: must provide; extern "C" kernels need no entry.
+INSTANTIATIONS: dict[str, list[str]] = _load_instantiations()
+
+_cache: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def kernel_path(filename: str | os.PathLike) -> Path:
+    p = Path(filename)
+    if not p.is_absolute():
+        p = KERNEL_DIR / p
+    if not p.is_file():
+        raise FileNotFoundError(f"kernel source {str(filename)!r} not found (looked at {p})")
+    return p.resolve()
+
+
+def include_dirs_for(path: Path) -> list[Path]:
+    dirs = [path.parent]
+    if KERNEL_DIR != path.parent:
+        dirs.append(KERNEL_DIR)
+    return dirs
+
+
+def load_module(filename: str, name_expressions: Sequence[str] = (), *, target: str,
+                options: Sequence[str] = (), sanitize: bool | None = None):
+    """Compile (cached) and return the module of one kernel source file.
+
+    target "cupy": a ``cupy.RawModule``, cached per (device, file, names, options).
+    target "sim": a CPU ``SimModule`` (g++ build cached on disk by content hash; a fresh
+    module object per call, so its `seed`/`workers` settings are the caller's own).
+    `sanitize` (sim only): build with AddressSanitizer; default from CUPY_LOCALREL_SIM_ASAN.
+    """
+    names = tuple(str(n) for n in name_expressions)
+    options = tuple(str(o) for o in options)
+    if target == "sim":
+        return _load_sim(kernel_path(filename), names, options, sanitize)
+    if target == "cupy":
+        return _load_cupy(kernel_path(filename), names, options)
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# CPU engine
+# ---------------------------------------------------------------------------------------
+def sim_available() -> tuple[bool, str]:
+    """(ok, reason) for the CPU engine: needs Linux and g++ >= 12."""
+    return _engine.available()
+
+
+def _load_sim(path: Path, names: tuple, options: tuple, sanitize: bool | None):
+    ok, why = sim_available()
+    if not ok:
+        raise RuntimeError(f"sim backend unavailable: {why}")
+    mod = _engine.build(path, names, options=options, include_dirs=include_dirs_for(path), sanitize=sanitize)
+    return mod
+
+
+# ---------------------------------------------------------------------------------------
+# GPU via CuPy
+# ---------------------------------------------------------------------------------------
+def _import_cupy():
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising at import
+        raise RuntimeError(f"cupy backend unavailable: cannot import cupy ({e}); "
+                           "install cupy-cuda12x on a machine with an NVIDIA GPU") from e
+    return cupy
+
+
+def cupy_available() -> tuple[bool, str]:
+    """(ok, reason) for the GPU backend: CuPy importable and a CUDA device usable."""
+    try:
+        cupy = _import_cupy()
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "CuPy is installed but no CUDA device is visible"
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return True, f"CuPy {cupy.__version__}, {n} device(s), current: {name}"
+    except Exception as e:
+        return False, f"no usable GPU through CuPy: {type(e).__name__}: {e}"
+
+
+def cuda_include_dir() -> Path | None:
+    """A folder with the CUDA headers (cuda_fp16.h), for NVRTC; None if none is found.
+
+    Looked for in $CUDA_PATH/$CUDA_HOME, the nvidia-cuda-runtime wheel, /usr/local/cuda and
+    next to nvcc.
+    """
+    cands = []
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            cands.append(Path(os.environ[var]) / "include")
+    try:
+        import nvidia
+        for base in getattr(nvidia, "__path__", []):
+            cands += [Path(base) / "cuda_runtime" / "include", Path(base) / "cu13" / "include",
+                      Path(base) / "cu12" / "include"]
+    except ImportError:
+        pass
+    cands.append(Path("/usr/local/cuda/include"))
+    import shutil
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(Path(nvcc).resolve().parent.parent / "include")
+    for c in cands:
+        if (c / "cuda_fp16.h").is_file():
+            return c
+    return None
+
+
+def _deps_hash(path: Path) -> str:
+    """Hash of the file and the local headers it includes: CuPy's own kernel cache keys on the
+    code text only, so an edited common.cuh must change the code text too."""
+    h = hashlib.sha256()
+    for p in _engine.include_closure(path, include_dirs_for(path)):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load_cupy(path: Path, names: tuple, options: tuple):
+    cupy = _import_cupy()
+    try:
+        dev = cupy.cuda.Device().id
+        cupy.cuda.runtime.getDeviceProperties(dev)
+    except Exception as e:
+        raise RuntimeError(f"cupy backend unavailable: no usable CUDA device ({type(e).__name__}: {e})") from e
+    key = (dev, str(path), names, options)
+    with _lock:
+        mod = _cache.get(key)
+        if mod is not None:
+            return mod
+    code = path.read_text() + f"\n// cupy_localrel deps {_deps_hash(path)}\n"
+    opts = list(options) + [f"-I{d}" for d in include_dirs_for(path)]
+    inc = cuda_include_dir()
+    if inc is not None:
+        opts.append(f"-I{inc}")
+    mod = cupy.RawModule(code=code, options=tuple(opts), name_expressions=names or None)
+    with _lock:
+        _cache.setdefault(key, mod)
+        return _cache[key]

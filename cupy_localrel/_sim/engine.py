@@ -1,0 +1,614 @@
+"""CPU execution of CUDA C kernel sources: compile with g++ against cudasim.h, launch via ctypes.
+
+`SimModule` / `SimKernel` have the call shape of `cupy.RawModule` / `cupy.RawKernel`:
+``module.get_function(name)(grid, block, args, shared_mem=0)``, with NumPy arrays standing
+in for device pointers. See cudasim.h for the execution model.
+
+Settings (a `SimKernel` attribute wins over its `SimModule`'s, which wins over the
+environment, read at each launch):
+
+- ``seed``: thread order in each barrier phase. 0 forward (default), 1 reversed, any other
+  int shuffled with that seed. Env ``CUPY_LOCALREL_SIM_SEED``.
+- ``workers``: OS threads running blocks. Default: usable cores. Env
+  ``CUPY_LOCALREL_SIM_WORKERS``.
+- ``stack_kb``: stack of each CUDA thread (fiber), KiB. Default 256 (virtual memory, only
+  touched pages cost). Env ``CUPY_LOCALREL_SIM_STACK_KB``.
+"""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+HEADER_DIR = Path(__file__).resolve().parent
+HEADERS = ("cudasim.h", "cuda_fp16.h", "cuda_bf16.h", "math_constants.h")
+
+ENV_SEED = "CUPY_LOCALREL_SIM_SEED"
+ENV_WORKERS = "CUPY_LOCALREL_SIM_WORKERS"
+ENV_STACK_KB = "CUPY_LOCALREL_SIM_STACK_KB"
+ENV_ASAN = "CUPY_LOCALREL_SIM_ASAN"
+ENV_CACHE = "CUPY_LOCALREL_CACHE"
+ENV_CXX = "CUPY_LOCALREL_CXX"
+
+DEFAULT_STACK_KB = 256
+MAX_ARGS = 64
+# Above 48 KiB, CUDA needs the kernel's max_dynamic_shared_size_bytes attribute raised.
+DEFAULT_DYN_SMEM_LIMIT = 48 * 1024
+MAX_DYN_SMEM = 227 * 1024  # sm_90's opt-in maximum per block
+
+_BASE_FLAGS = ("-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
+               "-Wno-attributes", "-Wno-unused-result")
+_ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-O1")
+
+
+# ---------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------
+def compiler() -> str:
+    return os.environ.get(ENV_CXX, "g++")
+
+
+def available() -> tuple[bool, str]:
+    """(True, description) when kernels can be compiled and run on this machine."""
+    if not sys.platform.startswith("linux"):
+        return False, f"the CPU kernel engine needs Linux (ucontext fibers); this is {sys.platform}"
+    cxx = shutil.which(compiler())
+    if cxx is None:
+        return False, f"C++ compiler {compiler()!r} (g++ >= 12) not found on PATH; install g++"
+    return True, f"{cxx}"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernel libraries are kept ($CUPY_LOCALREL_CACHE, else the user cache)."""
+    if os.environ.get(ENV_CACHE):
+        base = Path(os.environ[ENV_CACHE])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cupy_localrel"
+    return base / "sim"
+
+
+def asan_requested() -> bool:
+    return os.environ.get(ENV_ASAN, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def libasan_path() -> str:
+    """Path of the AddressSanitizer runtime that g++ links against."""
+    r = subprocess.run([compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def asan_env(base: dict | None = None) -> dict:
+    """Environment for a child process that loads ASan-instrumented kernels.
+
+    The ASan runtime must be the first library of the process, hence LD_PRELOAD; leak
+    checking is off because the Python interpreter itself never frees everything.
+    """
+    env = dict(os.environ if base is None else base)
+    env["LD_PRELOAD"] = libasan_path()
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
+    env[ENV_ASAN] = "1"
+    return env
+
+
+def _asan_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------
+# Source handling
+# ---------------------------------------------------------------------------------------
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
+
+
+def _blank_comments(src: str) -> str:
+    """Same-length copy of `src` with comments replaced by spaces (newlines kept)."""
+    out, i, n = [], 0, len(src)
+    while i < n:
+        c = src[i]
+        if src.startswith("//", i):
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i)); i = j
+        elif src.startswith("/*", i):
+            j = src.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(re.sub(r"[^\n]", " ", src[i:j])); i = j
+        elif c in "\"'":
+            j = i + 1
+            while j < n and src[j] != c:
+                j += 2 if src[j] == "\\" else 1
+            out.append(src[i:j + 1]); i = j + 1
+        else:
+            out.append(c); i += 1
+    return "".join(out)
+
+
+def inline_includes(path: Path, include_dirs: Sequence[Path], _seen: set | None = None) -> str:
+    """The text of `path` with its quoted #includes of local files pasted in, with #line
+    markers so that compiler and sanitizer messages name the original file and line.
+
+    Each local file is pasted once (local headers are expected to be include-once).
+    Angle-bracket includes are left for the compiler.
+    """
+    seen = set() if _seen is None else _seen
+    path = path.resolve()
+    seen.add(path)
+    text = path.read_text()
+    lines = text.split("\n")
+    blank = _blank_comments(text).split("\n")
+    out = [f'#line 1 "{path}"']
+    for no, (line, bl) in enumerate(zip(lines, blank), start=1):
+        m = _INCLUDE_RE.match(bl)
+        if not m:
+            out.append(line)
+            continue
+        target = _resolve_include(m.group(1), path.parent, include_dirs)
+        if target is None:          # not ours: let the compiler find it
+            out.append(line)
+            continue
+        if target not in seen:
+            out.append(inline_includes(target, include_dirs, seen))
+        out.append(f'#line {no + 1} "{path}"')
+    return "\n".join(out)
+
+
+def _resolve_include(name: str, here: Path, include_dirs: Sequence[Path]) -> Path | None:
+    for d in (here, *include_dirs):
+        p = Path(d) / name
+        if p.is_file():
+            return p.resolve()
+    return None
+
+
+def include_closure(path: Path, include_dirs: Sequence[Path]) -> list[Path]:
+    """`path` and every local file it includes (quoted includes), recursively."""
+    todo, seen = [Path(path).resolve()], []
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        for m in _INCLUDE_RE.finditer(_blank_comments(p.read_text())):
+            t = _resolve_include(m.group(1), p.parent, include_dirs)
+            if t is not None:
+                todo.append(t)
+    return seen
+
+
+_SHARED_RE = re.compile(r"\b(extern\s+)?__shared__\b([^;]*);")
+_ALIGN_RE = re.compile(r"\b(?:__align__|alignas)\s*\(\s*[^()]*\)")
+
+
+def _split_top(s: str, sep: str = ",") -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "<([{":
+            depth += 1
+        elif ch in ">)]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur)); cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _scope_kinds(blank: str) -> list[tuple[int, bool]]:
+    """Sorted (offset, in_code) change points: in_code is True inside a function body."""
+    stack, changes = [], [(0, False)]
+    last_stmt = 0
+    for i, ch in enumerate(blank):
+        if ch == "{":
+            head = blank[last_stmt:i]
+            is_ns = bool(re.search(r'\bnamespace\b|\bextern\s+"C"\s*$', head)) and not any(stack)
+            stack.append(not is_ns and (any(stack) or "(" in head))
+            changes.append((i + 1, any(stack)))
+            last_stmt = i + 1
+        elif ch == "}":
+            if stack:
+                stack.pop()
+            changes.append((i + 1, any(stack)))
+            last_stmt = i + 1
+        elif ch == ";":
+            last_stmt = i + 1
+    return changes
+
+
+def rewrite_shared(src: str) -> str:
+    """Turn `__shared__` declarations into per-block storage owned by the engine.
+
+    * ``extern __shared__ T name[];`` -> ``T* name = (T*)::cudasim::dyn_smem();`` (every
+      such declaration aliases the one dynamic buffer, as in CUDA);
+    * ``__shared__ T a[N], b;`` inside functions ->
+      ``auto& a = ::cudasim::shared_var<T[N], site>(); auto& b = ...;``: storage that is
+      re-poisoned at each block start. File-scope declarations are left to the
+      `thread_local` fallback of cudasim.h.
+    """
+    blank = _blank_comments(src)
+    scopes = _scope_kinds(blank)
+    offsets = [o for o, _ in scopes]
+    out, pos, site = [], 0, 0
+    for m in _SHARED_RE.finditer(blank):
+        decl = _ALIGN_RE.sub(" ", src[m.start(2):m.end(2)]).strip()
+        if m.group(1):
+            repl = _rewrite_dynamic(decl)
+        elif scopes[bisect.bisect_right(offsets, m.start()) - 1][1]:
+            repl = _rewrite_static(decl, site)
+            site += decl.count(",") + 1
+        else:
+            repl = None
+        if repl is not None:
+            out += [src[pos:m.start()], repl]
+            pos = m.end()
+    out.append(src[pos:])
+    return "".join(out)
+
+
+def _rewrite_dynamic(decl: str) -> str | None:
+    m = re.match(r"(.*?)(\w+)\s*\[\s*\]\s*$", decl, re.S)
+    if not m:
+        return None
+    typ, name = m.group(1).strip(), m.group(2)
+    return f"{typ}* {name} = ({typ}*)::cudasim::dyn_smem();"
+
+
+def _rewrite_static(decl: str, site: int) -> str | None:
+    parts = _split_top(decl)
+    first = re.match(r"(.*?)(\w+)\s*((?:\[[^\]]*\]\s*)*)$", parts[0].strip(), re.S)
+    if not first or not first.group(1).strip():
+        return None
+    base = first.group(1).strip()
+    decls = [(first.group(2), first.group(3))]
+    for part in parts[1:]:
+        pm = re.match(r"\s*(\w+)\s*((?:\[[^\]]*\]\s*)*)$", part)
+        if not pm:
+            return None
+        decls.append((pm.group(1), pm.group(2)))
+    return " ".join(f"auto& {name} = ::cudasim::shared_var<{base}{''.join(dims.split())}, {site + j}>();"
+                    for j, (name, dims) in enumerate(decls))
+
+
+_GLOBAL_RE = re.compile(r"\b__global__\b")
+_SKIP_WORDS = {"void", "static", "inline", "__noinline__", "__forceinline__", "__launch_bounds__",
+               "__device__", "__host__"}
+
+
+def find_extern_c_kernels(src: str) -> list[str]:
+    """Names of the `extern "C"` __global__ functions in `src` (declared or defined)."""
+    blank = _blank_comments(src)
+    extern_blocks = []
+    for m in re.finditer(r'extern\s+"C"\s*\{', blank):
+        depth, i = 1, m.end()
+        while i < len(blank) and depth:
+            depth += {"{": 1, "}": -1}.get(blank[i], 0)
+            i += 1
+        extern_blocks.append((m.end(), i))
+    names = []
+    for m in _GLOBAL_RE.finditer(blank):
+        head_start = max(blank.rfind(";", 0, m.start()), blank.rfind("}", 0, m.start()),
+                         blank.rfind("{", 0, m.start())) + 1
+        head = blank[head_start:m.start()]
+        if "template" in head:
+            continue
+        if not (re.search(r'extern\s+"C"', head) or any(a <= m.start() < b for a, b in extern_blocks)):
+            continue
+        name = _kernel_name_after(blank, m.end())
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def _kernel_name_after(blank: str, i: int) -> str | None:
+    """The function name after `__global__` at offset i, skipping `void`, qualifiers and a
+    `__launch_bounds__(...)`; None when it is not a plain `name(` declaration."""
+    tok = re.compile(r"\s*(\w+|\S)")
+    while True:
+        m = tok.match(blank, i)
+        if not m:
+            return None
+        word, i = m.group(1), m.end()
+        if word == "__launch_bounds__":
+            j = blank.find("(", i)
+            if j < 0:
+                return None
+            depth = 0
+            while j < len(blank):
+                depth += {"(": 1, ")": -1}.get(blank[j], 0)
+                j += 1
+                if depth == 0:
+                    break
+            i = j
+        elif word in _SKIP_WORDS:
+            continue
+        elif re.fullmatch(r"\w+", word):
+            return word if re.match(r"\s*\(", blank[i:]) else None
+        else:
+            return None
+
+
+def translation_unit(src: str, names: Sequence[str]) -> str:
+    """The C++ file g++ compiles: engine header, rewritten kernel source, launch wrappers."""
+    wrappers = []
+    for i, n in enumerate(names):
+        wrappers.append(
+            f'extern "C" int __sim_launch_{i}(const ::cudasim::LaunchConfig* c, void** a, char* e, size_t n)'
+            f" {{ return ::cudasim::launch(&{n}, c, a, e, n); }}\n"
+            f'extern "C" int __sim_sig_{i}(::cudasim::ParamInfo* p, int max)'
+            f" {{ return ::cudasim::signature(&{n}, p, max); }}\n")
+    return ('#include "cudasim.h"\n' + rewrite_shared(src) + "\n#line 1 \"<cudasim launch wrappers>\"\n"
+            + "".join(wrappers))
+
+
+# ---------------------------------------------------------------------------------------
+# Build and load
+# ---------------------------------------------------------------------------------------
+_LIB_CACHE: dict[str, ctypes.CDLL] = {}
+_LIB_LOCK = threading.Lock()
+
+
+def _cxx_version() -> str:
+    try:
+        return subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def _passthrough_options(options: Sequence[str]) -> list[str]:
+    """Keep the NVRTC options that mean the same to g++ (-D, -U, -I); drop the rest
+    (-arch, -std=c++17, --use_fast_math, ...)."""
+    out, it = [], iter(options)
+    for o in it:
+        if o in ("-D", "-U", "-I"):
+            out += [o, next(it, "")]
+        elif o.startswith(("-D", "-U", "-I")):
+            out.append(o)
+        elif o.startswith("--include-path="):
+            out.append("-I" + o.split("=", 1)[1])
+        elif o.startswith("--define-macro="):
+            out.append("-D" + o.split("=", 1)[1])
+    return out
+
+
+def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: Sequence[str] = (),
+          include_dirs: Sequence[str | Path] = (), sanitize: bool | None = None) -> SimModule:
+    """Compile a kernel source file for the CPU (cached) and return a SimModule."""
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"sim backend unavailable: {why}")
+    path = Path(source).resolve()
+    include_dirs = [Path(d).resolve() for d in include_dirs]
+    sanitize = asan_requested() if sanitize is None else bool(sanitize)
+    if sanitize and not _asan_loaded():
+        raise RuntimeError(
+            "sim ASan mode needs the AddressSanitizer runtime loaded first in the process: run Python as "
+            f"LD_PRELOAD={libasan_path()} ASAN_OPTIONS=detect_leaks=0 python ... "
+            "(cupy_localrel._sim.engine.asan_env() builds that environment for a subprocess)")
+    code = inline_includes(path, include_dirs)
+    names = find_extern_c_kernels(code)
+    names += [n for n in name_expressions if n not in names]
+    tu = translation_unit(code, names)
+    flags = [*_BASE_FLAGS, *(_ASAN_FLAGS if sanitize else ()), "-I", str(HEADER_DIR),
+             *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
+    so = _compile_cached(tu, flags)
+    with _LIB_LOCK:
+        lib = _LIB_CACHE.get(str(so))
+        if lib is None:
+            lib = _LIB_CACHE[str(so)] = ctypes.CDLL(str(so))
+    return SimModule(lib, names, str(path))
+
+
+def _compile_cached(tu: str, flags: list[str]) -> Path:
+    h = hashlib.sha256()
+    for part in (tu, repr(flags), _cxx_version(), *((HEADER_DIR / f).read_text() for f in HEADERS)):
+        h.update(part.encode()); h.update(b"\0")
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    so = d / f"{h.hexdigest()[:24]}.so"
+    if so.exists():
+        return so
+    # Build under a unique temporary name, then rename: concurrent processes (pytest-xdist)
+    # may build the same library, and the last os.replace wins with an identical file.
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=so.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [compiler(), *flags, "-x", "c++", "-", "-o", tmp]
+        try:
+            r = subprocess.run(cmd, input=tu, text=True, capture_output=True)
+        except FileNotFoundError:
+            raise RuntimeError(f"sim backend unavailable: C++ compiler {compiler()!r} (g++) not found") from None
+        if r.returncode:
+            raise RuntimeError(f"g++ failed to compile the kernels for the CPU engine:\n{r.stderr[-8000:]}")
+        os.replace(tmp, so)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return so
+
+
+class _LaunchConfig(ctypes.Structure):   # cudasim::LaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("dyn_smem", ctypes.c_uint64),
+                ("stack_size", ctypes.c_uint64), ("seed", ctypes.c_int64), ("workers", ctypes.c_uint)]
+
+
+class _ParamInfo(ctypes.Structure):      # cudasim::ParamInfo
+    _fields_ = [("size", ctypes.c_uint64), ("pointee_size", ctypes.c_uint64), ("kind", ctypes.c_char),
+                ("pointee_kind", ctypes.c_char), ("type_name", ctypes.c_char * 94)]
+
+
+class SimModule:
+    """CPU counterpart of cupy.RawModule; settings `seed`, `workers`, `stack_kb` apply to its
+    kernels unless a kernel sets its own."""
+
+    def __init__(self, lib: ctypes.CDLL, names: Sequence[str], source: str = "<kernel>"):
+        self._lib = lib
+        self.names = list(names)
+        self.source = source
+        self.seed: int | None = None
+        self.workers: int | None = None
+        self.stack_kb: int | None = None
+        self._kernels: dict[str, SimKernel] = {}
+
+    def get_function(self, name: str) -> SimKernel:
+        if name not in self.names:
+            raise KeyError(f"no kernel {name!r} in {self.source}; known: {self.names} "
+                           "(template kernels need their name_expressions at load time)")
+        k = self._kernels.get(name)
+        if k is None:
+            k = self._kernels[name] = SimKernel(self, self.names.index(name), name)
+        return k
+
+
+def _dim3(v, what: str) -> tuple[int, int, int]:
+    t = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
+    if not 1 <= len(t) <= 3:
+        raise ValueError(f"{what} must have 1 to 3 dimensions, got {v!r}")
+    t = tuple(int(x) for x in t) + (1,) * (3 - len(t))
+    return t
+
+
+class SimKernel:
+    """CPU counterpart of cupy.RawKernel: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, module: SimModule, index: int, name: str):
+        self.module = module
+        self.name = name
+        self.seed: int | None = None
+        self.workers: int | None = None
+        self.stack_kb: int | None = None
+        self.max_dynamic_shared_size_bytes = DEFAULT_DYN_SMEM_LIMIT
+        lib = module._lib
+        self._launch = getattr(lib, f"__sim_launch_{index}")
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.POINTER(ctypes.c_void_p),
+                                 ctypes.c_char_p, ctypes.c_size_t]
+        sig = getattr(lib, f"__sim_sig_{index}")
+        sig.restype = ctypes.c_int
+        infos = (_ParamInfo * MAX_ARGS)()
+        n = sig(infos, MAX_ARGS)
+        if n > MAX_ARGS:
+            raise RuntimeError(f"{name}: more than {MAX_ARGS} parameters")
+        self.params = [infos[i] for i in range(n)]
+
+    # -- settings -------------------------------------------------------------------------
+    def _setting(self, attr: str, env: str, default: int) -> int:
+        for obj in (self, self.module):
+            v = getattr(obj, attr)
+            if v is not None:
+                return int(v)
+        return _env_int(env, default)
+
+    # -- arguments ------------------------------------------------------------------------
+    def _arg_error(self, i: int, msg: str) -> TypeError:
+        p = self.params[i]
+        return TypeError(f"kernel {self.name!r}: argument {i} (parameter type "
+                         f"`{p.type_name.decode()}`): {msg}")
+
+    def _marshal(self, args: Sequence) -> tuple[list, ctypes.Array]:
+        if len(args) != len(self.params):
+            raise TypeError(f"kernel {self.name!r} takes {len(self.params)} arguments, got {len(args)}")
+        keep = []
+        for i, (a, p) in enumerate(zip(args, self.params)):
+            keep.append(self._marshal_one(i, a, p))
+        ptrs = (ctypes.c_void_p * max(1, len(keep)))(*[ctypes.addressof(v) for v in keep])
+        return keep, ptrs
+
+    def _marshal_one(self, i: int, a, p: _ParamInfo):
+        kind = p.kind.decode()
+        if isinstance(a, np.ndarray):
+            if kind != "p":
+                raise self._arg_error(i, f"got a NumPy array (device pointer) for a non-pointer parameter")
+            ps = p.pointee_size
+            if ps > 1 and p.pointee_kind.decode() in "fi" and a.itemsize != ps:
+                raise self._arg_error(i, f"array of dtype {a.dtype} ({a.itemsize}-byte items) for a pointer to "
+                                         f"{ps}-byte elements")
+            return ctypes.c_void_p(a.ctypes.data)
+        if hasattr(a, "__cuda_array_interface__"):
+            raise self._arg_error(i, f"got a GPU array ({type(a).__name__}); the sim backend takes NumPy arrays")
+        # Scalars follow CuPy: Python bool -> bool, int -> int64, float -> float64.
+        if isinstance(a, (bool, np.bool_)):
+            arr, origin = np.asarray(a, np.bool_), "a bool"
+        elif isinstance(a, int):
+            arr, origin = np.asarray(a, np.int64), "a Python int (passed as 64-bit int64, like CuPy)"
+        elif isinstance(a, float):
+            arr, origin = np.asarray(a, np.float64), "a Python float (passed as float64, like CuPy)"
+        elif isinstance(a, np.generic):
+            arr, origin = np.asarray(a), f"numpy.{a.dtype.name}"
+        elif a is None:
+            raise self._arg_error(i, "got None; pass numpy.uint64(0) for a null pointer")
+        else:
+            raise self._arg_error(i, f"unsupported argument type {type(a).__name__}")
+        if kind == "p":
+            if arr.dtype.kind in "iu" and arr.itemsize == 8 and int(arr) == 0:
+                return ctypes.c_void_p(0)   # null pointer
+            raise self._arg_error(i, f"got {origin} for a pointer parameter; pass a NumPy array")
+        if arr.itemsize != p.size:
+            raise self._arg_error(i, f"got {origin}, {arr.itemsize} bytes, but the parameter has {p.size} "
+                                     f"bytes; pass a NumPy scalar of the parameter's type")
+        is_float = arr.dtype.kind == "f" or arr.dtype.name in ("bfloat16",)
+        if kind == "f" and not is_float or kind == "i" and arr.dtype.kind not in "iub":
+            raise self._arg_error(i, f"got {origin} for a {'floating' if kind == 'f' else 'integer'} parameter")
+        return ctypes.create_string_buffer(arr.tobytes(), arr.itemsize)
+
+    # -- launch ---------------------------------------------------------------------------
+    def __call__(self, grid, block, args, shared_mem: int = 0, stream=None,
+                 enable_cooperative_groups: bool = False):
+        g, b = _dim3(grid, "grid"), _dim3(block, "block")
+        nthreads = b[0] * b[1] * b[2]
+        if min(g) < 1 or g[0] > 2**31 - 1 or max(g[1:]) > 65535:
+            raise RuntimeError(f"kernel {self.name!r}: invalid grid {g} (CUDA_ERROR_INVALID_VALUE)")
+        if min(b) < 1 or nthreads > 1024 or b[2] > 64:
+            raise RuntimeError(f"kernel {self.name!r}: invalid block {b} (CUDA_ERROR_INVALID_VALUE)")
+        shared_mem = int(shared_mem)
+        limit = max(DEFAULT_DYN_SMEM_LIMIT, min(int(self.max_dynamic_shared_size_bytes), MAX_DYN_SMEM))
+        if not 0 <= shared_mem <= limit:
+            raise RuntimeError(f"kernel {self.name!r}: shared_mem={shared_mem} bytes exceeds {limit} "
+                               "(raise max_dynamic_shared_size_bytes, as on the GPU)")
+        keep, ptrs = self._marshal(args)
+        cfg = _LaunchConfig()
+        cfg.grid[:] = g
+        cfg.block[:] = b
+        cfg.dyn_smem = shared_mem
+        cfg.stack_size = max(16, self._setting("stack_kb", ENV_STACK_KB, DEFAULT_STACK_KB)) * 1024
+        cfg.seed = self._setting("seed", ENV_SEED, 0)
+        cfg.workers = max(1, self._setting("workers", ENV_WORKERS, default_workers()))
+        err = ctypes.create_string_buffer(1024)
+        rc = self._launch(ctypes.byref(cfg), ptrs, err, len(err))
+        del keep
+        if rc:
+            raise RuntimeError(f"kernel {self.name!r} ({self.module.source}): {err.value.decode(errors='replace')}")
+
+    def __repr__(self) -> str:
+        return f"<SimKernel {self.name} of {self.module.source}>"

@@ -94,7 +94,7 @@ def _heads_view(x, geo: Geometry, c: _Chunk, per_head: int, rows: slice | None =
     """``x[c.b, channels of heads c.h, rows]`` as ``(nb, nh, per_head, rows, W)`` in acc dtype."""
     ch = slice(c.h.start * per_head, c.h.stop * per_head)
     part = x[c.b, ch] if rows is None else x[c.b, ch, rows]
-    part = part.reshape(part.shape[0], -1, per_head, *part.shape[2:])
+    part = part.reshape(part.shape[0], c.h.stop - c.h.start, per_head, *part.shape[2:])
     return part.astype(geo.acc_dtype, copy=False)
 
 
@@ -258,7 +258,7 @@ def _out_rows(x, geo, c, per_head):
     """The ``(nb, nh, per_head, rows, Wo)`` view of output ``x`` for this chunk."""
     ch = slice(c.h.start * per_head, c.h.stop * per_head)
     part = x[c.b, ch, c.i]
-    return part.reshape(part.shape[0], -1, per_head, *part.shape[2:])
+    return part.reshape(part.shape[0], c.h.stop - c.h.start, per_head, *part.shape[2:])
 
 
 def _small_grads(geo, bias, rel):

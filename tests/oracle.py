@@ -1,0 +1,164 @@
+"""An independent scalar-loop oracle, written from SPEC.md alone.
+
+It shares no code with the package (not even the geometry), loops over every pixel and
+slot in float64, and is only meant for tiny shapes. Backward passes are derived by hand
+from the same loops, so they are independent of the vectorised reference too.
+"""
+import math
+
+import numpy as np
+
+
+def slot_position(c, t, length, k, d, border):
+    """SPEC "Geometry": (input position or None if invalid, table index)."""
+    if border in ("mask", "zeros"):
+        n = c + (t - k // 2) * d
+        return (n if 0 <= n < length else None), t
+    r = c % d
+    lr = math.ceil((length - r) / d)
+    ic = c // d
+    start = min(max(ic - k // 2, 0), lr - k)
+    return r + d * (start + t), start + t - ic + (k - 1)
+
+
+def _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
+    """List of (t, ny, nx, ay, ax, valid) for output (i, j)."""
+    cy, cx = i * sh, j * sw
+    slots = []
+    for ty in range(kh):
+        ny, ay = slot_position(cy, ty, H, kh, dh, border)
+        for tx in range(kw):
+            nx, ax = slot_position(cx, tx, W, kw, dw, border)
+            valid = ny is not None and nx is not None
+            slots.append((ty * kw + tx, ny, nx, ay, ax, valid))
+    return slots
+
+
+def _pairs(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _setup(q, heads, kernel_size, dilation, stride):
+    B, C, H, W = q.shape
+    kh, kw = _pairs(kernel_size)
+    dh, dw = _pairs(dilation)
+    sh, sw = _pairs(stride)
+    Ho, Wo = -(-H // sh), -(-W // sw)
+    return B, C // heads, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo
+
+
+def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, stride=1,
+       border="mask"):
+    """Logits (B, heads, K, Ho, Wo), -inf at masked slots."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    B, Dqk, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(q, heads, kernel_size, dilation, stride)
+    scale = 1 / math.sqrt(Dqk) if scale is None else scale
+    logits = np.zeros((B, heads, kh * kw, Ho, Wo))
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * Dqk, (h + 1) * Dqk)
+            for i in range(Ho):
+                for j in range(Wo):
+                    qc = q[b, ch, i * sh, j * sw]
+                    for t, ny, nx, ay, ax, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
+                        if not valid and border == "mask":
+                            logits[b, h, t, i, j] = -np.inf
+                            continue
+                        kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
+                        relt = rel[h, :, ay, ax] if rel is not None else 0.0
+                        val = scale * float(np.dot(qc, kn + relt))
+                        if bias is not None:
+                            val += bias[h, ay, ax]
+                        logits[b, h, t, i, j] = val
+    return logits
+
+
+def av(attn, v, kernel_size, dilation=1, stride=1, border="mask"):
+    attn, v = np.asarray(attn, np.float64), np.asarray(v, np.float64)
+    B, heads = attn.shape[:2]
+    _, Dv, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(v, heads, kernel_size, dilation, stride)
+    out = np.zeros((B, heads * Dv, Ho, Wo))
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * Dv, (h + 1) * Dv)
+            for i in range(Ho):
+                for j in range(Wo):
+                    for t, ny, nx, _, _, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
+                        if valid:
+                            out[b, ch, i, j] += attn[b, h, t, i, j] * v[b, ch, ny, nx]
+    return out
+
+
+def softmax(logits):
+    top = logits.max(axis=2, keepdims=True)
+    e = np.exp(logits - top)
+    s = e.sum(axis=2, keepdims=True)
+    return e / s, (top + np.log(s))[:, :, 0]
+
+
+def attention(q, k, v, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1,
+              stride=1, border="mask"):
+    """(out, lse)."""
+    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border)
+    p, lse = softmax(logits)
+    return av(p, v, kernel_size, dilation, stride, border), lse
+
+
+def av_backward(grad_out, attn, v, kernel_size, dilation=1, stride=1, border="mask"):
+    grad_out, attn, v = (np.asarray(a, np.float64) for a in (grad_out, attn, v))
+    B, heads = attn.shape[:2]
+    _, Dv, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(v, heads, kernel_size, dilation, stride)
+    dattn, dv = np.zeros(attn.shape), np.zeros(v.shape)
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * Dv, (h + 1) * Dv)
+            for i in range(Ho):
+                for j in range(Wo):
+                    for t, ny, nx, _, _, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
+                        if valid:
+                            dattn[b, h, t, i, j] = np.dot(grad_out[b, ch, i, j], v[b, ch, ny, nx])
+                            dv[b, ch, ny, nx] += attn[b, h, t, i, j] * grad_out[b, ch, i, j]
+    return dattn, dv
+
+
+def qk_backward(grad_logits, q, k, heads, kernel_size, bias=None, rel=None, scale=None,
+                dilation=1, stride=1, border="mask"):
+    """(dq, dk, dbias, drel); gradients at masked slots ignored."""
+    grad_logits, q, k = (np.asarray(a, np.float64) for a in (grad_logits, q, k))
+    B, Dqk, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(q, heads, kernel_size, dilation, stride)
+    scale = 1 / math.sqrt(Dqk) if scale is None else scale
+    dq, dk = np.zeros(q.shape), np.zeros(k.shape)
+    dbias = None if bias is None else np.zeros(np.shape(bias))
+    drel = None if rel is None else np.zeros(np.shape(rel))
+    for b in range(B):
+        for h in range(heads):
+            ch = slice(h * Dqk, (h + 1) * Dqk)
+            for i in range(Ho):
+                for j in range(Wo):
+                    qc = q[b, ch, i * sh, j * sw]
+                    for t, ny, nx, ay, ax, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
+                        if not valid and border == "mask":
+                            continue
+                        g = grad_logits[b, h, t, i, j]
+                        kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
+                        relt = rel[h, :, ay, ax] if rel is not None else 0.0
+                        dq[b, ch, i * sh, j * sw] += scale * g * (kn + relt)
+                        if valid:
+                            dk[b, ch, ny, nx] += scale * g * qc
+                        if dbias is not None:
+                            dbias[h, ay, ax] += g
+                        if drel is not None:
+                            drel[h, :, ay, ax] += scale * g * qc
+    return dq, dk, dbias, drel
+
+
+def attention_backward(grad_out, q, k, v, heads, kernel_size, bias=None, rel=None, scale=None,
+                       dilation=1, stride=1, border="mask"):
+    """(dq, dk, dv, dbias, drel) by the chain rule through qk, softmax and av."""
+    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border)
+    p, _ = softmax(logits)
+    dp, dv = av_backward(grad_out, p, v, kernel_size, dilation, stride, border)
+    dlogits = p * (dp - (p * dp).sum(axis=2, keepdims=True))
+    dq, dk, dbias, drel = qk_backward(dlogits, q, k, heads, kernel_size, bias, rel, scale,
+                                      dilation, stride, border)
+    return dq, dk, dv, dbias, drel

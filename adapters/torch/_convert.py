@@ -1,0 +1,112 @@
+"""Tensors in, arrays out and back: the zero-copy bridge between torch and the core.
+
+CPU tensors become NumPy arrays (``Tensor.numpy()`` on a detached contiguous tensor) and
+run on the NumPy reference (or ``backend="sim"``); CUDA tensors become CuPy arrays through
+DLPack and run with ``backend="cupy"`` on torch's current stream of the tensor's device.
+Results come back without copies (``torch.from_numpy``, ``torch.from_dlpack``).
+
+bfloat16: NumPy has no bfloat16, so on the CPU the bytes are viewed as ``ml_dtypes``'
+bfloat16 when that package is installed. Without it (and on CUDA, where CuPy has no
+bfloat16 either) the tensors are cast to float32 for the call and the results cast back
+to bfloat16: the core accumulates in float32 for bfloat16 anyway, so only the rounding of
+the result differs (one bfloat16 rounding, as the native path).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+try:  # optional: NumPy's bfloat16
+    import ml_dtypes as _ml_dtypes
+    _NP_BF16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - exercised where ml_dtypes is missing
+    _ml_dtypes = None
+    _NP_BF16 = None
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(op: str, tensors: dict) -> torch.Tensor:
+    """One device and one floating dtype for all given tensors; returns the first.
+
+    Raises ``TypeError`` naming the offending arguments (SPEC.md, "Bad input": mixed
+    array kinds and mixed dtypes are type errors; mixed devices are the torch analogue).
+    """
+    given = {n: t for n, t in tensors.items() if t is not None}
+    for name, t in given.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must have a floating dtype "
+                            f"(float16, bfloat16, float32, float64), got {t.dtype}")
+    devices = {n: t.device for n, t in given.items()}
+    if len(set(devices.values())) > 1:
+        raise TypeError(f"{op}: all tensors must be on one device, got " +
+                        ", ".join(f"{n}: {d}" for n, d in devices.items()))
+    dtypes = {n: t.dtype for n, t in given.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{op}: all floating inputs must share one dtype, got " +
+                        ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
+    return next(iter(given.values()))
+
+
+class Bridge:
+    """Converts the tensors of one call to core arrays and the results back."""
+
+    def __init__(self, ref: torch.Tensor, backend: str | None):
+        self.device = ref.device
+        self.dtype = ref.dtype
+        self.cuda = ref.device.type == "cuda"
+        if ref.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"tensors on {ref.device} are not supported (CPU or CUDA only)")
+        if self.cuda and backend not in (None, "cupy"):
+            raise ValueError(f"CUDA tensors run with backend='cupy', got backend={backend!r}")
+        if not self.cuda and backend == "cupy":
+            raise TypeError("backend='cupy' takes CUDA tensors, got CPU tensors")
+        self.backend = "cupy" if self.cuda else backend
+        # bfloat16 runs through float32 where the array library lacks the dtype.
+        self.via_f32 = ref.dtype == torch.bfloat16 and (self.cuda or _NP_BF16 is None)
+
+    @contextlib.contextmanager
+    def context(self):
+        """CuPy's current device and stream = the tensor's device and torch's stream."""
+        if not self.cuda:
+            yield
+            return
+        import cupy
+        stream = torch.cuda.current_stream(self.device)
+        with cupy.cuda.Device(self.device.index), \
+                cupy.cuda.ExternalStream(stream.cuda_stream, self.device.index):
+            yield
+
+    def array(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        t = t.detach()
+        if self.via_f32:
+            t = t.float()
+        t = t.contiguous()
+        if self.cuda:
+            import cupy
+            return cupy.from_dlpack(t)
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(_NP_BF16)
+        return t.numpy()
+
+    def tensor(self, a, *, keep_dtype: bool = False) -> torch.Tensor | None:
+        """A core result as a tensor (no copy); ``keep_dtype`` for ``lse`` (float32)."""
+        if a is None:
+            return None
+        if self.cuda:
+            t = torch.from_dlpack(a)
+        else:
+            a = np.ascontiguousarray(a)
+            if _NP_BF16 is not None and a.dtype == _NP_BF16:
+                t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            else:
+                t = torch.from_numpy(a)
+        if self.via_f32 and not keep_dtype and t.dtype == torch.float32:
+            t = t.to(torch.bfloat16)
+        return t.contiguous()

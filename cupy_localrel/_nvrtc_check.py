@@ -1,0 +1,211 @@
+"""Compile every kernel source and instantiation with NVRTC for sm_80 and sm_90, no GPU needed.
+
+    python -m cupy_localrel kernels                       # the package's kernels (registry)
+    python -m cupy_localrel._nvrtc_check FILE.cu -n 'k<float,32>' --arch 80
+
+NVRTC comes from the `nvidia-cuda-nvrtc-cu12` wheel (or a CUDA toolkit) and is called
+through ctypes with an explicit `-arch=sm_XX`: CuPy's own compile path asks the driver for
+the device's arch, which fails without a GPU. ptxas's verbose report (`-Xptxas -v`) gives
+registers, shared memory and spills per kernel. Prints one line per kernel and arch; exits
+non-zero on any error, including NVRTC not being loadable.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _loader
+
+DEFAULT_ARCHS = ("80", "90")
+
+
+class NvrtcUnavailable(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# ctypes binding of the few NVRTC calls used here
+# ---------------------------------------------------------------------------------------
+def _nvrtc_candidates() -> list[str]:
+    cands = []
+    try:
+        import nvidia
+        for base in getattr(nvidia, "__path__", []):
+            for sub in ("cuda_nvrtc/lib", "cu13/lib", "cu12/lib"):
+                cands += sorted(glob.glob(os.path.join(base, sub, "libnvrtc.so*")))
+    except ImportError:
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            cands += sorted(glob.glob(os.path.join(os.environ[var], "lib64", "libnvrtc.so*")))
+    cands += ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"]
+    cands += sorted(glob.glob("/usr/local/cuda/lib64/libnvrtc.so*"))
+    # the alternative-allocator and builtins libraries are not the API library
+    return [c for c in cands if "builtins" not in c and ".alt." not in c]
+
+
+class Nvrtc:
+    def __init__(self):
+        errors = []
+        for c in _nvrtc_candidates():
+            try:
+                self.lib = ctypes.CDLL(c)
+                self.path = c
+                break
+            except OSError as e:
+                errors.append(f"{c}: {e}")
+        else:
+            raise NvrtcUnavailable(
+                "NVRTC could not be loaded (pip install nvidia-cuda-nvrtc-cu12, or install a CUDA toolkit); "
+                f"tried: {'; '.join(errors) or 'nothing found'}")
+        L = self.lib
+        L.nvrtcGetErrorString.restype = ctypes.c_char_p
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(L.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+        self.version = (major.value, minor.value)
+
+    def _check(self, rc: int) -> None:
+        if rc:
+            raise RuntimeError(self.lib.nvrtcGetErrorString(rc).decode())
+
+    def compile(self, source: str, name: str, options: Sequence[str], name_expressions: Sequence[str]):
+        """-> (ok, log, {name expression: lowered name})."""
+        L = self.lib
+        prog = ctypes.c_void_p()
+        self._check(L.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
+        try:
+            for n in name_expressions:
+                self._check(L.nvrtcAddNameExpression(prog, n.encode()))
+            opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+            rc = L.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            self._check(L.nvrtcGetProgramLogSize(prog, ctypes.byref(size)))
+            buf = ctypes.create_string_buffer(size.value)
+            self._check(L.nvrtcGetProgramLog(prog, buf))
+            log = buf.value.decode(errors="replace")
+            lowered = {}
+            if rc == 0:
+                for n in name_expressions:
+                    p = ctypes.c_char_p()
+                    self._check(L.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(p)))
+                    lowered[n] = p.value.decode()
+            return rc == 0, log, lowered
+        finally:
+            L.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# ---------------------------------------------------------------------------------------
+# ptxas report
+# ---------------------------------------------------------------------------------------
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED_RE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """{mangled kernel name: {regs, smem, stack, spill_stores, spill_loads}} from -Xptxas -v."""
+    out, cur = {}, None
+    for line in log.splitlines():
+        m = _ENTRY_RE.search(line)
+        if m:
+            cur = out.setdefault(m.group(1), {"regs": 0, "smem": 0, "stack": 0, "spill_stores": 0, "spill_loads": 0})
+            continue
+        if cur is None:
+            continue
+        m = _STACK_RE.search(line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = _USED_RE.search(line)
+        if m:
+            cur.update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checking files
+# ---------------------------------------------------------------------------------------
+def registry_jobs() -> list[tuple[Path, list[str]]]:
+    """Every .cu file in the kernel folder with its registered name expressions."""
+    files = sorted(_loader.KERNEL_DIR.glob("*.cu"))
+    jobs = [(f, list(_loader.INSTANTIATIONS.get(f.name, []))) for f in files]
+    missing = set(_loader.INSTANTIATIONS) - {f.name for f in files}
+    for name in sorted(missing):
+        jobs.append((_loader.KERNEL_DIR / name, list(_loader.INSTANTIATIONS[name])))
+    return jobs
+
+
+def compile_options(path: Path, arch: str) -> list[str]:
+    opts = [f"-arch=sm_{arch}", "-std=c++17", "-Xptxas", "-v", "-default-device"]
+    opts += [f"-I{d}" for d in _loader.include_dirs_for(path)]
+    inc = _loader.cuda_include_dir()
+    if inc is not None:
+        opts.append(f"-I{inc}")
+    return opts
+
+
+def check_file(nv: Nvrtc, path: Path, names: Sequence[str], archs: Sequence[str], out=None) -> int:
+    """Compile one file for each arch; print one line per kernel and arch. Returns #errors."""
+    out = sys.stdout if out is None else out
+    from ._sim.engine import find_extern_c_kernels
+    if not path.is_file():
+        print(f"FAIL {path.name}: file not found ({path})", file=out)
+        return 1
+    source = path.read_text()
+    plain = [k for k in find_extern_c_kernels(source) if k not in names]
+    errors = 0
+    for arch in archs:
+        ok, log, lowered = nv.compile(source, path.name, compile_options(path, arch), names)
+        if not ok:
+            errors += 1
+            print(f"FAIL sm_{arch} {path.name}: NVRTC error\n{log.rstrip()}", file=out)
+            if "cuda_fp16.h" in log and _loader.cuda_include_dir() is None:
+                print("     (no CUDA headers found: pip install nvidia-cuda-runtime-cu12 or set CUDA_PATH)", file=out)
+            continue
+        usage = parse_ptxas(log)
+        for n in [*names, *plain]:
+            u = usage.get(lowered.get(n, n))
+            stats = ("regs=? (no ptxas report)" if u is None else
+                     f"regs={u['regs']} smem={u['smem']}B stack={u['stack']}B "
+                     f"spill={u['spill_stores']}/{u['spill_loads']}B")
+            warn = "  WARNING: spills" if u and (u["spill_stores"] or u["spill_loads"]) else ""
+            print(f"ok   sm_{arch} {path.name} {n}: {stats}{warn}", file=out)
+        if not names and not plain:
+            print(f"ok   sm_{arch} {path.name}: compiled (no kernels found)", file=out)
+    return errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cupy_localrel kernels",
+                                 description="Compile CUDA kernels with NVRTC for each arch (no GPU needed).")
+    ap.add_argument("files", nargs="*", help=".cu files (default: every file of the package's kernel registry)")
+    ap.add_argument("-n", "--name-expression", action="append", default=[], dest="names",
+                    help="template instantiation to compile, for the files given (repeatable)")
+    ap.add_argument("--arch", action="append", default=None,
+                    help="compute capability like 80 or sm_90 (repeatable; default 80 and 90)")
+    args = ap.parse_args(argv)
+    archs = [a.replace("sm_", "").replace("compute_", "") for a in (args.arch or DEFAULT_ARCHS)]
+    try:
+        nv = Nvrtc()
+    except NvrtcUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.files:
+        jobs = [(Path(f).resolve(), args.names or _loader.INSTANTIATIONS.get(Path(f).name, [])) for f in args.files]
+    else:
+        jobs = registry_jobs()
+    print(f"NVRTC {nv.version[0]}.{nv.version[1]} ({nv.path}); CUDA headers: {_loader.cuda_include_dir()}")
+    if not jobs:
+        print(f"no kernel sources in {_loader.KERNEL_DIR}")
+    errors = sum(check_file(nv, p, names, archs) for p, names in jobs)
+    print(f"{len(jobs)} file(s), {len(archs)} arch(s): {errors} error(s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Launch code of the CUDA kernels, shared by the GPU (``cupy``) and CPU (``sim``) backends.
+
+The kernels (``cupy_localrel/kernels/*.cu``) carry no border logic: the window tables of
+:mod:`cupy_localrel._geometry` are packed into one small int32 buffer (:func:`_window_table`
+on the host, ``localrel::Window`` on the device, same field order) uploaded once per
+geometry (and device). This module only chooses kernels, block shapes and shared memory,
+allocates results and launches; :class:`Target` hides the array module (NumPy standing in
+for device memory on ``sim``, CuPy on ``cupy``).
+
+Kernel choice (see the .cu files for what each does):
+
+- fused forward: ``attention_forward_tiled`` (keys/values of a tile's halo staged in shared
+  memory) when the stride is 1, the dtype is not float64 and the tile fits 48 KiB of shared
+  memory; configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
+  stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
+  16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
+  8 value channels).
+- fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
+  ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import _loader
+from .._geometry import Geometry, lse_dtype
+
+FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
+SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
+VPT = 8                         # value channels per thread of the general kernels
+TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of attention_forward_tiled
+TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
+HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags
+MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
+
+_CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+_HEADER_INTS = 32   # localrel::kHeaderInts
+
+
+# ---------------------------------------------------------------------------------------
+# Where the kernels run
+# ---------------------------------------------------------------------------------------
+
+class Target:
+    """The array module and kernel loader of one backend (``"sim"`` or ``"cupy"``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._modules: dict = {}
+        self._tables: dict = {}
+        self._lock = threading.Lock()
+
+    @property
+    def xp(self):
+        if self.name == "cupy":
+            import cupy
+            return cupy
+        return np
+
+    def device_key(self):
+        return self.xp.cuda.Device().id if self.name == "cupy" else None
+
+    def function(self, filename: str, name: str):
+        """The compiled kernel ``name`` of ``filename`` (every registered instantiation of
+        the file is built together, once per device: one g++/NVRTC run per file)."""
+        key = (self.device_key(), filename)
+        with self._lock:
+            module = self._modules.get(key)
+        if module is None:
+            module = _loader.load_module(filename, _loader.INSTANTIATIONS[filename], target=self.name)
+            with self._lock:
+                module = self._modules.setdefault(key, module)
+        return module.get_function(name)
+
+    def upload(self, host: np.ndarray):
+        return self.xp.asarray(host) if self.name == "cupy" else host
+
+    def window(self, geo: Geometry):
+        """The geometry buffer of ``geo`` on this target, cached per geometry and device."""
+        key = (self.device_key(), geo.height, geo.width, geo.kernel, geo.dilation, geo.stride,
+               geo.border)
+        with self._lock:
+            table = self._tables.get(key)
+        if table is None:
+            table = self.upload(_window_table(geo))
+            with self._lock:
+                if len(self._tables) > 256:   # bound the cache; geometries are cheap to rebuild
+                    self._tables.clear()
+                table = self._tables.setdefault(key, table)
+        return table
+
+    def contiguous(self, x):
+        """A C-contiguous array with x's values (x itself when it already is; never modified)."""
+        return None if x is None else self.xp.ascontiguousarray(x)
+
+
+def _window_table(geo: Geometry) -> np.ndarray:
+    """Header (localrel::WindowField order) followed by the tables, all int32."""
+    rows, cols = geo.rows, geo.cols
+    (ru_out, ru_slot), (cu_out, cu_slot) = rows.users, cols.users
+    parts = [rows.pos, rows.table, cols.pos, cols.table, ru_out, ru_slot, cu_out, cu_slot]
+    offsets, at = [], _HEADER_INTS
+    for part in parts:
+        offsets.append(at)
+        at += part.size
+    th, tw = geo.table_shape
+    header = [geo.height, geo.width, geo.out_h, geo.out_w, geo.kernel[0], geo.kernel[1],
+              geo.stride[0], geo.stride[1], ru_out.shape[1], cu_out.shape[1], th, tw,
+              int(geo.border == "zeros"), *offsets]
+    head = np.zeros(_HEADER_INTS, np.int32)
+    head[:len(header)] = header
+    return np.concatenate([head] + [np.ascontiguousarray(p, np.int32).ravel() for p in parts])
+
+
+# ---------------------------------------------------------------------------------------
+# Launch shapes
+# ---------------------------------------------------------------------------------------
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _plane_block(rows: int, cols: int, threads: int = 128) -> tuple[int, int]:
+    """(x, y) block over a rows x cols plane: up to 32 threads along the contiguous axis."""
+    bx = min(32, _pow2_at_least(cols), threads)
+    by = max(1, min(threads // bx, _pow2_at_least(rows)))
+    return bx, by
+
+
+def _tiles(rows: int, cols: int, block: tuple[int, int]) -> int:
+    return -(-rows // block[1]) * -(-cols // block[0])
+
+
+def _grid(planes: int, rows: int, cols: int, block) -> tuple[int, int, int]:
+    blocks = planes * _tiles(rows, cols, block)
+    if blocks > 2**31 - 1:
+        raise ValueError(f"problem too large for one launch ({blocks} blocks)")
+    return (blocks, 1, 1)
+
+
+def _shrink_to_fit(rows: int, cols: int, bytes_for) -> tuple[int, int]:
+    """The largest power-of-two block (<= 128 threads) whose shared memory fits the limit."""
+    threads = 128
+    while threads > 1:
+        block = _plane_block(rows, cols, threads)
+        if bytes_for(block) <= SMEM_LIMIT:
+            return block
+        threads //= 2
+    block = (1, 1)
+    if bytes_for(block) > SMEM_LIMIT:
+        raise ValueError("window too large for the CUDA kernels' shared memory "
+                         f"({bytes_for(block)} bytes for one thread)")
+    return block
+
+
+def _halo_extent(pos: np.ndarray, tile: int) -> int:
+    """Largest span of valid input positions looked at by ``tile`` consecutive outputs."""
+    lo = np.where(pos >= 0, pos, np.iinfo(np.int32).max).min(axis=1)
+    hi = pos.max(axis=1)
+    extent = 0
+    for start in range(0, len(pos), tile):
+        extent = max(extent, int(hi[start:start + tile].max()) - int(lo[start:start + tile].min()) + 1)
+    return extent
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+class _Call:
+    """Per-call scalars and dummies in the kernels' parameter types."""
+
+    def __init__(self, target: Target, geo: Geometry, bias=None, rel=None):
+        self.t, self.geo = target, geo
+        self.ctype = _CTYPE[geo.dtype.name]
+        self.acc = lse_dtype(geo.dtype)           # float32, or float64 for float64 inputs
+        self.scale = self.acc.type(geo.scale)
+        self.flags = np.int32((HAS_BIAS if bias is not None else 0) | (HAS_REL if rel is not None else 0))
+        self.heads, self.dqk, self.dv = np.int32(geo.heads), np.int32(geo.dqk), np.int32(geo.dv)
+        self.planes = geo.batch * geo.heads
+        self.win = target.window(geo)
+        self.acc_dummy = target.xp.zeros(1, self.acc)
+
+    def fn(self, filename, template, *params):
+        inner = ", ".join([self.ctype, *map(str, params)])
+        return self.t.function(filename, f"{template}<{inner}>")
+
+
+def _or(x, fallback):
+    """Kernels take a pointer for every optional input; a flag says whether it is read."""
+    return fallback if x is None else x
+
+
+# ---------------------------------------------------------------------------------------
+# The backend function set (see cupy_localrel/_backends/__init__.py)
+# ---------------------------------------------------------------------------------------
+
+def qk_forward(t: Target, geo: Geometry, q, k, bias, rel):
+    q, k, bias, rel = map(t.contiguous, (q, k, bias, rel))
+    c = _Call(t, geo, bias, rel)
+    logits = t.xp.empty(geo.attn_shape, geo.dtype)
+    block = _plane_block(geo.out_h, geo.out_w)
+    c.fn(FORWARD_FILE, "qk_forward")(
+        _grid(c.planes, geo.out_h, geo.out_w, block), block,
+        (c.win, q, k, _or(bias, q), _or(rel, q), logits, c.heads, c.dqk, c.flags, c.scale))
+    return logits
+
+
+def av_forward(t: Target, geo: Geometry, attn, v):
+    attn, v = t.contiguous(attn), t.contiguous(v)
+    c = _Call(t, geo)
+    out = t.xp.empty(geo.out_shape, geo.dtype)
+    if geo.dv == 0:
+        return out
+    chunks = -(-geo.dv // VPT)
+    block = _plane_block(geo.out_h, geo.out_w)
+    c.fn(FORWARD_FILE, "av_forward", VPT)(
+        _grid(c.planes * chunks, geo.out_h, geo.out_w, block), block,
+        (c.win, attn, v, out, c.dv, np.int32(chunks)))
+    return out
+
+
+def _tiled_config(geo: Geometry, c: _Call):
+    """(CK, CV, shared bytes, halo_h, halo_w) of the fast path, or None when it does not apply."""
+    if geo.stride != (1, 1) or geo.dtype == np.float64:
+        return None
+    ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
+    bx, by = TILED_BLOCK
+    halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
+    smem = c.acc.itemsize * (geo.slots * bx * by + max(ck, cv) * halo_h * halo_w)
+    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+
+
+def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_tiled=True):
+    q, k, v, bias, rel = map(t.contiguous, (q, k, v, bias, rel))
+    c = _Call(t, geo, bias, rel)
+    out = t.xp.empty(geo.out_shape, geo.dtype)
+    lse = t.xp.empty(geo.lse_shape, c.acc)
+    common = (c.win, q, k, v, _or(bias, q), _or(rel, q), out, lse, c.heads, c.dqk, c.dv)
+    tiled = _tiled_config(geo, c) if allow_tiled else None
+    if tiled is not None:
+        ck, cv, smem, halo_h, halo_w = tiled
+        c.fn(FORWARD_FILE, "attention_forward_tiled", ck, cv)(
+            _grid(c.planes, geo.out_h, geo.out_w, TILED_BLOCK), TILED_BLOCK,
+            common + (c.flags, c.scale, np.int32(halo_h), np.int32(halo_w)), shared_mem=smem)
+    else:
+        chunks = max(1, -(-geo.dv // VPT))   # Dv == 0: one chunk still writes lse
+        block = _plane_block(geo.out_h, geo.out_w)
+        c.fn(FORWARD_FILE, "attention_forward", VPT)(
+            _grid(c.planes * chunks, geo.out_h, geo.out_w, block), block,
+            common + (np.int32(chunks), c.flags, c.scale))
+    return out, lse
+
+
+def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, delta):
+    """Launch query_grad; returns (dbias, drel) after the table reduction (None if absent)."""
+    geo, xp = c.geo, c.t.xp
+    th, tw = geo.table_shape
+    acc = c.acc.itemsize
+
+    def smem(block):
+        bx, by = block
+        return acc * (geo.slots + 1) * bx * by + 4 * (by * th + bx * tw)
+
+    block = _shrink_to_fit(geo.out_h, geo.out_w, smem)
+    tiles = _tiles(geo.out_h, geo.out_w, block)
+    blocks = c.planes * tiles
+    part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
+    part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
+    c.fn(BACKWARD_FILE, "query_grad", mode)(
+        _grid(c.planes, geo.out_h, geo.out_w, block), block,
+        (c.win, grad, q, k, _or(v, q), _or(out, grad), _or(lse, c.acc_dummy), _or(bias, q),
+         _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
+         c.flags, c.scale), shared_mem=smem(block))
+    dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
+    drel = None if rel is None else _table_reduce(c, part_rel, rel.shape, tiles, geo.dqk * th * tw)
+    return dbias, drel
+
+
+def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
+    dst = c.t.xp.empty(shape, c.geo.dtype)
+    total = c.geo.heads * entries
+    if total:
+        c.fn(BACKWARD_FILE, "table_reduce")(
+            (-(-total // 256), 1, 1), (256, 1, 1),
+            (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
+    return dst
+
+
+def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv):
+    geo = c.geo
+    users = geo.rows.users[0].shape[1] * geo.cols.users[0].shape[1]
+    block = _shrink_to_fit(geo.height, geo.width, lambda b: users * b[0] * b[1] * (2 * c.acc.itemsize + 4))
+    c.fn(BACKWARD_FILE, "key_grad", mode)(
+        _grid(c.planes, geo.height, geo.width, block), block,
+        (c.win, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv,
+         c.flags, c.scale), shared_mem=users * block[0] * block[1] * (2 * c.acc.itemsize + 4))
+
+
+def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):
+    grad_logits, q, k, bias, rel = map(t.contiguous, (grad_logits, q, k, bias, rel))
+    c = _Call(t, geo, bias, rel)
+    dq = t.xp.zeros(q.shape, geo.dtype)     # only window centres have a query (stride > 1)
+    dk = t.xp.empty(k.shape, geo.dtype)     # every key pixel is written
+    dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, None, bias, rel, dq, None)
+    if geo.dqk:
+        _key_grad(c, MODE_QK, grad_logits, q, k, q, q, c.acc_dummy, c.acc_dummy, _or(bias, q),
+                  _or(rel, q), dk, q)
+    return dq, dk, dbias, drel
+
+
+def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
+    grad_out, attn, v = map(t.contiguous, (grad_out, attn, v))
+    c = _Call(t, geo)
+    dattn = t.xp.empty(attn.shape, geo.dtype)
+    dv = t.xp.empty(v.shape, geo.dtype)
+    block = _plane_block(geo.out_h, geo.out_w)
+    c.fn(BACKWARD_FILE, "av_dattn")(
+        _grid(c.planes, geo.out_h, geo.out_w, block), block, (c.win, grad_out, v, dattn, c.dv))
+    if geo.dv:
+        _key_grad(c, MODE_AV, grad_out, v, v, v, attn, c.acc_dummy, c.acc_dummy, v, v, v, dv)
+    return dattn, dv
+
+
+def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel):
+    grad_out, q, k, v, out, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, out, lse, bias, rel))
+    c = _Call(t, geo, bias, rel)
+    dq = t.xp.zeros(q.shape, geo.dtype)
+    dk, dv = t.xp.empty(k.shape, geo.dtype), t.xp.empty(v.shape, geo.dtype)
+    delta = t.xp.empty(geo.lse_shape, c.acc)   # grad_out . out per query (lse-sized)
+    dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, out, lse, bias, rel, dq, delta)
+    if geo.dqk or geo.dv:
+        _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv)
+    return dq, dk, dv, dbias, drel

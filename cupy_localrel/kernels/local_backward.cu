@@ -1,0 +1,311 @@
+// local_backward.cu - backward kernels of local_qk2d, local_av2d and the fused local_attention2d.
+//
+// Deterministic by construction: no floating-point atomics anywhere.
+//   * Query side (dq, d attn): one thread per output pixel owns its query's gradient.
+//   * Key side (dk, dv): one thread per input pixel GATHERS from the outputs whose window
+//     holds it, listed by the `users` tables of _geometry (rows x columns), in a fixed
+//     order, instead of every output scattering into shared keys with atomics.
+//   * dbias/drel (tables of at most heads*Dqk*(2k-1)^2 entries): stage 1 (query_grad) sums
+//     each block's contributions per table entry in a fixed order into a per-block partials
+//     buffer; stage 2 (table_reduce) sums the partials of each entry in block order.
+// The fused backward never stores anything attention-sized: query_grad recomputes the
+// weights from lse and keeps their gradients (K per query) in shared memory; key_grad
+// recomputes the weight and its gradient of each (query, slot) that uses its key, helped by
+// delta = sum_e grad_out * out per query (the softmax-backward term, lse-sized).
+//
+// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
+//   query_grad<T, MODE>    MODE kAttention: delta, dq, table partials of the fused op.
+//                          MODE kQK: dq and table partials of local_qk2d.
+//   key_grad<T, MODE>      MODE kAttention: dk and dv; kQK: dk; kAV: dv (local_av2d).
+//   av_dattn<T>            d attn of local_av2d (per output pixel and slot).
+//   table_reduce<T>        stage 2 of the dbias/drel reduction.
+#include "localrel_common.cuh"
+
+using namespace localrel;
+
+enum Mode { kAttention = 0, kQK = 1, kAV = 2 };
+
+// ---------------------------------------------------------------------------------------
+// Query side. Block: a tile of output pixels of one (batch, head). Dynamic shared memory:
+//   dlogit[K][TILE] (A)     gradient of each slot's logit, each thread on its own column
+//   qs[TILE] (A)            one query channel of the tile, for drel
+//   row_slot[blockDim.y][th], col_slot[blockDim.x][tw] (int)
+//                           which slot row (column) of output row r (column c) uses table
+//                           row ay (column ax), -1 if none: inverts the table per tile
+// Table partials: part_bias[block][th*tw], part_rel[block][Dqk][th*tw] (A).
+// ---------------------------------------------------------------------------------------
+namespace {
+
+// The tile's sum of dlogit (times qs when given) over every (output, slot) whose table
+// index is (ay, ax), in a fixed order: rows, then columns of the tile.
+template <class A>
+__device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ qs,
+                            const int* __restrict__ row_slot, const int* __restrict__ col_slot,
+                            int ay, int ax, int kw, int th, int tw, int tile) {
+  A sum = 0;
+  for (int r = 0; r < (int)blockDim.y; ++r) {
+    const int ty = row_slot[r * th + ay];
+    if (ty < 0) continue;
+    for (int c = 0; c < (int)blockDim.x; ++c) {
+      const int tx = col_slot[c * tw + ax];
+      if (tx < 0) continue;
+      const int o = r * blockDim.x + c;
+      const A g = dlogit[(size_t)(ty * kw + tx) * tile + o];
+      sum += qs ? g * qs[o] : g;
+    }
+  }
+  return sum;
+}
+
+// Invert one axis's table over the tile: slot_of_entry[r][a] = t with tab[first + r][t] == a.
+// A table row is strictly increasing in t (SPEC "Geometry"), so t is unique.
+__device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restrict__ tab, int first,
+                             int count, int total, int k, int entries, int tid, int nthreads) {
+  for (int idx = tid; idx < count * entries; idx += nthreads) slot_of_entry[idx] = -1;
+  __syncthreads();
+  for (int idx = tid; idx < count * k; idx += nthreads) {
+    const int r = idx / k, t = idx % k;
+    if (first + r < total) slot_of_entry[r * entries + tab[(first + r) * k + t]] = t;
+  }
+}
+
+}  // namespace
+
+template <class T, int MODE>
+__global__ void __launch_bounds__(256)
+query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
+           const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ out,
+           const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
+           T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+           acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  const int K = w.slots(), tile = blockDim.x * blockDim.y, h = (int)(p.plane % heads);
+  const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
+  A* dlogit = reinterpret_cast<A*>(smem_raw);
+  A* qs = dlogit + (size_t)K * tile;
+  int* row_slot = reinterpret_cast<int*>(qs + tile);
+  int* col_slot = row_slot + blockDim.y * w.th;
+
+  const size_t o = p.inside ? (size_t)p.r * w.Wo + p.c : 0;
+  const size_t qk_off = (size_t)p.plane * dqk * hw;
+  const T* qc = q + qk_off + (p.inside ? w.centre(p.r, p.c) : 0);
+  const T* kb = k + qk_off;
+  const T* rel_h = rel + (size_t)h * dqk * tt;
+  const T* bias_h = bias + (size_t)h * tt;
+
+  // (1) dlogit of every slot. Threads past the plane edge hold zeros for the table sums.
+  A* my = dlogit + p.tid;
+  if (!p.inside) {
+    for (int t = 0; t < K; ++t) my[(size_t)t * tile] = 0;
+  } else if (MODE == kQK) {
+    // grad_logits (B, heads, K, Ho, Wo); with border="mask" gradients at masked slots are ignored.
+    const T* g = grad + (size_t)p.plane * K * ohw + o;
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        const Slot s = slot_of(w, p.r, p.c, ty, tx);
+        const int t = ty * w.kw + tx;
+        my[(size_t)t * tile] = takes_part(w, s) ? load(g, t * ohw) : A(0);
+      }
+  } else {
+    // Softmax backward: dlogit_t = p_t (dp_t - delta), dp_t = grad_out . v_t,
+    // delta = sum_t p_t dp_t = grad_out . out (the forward's output).
+    const T* g = grad + (size_t)p.plane * dv * ohw + o;
+    const T* ob = out + (size_t)p.plane * dv * ohw + o;
+    const T* vb = v + (size_t)p.plane * dv * hw;
+    A dsum = 0;
+    for (int e = 0; e < dv; ++e) dsum += load(g, e * ohw) * load(ob, e * ohw);
+    delta[(size_t)p.plane * ohw + o] = dsum;
+    const A lse_o = lse[(size_t)p.plane * ohw + o];
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        const Slot s = slot_of(w, p.r, p.c, ty, tx);
+        A dl = 0;
+        if (takes_part(w, s)) {
+          const A pt = acc_exp(slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale) - lse_o);
+          A dp = 0;
+          if (s.valid())
+            for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in);
+          dl = pt * (dp - dsum);
+        }
+        my[(size_t)(ty * w.kw + tx) * tile] = dl;
+      }
+  }
+
+  // (2) dq at the centre: scale * sum_t dlogit_t (k_t + rel_t); an invalid slot has key 0.
+  if (p.inside) {
+    T* dqc = dq + qk_off + w.centre(p.r, p.c);
+    for (int d = 0; d < dqk; ++d) {
+      A sum = 0;
+      for (int ty = 0; ty < w.kh; ++ty)
+        for (int tx = 0; tx < w.kw; ++tx) {
+          const Slot s = slot_of(w, p.r, p.c, ty, tx);
+          A key = s.valid() ? load(kb, d * hw + s.in) : A(0);
+          if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
+          sum += my[(size_t)(ty * w.kw + tx) * tile] * key;
+        }
+      store(dqc + d * hw, scale * sum);
+    }
+  }
+
+  // (3) stage 1 of dbias/drel: this block's sum per table entry.
+  if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block: no barrier skipped by part
+  invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
+  invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
+  __syncthreads();
+  const int entries = w.th * w.tw;
+  if (flags & kHasBias)
+    for (int e = p.tid; e < entries; e += tile)
+      part_bias[(size_t)blockIdx.x * entries + e] =
+          tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+  if (flags & kHasRel)
+    for (int d = 0; d < dqk; ++d) {
+      __syncthreads();   // everybody is done reading the previous channel
+      qs[p.tid] = p.inside ? scale * load(qc, d * hw) : A(0);
+      __syncthreads();
+      for (int e = p.tid; e < entries; e += tile)
+        part_rel[((size_t)blockIdx.x * dqk + d) * entries + e] =
+            tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Key side. Block: a tile of INPUT pixels of one (batch, head). Each thread lists the
+// (output, slot) pairs whose window holds its pixel: users = row users x column users
+// (at most mr*mc). Dynamic shared memory, each thread on its own column:
+//   user_out[U][TILE] (int)   flat output index i*Wo + j, -1 for padding
+//   user_p[U][TILE] (A)       weight of the pair      (kAttention, kAV)
+//   user_dl[U][TILE] (A)      gradient of its logit   (kAttention, kQK)
+// Then dk = scale * sum_u dl_u q(centre of u), dv = sum_u p_u grad_out(u), channel by
+// channel so that each thread writes neighbouring addresses to its neighbours.
+// ---------------------------------------------------------------------------------------
+template <class T, int MODE>
+__global__ void __launch_bounds__(256)
+key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
+         const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
+         const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
+         const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ dk,
+         T* __restrict__ dv_out, int heads, int dqk, int dv, int flags, acc_t<T> scale) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Window w(geo);
+  const TilePos p = tile_pos(w.H, w.W);
+  if (!p.inside) return;   // no barriers in this kernel
+  const int tile = blockDim.x * blockDim.y, U = w.mr * w.mc, K = w.slots();
+  const int h = (int)(p.plane % heads);
+  const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
+  A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
+  A* user_dl = user_p + (size_t)U * tile;
+  int* user_out = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile) + p.tid;
+
+  const size_t n = (size_t)p.r * w.W + p.c;   // this thread's input pixel
+  const size_t qk_off = (size_t)p.plane * dqk * hw;
+  const T* qb = q + qk_off;
+  const T* kn = k + qk_off + n;
+  const T* vn = v + (size_t)p.plane * dv * hw + n;
+  const T* gb = grad + (size_t)p.plane * (MODE == kQK ? K : dv) * ohw;
+  const T* rel_h = rel + (size_t)h * dqk * tt;
+
+  // (1) the weight and/or logit gradient of every (output, slot) pair that uses pixel n.
+  for (int a = 0; a < w.mr; ++a)
+    for (int b = 0; b < w.mc; ++b) {
+      const int u = a * w.mc + b;
+      const int i = w.ru_out[p.r * w.mr + a], j = w.cu_out[p.c * w.mc + b];
+      if (i < 0 || j < 0) { user_out[(size_t)u * tile] = -1; continue; }
+      const int ty = w.ru_slot[p.r * w.mr + a], tx = w.cu_slot[p.c * w.mc + b];
+      const int t = ty * w.kw + tx;
+      const size_t o = (size_t)i * w.Wo + j;
+      user_out[(size_t)u * tile] = (int)o;
+      if (MODE == kAV) {
+        user_p[(size_t)u * tile] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
+      } else if (MODE == kQK) {
+        user_dl[(size_t)u * tile] = load(gb, t * ohw + o);
+      } else {
+        // Recompute the weight from lse; the key is this thread's own, always valid here.
+        const int tab = w.rows_tab[i * w.kh + ty] * w.tw + w.cols_tab[j * w.kw + tx];
+        const T* qc = qb + w.centre(i, j);
+        A dot = 0;
+        for (int d = 0; d < dqk; ++d) {
+          A key = load(kn, d * hw);
+          if (flags & kHasRel) key += load(rel_h, d * tt + tab);
+          dot += load(qc, d * hw) * key;
+        }
+        A logit = scale * dot;
+        if (flags & kHasBias) logit += load(bias, (size_t)h * tt + tab);
+        const A pt = acc_exp(logit - lse[(size_t)p.plane * ohw + o]);
+        A dp = 0;
+        for (int e = 0; e < dv; ++e) dp += load(gb, e * ohw + o) * load(vn, e * hw);
+        user_p[(size_t)u * tile] = pt;
+        user_dl[(size_t)u * tile] = pt * (dp - delta[(size_t)p.plane * ohw + o]);
+      }
+    }
+
+  // (2) dk: scale * sum_u dl_u q(centre of u).
+  if (MODE != kAV)
+    for (int d = 0; d < dqk; ++d) {
+      A sum = 0;
+      for (int u = 0; u < U; ++u) {
+        const int o = user_out[(size_t)u * tile];
+        if (o < 0) continue;
+        sum += user_dl[(size_t)u * tile] * load(qb, d * hw + w.centre(o / w.Wo, o % w.Wo));
+      }
+      store(dk + qk_off + n + d * hw, scale * sum);
+    }
+  // (3) dv: sum_u p_u grad_out(u).
+  if (MODE != kQK)
+    for (int e = 0; e < dv; ++e) {
+      A sum = 0;
+      for (int u = 0; u < U; ++u) {
+        const int o = user_out[(size_t)u * tile];
+        if (o >= 0) sum += user_p[(size_t)u * tile] * load(gb, e * ohw + o);
+      }
+      store(dv_out + (size_t)p.plane * dv * hw + n + e * hw, sum);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// local_av2d backward, attention side: d attn_t = grad_out . v_t (0 at invalid slots).
+// ---------------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(256)
+av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ v,
+         T* __restrict__ dattn, int dv) {
+  using A = acc_t<T>;
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  if (!p.inside) return;
+  const size_t o = (size_t)p.r * w.Wo + p.c, hw = w.in_plane(), ohw = w.out_plane();
+  const T* g = grad + (size_t)p.plane * dv * ohw + o;
+  const T* vb = v + (size_t)p.plane * dv * hw;
+  T* dst = dattn + (size_t)p.plane * w.slots() * ohw + o;
+  for (int ty = 0; ty < w.kh; ++ty)
+    for (int tx = 0; tx < w.kw; ++tx) {
+      const Slot s = slot_of(w, p.r, p.c, ty, tx);
+      A dot = 0;
+      if (s.valid())
+        for (int e = 0; e < dv; ++e) dot += load(g, e * ohw) * load(vb, e * hw + s.in);
+      store(dst + (size_t)(ty * w.kw + tx) * ohw, dot);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stage 2 of dbias/drel: dst[h][e] = sum over batches b and tiles of part[(b*heads + h)
+// * tiles + tile][e], in that order. `entries` per block: th*tw (bias) or Dqk*th*tw (rel).
+// ---------------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(256)
+table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, int heads,
+             int tiles, int entries) {
+  using A = acc_t<T>;
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long long)heads * entries) return;
+  const int h = (int)(idx / entries), e = (int)(idx % entries);
+  A sum = 0;
+  for (int b = 0; b < batch; ++b) {
+    const A* src = part + ((size_t)(b * (size_t)heads + h) * tiles) * entries + e;
+    for (int t = 0; t < tiles; ++t) sum += src[(size_t)t * entries];
+  }
+  store(dst + idx, sum);
+}

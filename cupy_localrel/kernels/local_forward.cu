@@ -1,0 +1,285 @@
+// local_forward.cu - forward kernels of local_qk2d, local_av2d and the fused local_attention2d.
+//
+// Layout (SPEC.md): q/k (B, heads*Dqk, H, W), v (B, heads*Dv, H, W), logits/attn
+// (B, heads, K, Ho, Wo), out (B, heads*Dv, Ho, Wo), lse (B, heads, Ho, Wo). Channels are
+// planes, so threads of a warp on neighbouring output columns read neighbouring addresses
+// of every channel plane: the generic kernels are coalesced without any staging.
+//
+// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
+//   qk_forward<T>               one thread per output pixel, writes its K logits.
+//   av_forward<T, VPT>          one thread per output pixel and chunk of VPT value channels.
+//   attention_forward<T, VPT>   the general fused path: online softmax, one thread per
+//                               output pixel and value chunk; writes out (and lse) only.
+//   attention_forward_tiled<T, CK, CV>
+//                               the fast path: a block owns a tile of queries of one
+//                               (batch, head); the keys/values its windows touch (the halo)
+//                               are staged in shared memory in chunks of CK (CV) channels,
+//                               so each key/value element is read from global memory once
+//                               per tile instead of once per window that holds it.
+#include "localrel_common.cuh"
+
+using namespace localrel;
+
+// ---------------------------------------------------------------------------------------
+// local_qk2d forward
+// ---------------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(256)
+qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
+           const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ logits,
+           int heads, int dqk, int flags, acc_t<T> scale) {
+  using A = acc_t<T>;
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  if (!p.inside) return;   // no barriers in this kernel
+  const int h = (int)(p.plane % heads);
+  const size_t qk_off = (size_t)p.plane * dqk * w.in_plane();
+  const T* qc = q + qk_off + w.centre(p.r, p.c);
+  const T* kb = k + qk_off;
+  const T* bias_h = bias + (size_t)h * w.th * w.tw;
+  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  T* dst = logits + (size_t)p.plane * w.slots() * w.out_plane() + (size_t)p.r * w.Wo + p.c;
+  for (int ty = 0; ty < w.kh; ++ty)
+    for (int tx = 0; tx < w.kw; ++tx) {
+      const Slot s = slot_of(w, p.r, p.c, ty, tx);
+      // border="mask": an invalid slot has no logit (-inf gives it weight 0 in any softmax).
+      const A logit = takes_part(w, s) ? slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale)
+                                       : neg_inf<A>();
+      store(dst + (size_t)(ty * w.kw + tx) * w.out_plane(), logit);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// local_av2d forward: out = sum over valid slots of attn * v. VPT value channels per thread
+// keep the accumulators in registers; the grid covers ceil(Dv / VPT) chunks per head.
+// ---------------------------------------------------------------------------------------
+template <class T, int VPT>
+__global__ void __launch_bounds__(256)
+av_forward(const int* __restrict__ geo, const T* __restrict__ attn, const T* __restrict__ v,
+           T* __restrict__ out, int dv, int chunks) {
+  using A = acc_t<T>;
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  if (!p.inside) return;
+  const long long bh = p.plane / chunks;
+  const int e0 = (int)(p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
+  const size_t o = (size_t)p.r * w.Wo + p.c;
+  const T* a = attn + (size_t)bh * w.slots() * w.out_plane() + o;
+  const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
+  A acc[VPT];
+#pragma unroll
+  for (int e = 0; e < VPT; ++e) acc[e] = 0;
+  for (int ty = 0; ty < w.kh; ++ty)
+    for (int tx = 0; tx < w.kw; ++tx) {
+      const Slot s = slot_of(w, p.r, p.c, ty, tx);
+      if (!s.valid()) continue;   // invalid slots add nothing, whatever their weight
+      const A wt = load(a, (size_t)(ty * w.kw + tx) * w.out_plane());
+#pragma unroll
+      for (int e = 0; e < VPT; ++e)
+        if (e < ne) acc[e] += wt * load(vb, e * w.in_plane() + s.in);
+    }
+  T* dst = out + ((size_t)bh * dv + e0) * w.out_plane() + o;
+#pragma unroll
+  for (int e = 0; e < VPT; ++e)
+    if (e < ne) store(dst + e * w.out_plane(), acc[e]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused attention, general path: one pass over the window with an online softmax (running
+// max m and sum l rescale the accumulators), so the weights never leave registers.
+// The chunk that holds value channel 0 also writes lse (with Dv == 0 one empty chunk runs).
+// ---------------------------------------------------------------------------------------
+template <class T, int VPT>
+__global__ void __launch_bounds__(256)
+attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
+                  const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
+                  T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
+                  int chunks, int flags, acc_t<T> scale) {
+  using A = acc_t<T>;
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  if (!p.inside) return;
+  const long long bh = p.plane / chunks;
+  const int h = (int)(bh % heads), e0 = (int)(p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
+  const size_t o = (size_t)p.r * w.Wo + p.c;
+  const size_t qk_off = (size_t)bh * dqk * w.in_plane();
+  const T* qc = q + qk_off + w.centre(p.r, p.c);
+  const T* kb = k + qk_off;
+  const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
+  const T* bias_h = bias + (size_t)h * w.th * w.tw;
+  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  A m = neg_inf<A>(), l = 0, acc[VPT];
+#pragma unroll
+  for (int e = 0; e < VPT; ++e) acc[e] = 0;
+  for (int ty = 0; ty < w.kh; ++ty)
+    for (int tx = 0; tx < w.kw; ++tx) {
+      const Slot s = slot_of(w, p.r, p.c, ty, tx);
+      if (!takes_part(w, s)) continue;
+      const A x = slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale);
+      const A m_new = acc_max(m, x);
+      // m = -inf before the first slot: exp(-inf) = 0 drops the empty history.
+      const A rescale = acc_exp(m - m_new), pt = acc_exp(x - m_new);
+      l = l * rescale + pt;
+#pragma unroll
+      for (int e = 0; e < VPT; ++e) {
+        const A val = (e < ne && s.valid()) ? load(vb, e * w.in_plane() + s.in) : A(0);
+        acc[e] = acc[e] * rescale + pt * val;
+      }
+      m = m_new;
+    }
+  const A inv_l = A(1) / l;
+  T* dst = out + ((size_t)bh * dv + e0) * w.out_plane() + o;
+#pragma unroll
+  for (int e = 0; e < VPT; ++e)
+    if (e < ne) store(dst + e * w.out_plane(), acc[e] * inv_l);
+  if (e0 == 0) lse[(size_t)bh * w.out_plane() + o] = m + acc_log(l);
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused attention, fast path (tiled). Block: a blockDim.y x blockDim.x tile of output pixels
+// of one (batch, head); halo_h x halo_w is the largest input region a tile's windows touch
+// (computed on the host from the same tables). Dynamic shared memory:
+//   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
+//   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels
+// Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
+// into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
+// stay in shared memory: nothing attention-sized is written to global memory.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+// The top-left input position of the halo of this tile: the smallest valid position any
+// slot of any output in the tile looks at, per axis (tables are per axis, so this is cheap).
+__device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int first, int count, int total,
+                                           int k) {
+  int lo = 0x7fffffff;
+  for (int i = first; i < min(first + count, total); ++i)
+    for (int t = 0; t < k; ++t) {
+      const int n = pos[i * k + t];
+      if (n >= 0) lo = min(lo, n);
+    }
+  return lo;
+}
+
+// Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into
+// shared memory; positions past the image edge (halo of the last tiles) become 0.
+template <class T>
+__device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src,
+                                           const Window& w, int y0, int x0, int halo_h, int halo_w,
+                                           int nch, int tid, int nthreads) {
+  const int area = halo_h * halo_w;
+  for (int idx = tid; idx < nch * area; idx += nthreads) {
+    const int ch = idx / area, rem = idx - ch * area;
+    const int y = y0 + rem / halo_w, x = x0 + rem % halo_w;
+    halo[idx] = (y < w.H && x < w.W) ? load(src, ch * w.in_plane() + (size_t)y * w.W + x) : acc_t<T>(0);
+  }
+}
+
+}  // namespace
+
+template <class T, int CK, int CV>
+__global__ void __launch_bounds__(256)
+attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
+                        const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
+                        T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
+                        int flags, acc_t<T> scale, int halo_h, int halo_w) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  const int K = w.slots(), tile = blockDim.x * blockDim.y;
+  A* logit = reinterpret_cast<A*>(smem_raw);   // [K][tile]
+  A* halo = logit + (size_t)K * tile;          // [max(CK, CV)][halo_h * halo_w]
+  const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
+  const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
+  const int h = (int)(p.plane % heads);
+  const size_t tt = (size_t)w.th * w.tw;
+  const T* qc = q + (size_t)p.plane * dqk * w.in_plane() + (p.inside ? w.centre(p.r, p.c) : 0);
+  const T* kb = k + (size_t)p.plane * dqk * w.in_plane();
+  const T* rel_h = rel + (size_t)h * dqk * tt;
+
+  // Where slot t of this thread's output sits in the halo (-1: outside the image), and its
+  // table index; recomputed per phase from the (cached) tables rather than kept in shared.
+  auto halo_slot = [&](int ty, int tx, int& tab) {
+    const Slot s = slot_of(w, p.r, p.c, ty, tx);
+    tab = s.tab;
+    if (!s.valid()) return -1;
+    const int ny = (int)(s.in / w.W), nx = (int)(s.in % w.W);
+    return (ny - y0) * halo_w + (nx - x0);
+  };
+
+  // (1) logits: q . (k + rel) summed over key-channel chunks.
+  for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
+  for (int c0 = 0; c0 < dqk; c0 += CK) {
+    const int nch = min(CK, dqk - c0);
+    __syncthreads();   // the previous chunk's readers are done with the halo
+    stage_halo(halo, kb + (size_t)c0 * w.in_plane(), w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A qreg[CK];
+#pragma unroll
+    for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * w.in_plane()) : A(0);
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        A dot = 0;
+#pragma unroll
+        for (int d = 0; d < CK; ++d) {
+          if (d >= nch) break;
+          A key = hs >= 0 ? halo[(size_t)d * halo_h * halo_w + hs] : A(0);
+          if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+          dot += qreg[d] * key;
+        }
+        logit[(size_t)(ty * w.kw + tx) * tile + p.tid] += dot;
+      }
+  }
+
+  // (2) weights and lse, each thread on its own column.
+  if (p.inside) {
+    A m = neg_inf<A>();
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        A& x = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
+        if (hs < 0 && !w.zeros) { x = neg_inf<A>(); continue; }   // border="mask"
+        x = scale * x + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab) : A(0));
+        m = acc_max(m, x);
+      }
+    A l = 0;
+    for (int t = 0; t < K; ++t) l += acc_exp(logit[(size_t)t * tile + p.tid] - m);
+    const A lse_v = m + acc_log(l);
+    for (int t = 0; t < K; ++t) {
+      A& x = logit[(size_t)t * tile + p.tid];
+      x = acc_exp(x - lse_v);
+    }
+    lse[(size_t)p.plane * w.out_plane() + (size_t)p.r * w.Wo + p.c] = lse_v;
+  }
+
+  // (3) out = sum_t weight_t * v_t, one value-channel chunk at a time.
+  const T* vb = v + (size_t)p.plane * dv * w.in_plane();
+  T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
+  for (int e0 = 0; e0 < dv; e0 += CV) {
+    const int ne = min(CV, dv - e0);
+    __syncthreads();
+    stage_halo(halo, vb + (size_t)e0 * w.in_plane(), w, y0, x0, halo_h, halo_w, ne, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A acc[CV];
+#pragma unroll
+    for (int e = 0; e < CV; ++e) acc[e] = 0;
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        if (hs < 0) continue;   // invalid slots carry value 0
+        const A wt = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
+#pragma unroll
+        for (int e = 0; e < CV; ++e)
+          if (e < ne) acc[e] += wt * halo[(size_t)e * halo_h * halo_w + hs];
+      }
+#pragma unroll
+    for (int e = 0; e < CV; ++e)
+      if (e < ne) store(dst + (size_t)(e0 + e) * w.out_plane(), acc[e]);
+  }
+}

@@ -1,0 +1,164 @@
+// localrel_common.cuh - device helpers shared by every cupy-localrel kernel.
+//
+// What lives here: the storage/accumulation types (half, bfloat16, float, double stored;
+// float or double accumulated), the view of the int32 window-geometry buffer that
+// cupy_localrel/_backends/_kernel_ops.py uploads, and the mapping of a block to a tile of
+// one (batch, head) plane.
+//
+// What does NOT live here, nor in any kernel: border logic. Which input a window slot looks
+// at, whether it is valid and which bias/rel entry it uses all come from the tables of
+// cupy_localrel/_geometry.py; kernels only apply them.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace localrel {
+
+// ---------------------------------------------------------------------------------------
+// Types: values are stored as T and accumulated as acc_t<T> (float, or double for double).
+// ---------------------------------------------------------------------------------------
+template <class T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <class T> using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even stores, the rounding NumPy/ml_dtypes use for the reference.
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+
+template <class T>
+__device__ __forceinline__ acc_t<T> load(const T* __restrict__ p, size_t i) { return to_acc(p[i]); }
+
+// Accurate exp/log (not __expf): the fp32 tolerance (2e-5 relative) leaves no room for
+// the fast intrinsics on logits of magnitude ~10.
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
+
+template <class A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000u); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+  return __longlong_as_double(0xfff0000000000000ull);
+}
+
+// ---------------------------------------------------------------------------------------
+// The geometry buffer (int32), written by _kernel_ops.window_buffer in this order.
+// ---------------------------------------------------------------------------------------
+enum WindowField {
+  kH, kW, kHo, kWo, kKh, kKw,
+  kSh, kSw,            // stride: output i is centred on input i*stride (SPEC "Geometry")
+  kMr, kMc,            // users per input row / column (width of the users tables)
+  kTh, kTw,            // bias/rel table extent per axis (k, or 2k-1 for shift)
+  kZeros,              // 1: invalid slots take part in the softmax with key 0, value 0
+  kRowsPos, kRowsTab, kColsPos, kColsTab,   // offsets of the (Ho,kh)/(Wo,kw) tables
+  kRowsUserOut, kRowsUserSlot, kColsUserOut, kColsUserSlot,  // offsets of (H,mr)/(W,mc)
+  kHeaderInts = 32
+};
+
+struct Window {
+  int H, W, Ho, Wo, kh, kw, sh, sw, mr, mc, th, tw;
+  bool zeros;
+  const int* rows_pos;   // (Ho, kh): input row of slot row ty, -1 invalid
+  const int* rows_tab;   // (Ho, kh): bias/rel table row
+  const int* cols_pos;   // (Wo, kw)
+  const int* cols_tab;   // (Wo, kw)
+  const int* ru_out;     // (H, mr): output rows whose window holds input row y, -1 padded
+  const int* ru_slot;    // (H, mr): the slot row ty they see it in
+  const int* cu_out;     // (W, mc)
+  const int* cu_slot;    // (W, mc)
+
+  __device__ explicit Window(const int* __restrict__ g)
+      : H(g[kH]), W(g[kW]), Ho(g[kHo]), Wo(g[kWo]), kh(g[kKh]), kw(g[kKw]), sh(g[kSh]),
+        sw(g[kSw]), mr(g[kMr]), mc(g[kMc]), th(g[kTh]), tw(g[kTw]), zeros(g[kZeros] != 0),
+        rows_pos(g + g[kRowsPos]), rows_tab(g + g[kRowsTab]), cols_pos(g + g[kColsPos]),
+        cols_tab(g + g[kColsTab]), ru_out(g + g[kRowsUserOut]), ru_slot(g + g[kRowsUserSlot]),
+        cu_out(g + g[kColsUserOut]), cu_slot(g + g[kColsUserSlot]) {}
+
+  __device__ int slots() const { return kh * kw; }
+  __device__ size_t in_plane() const { return (size_t)H * W; }
+  __device__ size_t out_plane() const { return (size_t)Ho * Wo; }
+  // Flat input offset of the centre of output (i, j), where its query lives.
+  __device__ long long centre(int i, int j) const { return (long long)i * sh * W + (long long)j * sw; }
+};
+
+// One window slot of one output, resolved through the tables.
+struct Slot {
+  long long in;   // flat input offset ny*W + nx, or -1 when the slot looks outside
+  int tab;        // flat bias/rel table index ay*tw + ax
+  __device__ bool valid() const { return in >= 0; }
+};
+
+__device__ __forceinline__ Slot slot_of(const Window& w, int i, int j, int ty, int tx) {
+  const int ny = w.rows_pos[i * w.kh + ty], nx = w.cols_pos[j * w.kw + tx];
+  Slot s;
+  s.in = (ny >= 0 && nx >= 0) ? (long long)ny * w.W + nx : -1;
+  s.tab = w.rows_tab[i * w.kh + ty] * w.tw + w.cols_tab[j * w.kw + tx];
+  return s;
+}
+
+// Does a slot take part in the softmax? Invalid slots do only with border="zeros".
+__device__ __forceinline__ bool takes_part(const Window& w, const Slot& s) { return s.valid() || w.zeros; }
+
+// ---------------------------------------------------------------------------------------
+// Blocks: blockIdx.x = plane * tiles + tile; a tile is blockDim.y x blockDim.x positions of
+// a rows x cols plane, threadIdx.x along columns (contiguous in memory: coalesced).
+// Everything is flattened into grid x (2^31-1 blocks) because grid y/z stop at 65535.
+// ---------------------------------------------------------------------------------------
+struct TilePos {
+  long long plane;   // which (batch, head[, chunk]) plane
+  int tile;          // tile index within the plane
+  int row0, col0;    // first row/column of the tile
+  int r, c;          // this thread's row/column
+  bool inside;       // (r, c) lies in the plane
+  int tid;           // linear thread index in the block
+};
+
+__device__ __forceinline__ TilePos tile_pos(int rows, int cols) {
+  const int tiles_x = (cols + blockDim.x - 1) / blockDim.x;
+  const int tiles_y = (rows + blockDim.y - 1) / blockDim.y;
+  const long long tiles = (long long)tiles_x * tiles_y;
+  TilePos p;
+  p.plane = blockIdx.x / tiles;
+  p.tile = (int)(blockIdx.x % tiles);
+  p.row0 = (p.tile / tiles_x) * blockDim.y;
+  p.col0 = (p.tile % tiles_x) * blockDim.x;
+  p.r = p.row0 + threadIdx.y;
+  p.c = p.col0 + threadIdx.x;
+  p.inside = p.r < rows && p.c < cols;
+  p.tid = threadIdx.y * blockDim.x + threadIdx.x;
+  return p;
+}
+
+// Flags of the optional inputs (kernel argument `flags`).
+enum Flags { kHasBias = 1, kHasRel = 2 };
+
+// The logit of one slot: scale * q . (k + rel) + bias (SPEC "Logits"); an invalid slot has
+// key 0. `qc`, `kb`: channel 0 of this head's q at the centre / k plane; channel stride HW.
+template <class T>
+__device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, const T* __restrict__ qc,
+                                               const T* __restrict__ kb, const T* __restrict__ rel_h,
+                                               const T* __restrict__ bias_h, int dqk, int flags,
+                                               acc_t<T> scale) {
+  using A = acc_t<T>;
+  const size_t hw = w.in_plane(), tt = (size_t)w.th * w.tw;
+  A dot = 0;
+  for (int d = 0; d < dqk; ++d) {
+    A key = s.valid() ? load(kb, d * hw + s.in) : A(0);
+    if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
+    dot += load(qc, d * hw) * key;
+  }
+  A logit = scale * dot;
+  if (flags & kHasBias) logit += load(bias_h, (size_t)s.tab);
+  return logit;
+}
+
+}  // namespace localrel

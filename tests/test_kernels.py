@@ -1,0 +1,320 @@
+"""The CUDA kernels against the NumPy reference: on the CPU engine (``sim``) always, on the
+GPU (``cupy``) when one is present.
+
+Every op (fused attention forward/backward, qk and av forward/backward) x border x window
+(stride, dilation, rectangular kernels) x dtype x optional bias/rel, on tiny shapes, under
+two thread orders of the engine; the fast path's LR-Net and SASA configurations; the general
+fused forward for the dtypes the fast path would take; bitwise-deterministic backward;
+empty problems; inputs never modified.
+
+Comparisons follow SPEC.md: the float64 reference run on the same (rounded) inputs, max abs
+error relative to max(1, max|reference|).
+"""
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+import cupy_localrel as cl
+from cupy_localrel import _geometry as G
+from cupy_localrel._backends import backend_status
+from tests.helpers import ATOL, assert_close, table_shape
+
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
+
+BORDERS = ("mask", "zeros", "shift")
+# (kernel, dilation, stride) on a 7x9 image: valid for every border.
+WINDOWS = [(3, 1, 1), ((3, 5), 1, 1), (3, 2, 1), (3, 1, 2), ((1, 3), (2, 1), (2, 3))]
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+# ---------------------------------------------------------------------------------------
+# Backends under test
+# ---------------------------------------------------------------------------------------
+
+def _backend_params():
+    params = []
+    for name in ("sim", "cupy"):
+        ok, why = backend_status(name)
+        marks = [] if ok else [pytest.mark.skip(reason=f"backend {name!r} unavailable: {why}")]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+BACKENDS = _backend_params()
+# Thread orders of the CPU engine (CUPY_LOCALREL_SIM_SEED): forward, and a seeded shuffle.
+SEEDS = (0, 12345)
+
+
+@pytest.fixture(params=SEEDS, ids=lambda s: f"seed{s}")
+def sim_seed(request, monkeypatch):
+    monkeypatch.setenv("CUPY_LOCALREL_SIM_SEED", str(request.param))
+    return request.param
+
+
+class Arrays:
+    """Moves NumPy inputs to a backend's array kind and results back."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        if backend == "cupy":
+            import cupy
+            self.xp = cupy
+        else:
+            self.xp = np
+
+    def put(self, x):
+        return None if x is None else self.xp.asarray(x)
+
+    @staticmethod
+    def get(x):
+        if x is None:
+            return None
+        return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        if BF16 is None:
+            pytest.skip("ml_dtypes is not installed")
+        return BF16
+    return np.dtype(name)
+
+
+def _inputs(B, heads, dqk, dv, H, W, kernel, border, with_bias, with_rel, dtype, seed):
+    """Random inputs already rounded to ``dtype`` (so the float64 reference sees the same)."""
+    rng = np.random.default_rng(seed)
+    shape = table_shape(kernel, border)
+    arrays = dict(q=rng.standard_normal((B, heads * dqk, H, W)),
+                  k=rng.standard_normal((B, heads * dqk, H, W)),
+                  v=rng.standard_normal((B, heads * dv, H, W)),
+                  bias=rng.standard_normal((heads, *shape)) if with_bias else None,
+                  rel=rng.standard_normal((heads, dqk, *shape)) if with_rel else None)
+    return {n: None if a is None else a.astype(dtype) for n, a in arrays.items()}
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x).astype(np.float64)
+
+
+def _compare(got, want, dtype, name):
+    assert (got is None) == (want is None), name
+    if want is None:
+        return
+    got = Arrays.get(got)
+    assert_close(_f64(got), want, ATOL[dtype.name], name)
+
+
+def _compare_logits(got, want, dtype, name):
+    got, want = _f64(Arrays.get(got)), _f64(want)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=name)
+    assert_close(np.where(np.isinf(want), 0, got), np.where(np.isinf(want), 0, want), ATOL[dtype.name], name)
+
+
+# ---------------------------------------------------------------------------------------
+# Every op x border x window x dtype x bias/rel
+# ---------------------------------------------------------------------------------------
+
+def _cases():
+    for border, window, dtype, extras in itertools.product(
+            BORDERS, WINDOWS, DTYPES, [(False, False), (True, True)]):
+        yield pytest.param(border, *window, dtype, *extras,
+                           id=f"{border}-k{window[0]}-d{window[1]}-s{window[2]}-{dtype}"
+                              f"{'-bias-rel' if extras[0] else ''}")
+
+
+def _check_all_ops(backend, border, kernel, dilation, stride, dtype_name, with_bias, with_rel,
+                   shape=(2, 2, 3, 5, 7, 9), seed=0, scale=0.7):
+    dtype = _dtype(dtype_name)
+    B, heads, dqk, dv, H, W = shape
+    x = _inputs(B, heads, dqk, dv, H, W, kernel, border, with_bias, with_rel, dtype, seed)
+    r = {n: _f64(a) for n, a in x.items()}
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    copies = {n: None if v is None else v.copy() for n, v in x.items()}
+    win = dict(kernel_size=kernel, dilation=dilation, stride=stride, border=border)
+    extra = dict(bias=d["bias"], rel=d["rel"], scale=scale)
+    ref_extra = dict(bias=r["bias"], rel=r["rel"], scale=scale)
+    rng = np.random.default_rng(seed + 1)
+
+    # fused attention: forward, backward (from our own out/lse, rounded as a user would hold them)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], heads, return_lse=True, backend=backend,
+                                    **extra, **win)
+    want_out, want_lse = cl.local_attention2d(r["q"], r["k"], r["v"], heads, return_lse=True,
+                                              backend="numpy", **ref_extra, **win)
+    assert Arrays.get(out).dtype == dtype and Arrays.get(lse).dtype == G.lse_dtype(dtype)
+    _compare(out, want_out, dtype, "out")
+    _compare(lse, want_lse, dtype, "lse")
+    grad_out = rng.standard_normal(want_out.shape).astype(dtype)
+    out_h, lse_h = Arrays.get(out), Arrays.get(lse)
+    got = cl.local_attention2d_backward(a.put(grad_out), d["q"], d["k"], d["v"], out, lse, heads,
+                                        backend=backend, **extra, **win)
+    want = cl.local_attention2d_backward(_f64(grad_out), r["q"], r["k"], r["v"], _f64(out_h),
+                                         _f64(lse_h), heads, backend="numpy", **ref_extra, **win)
+    for name in got._fields:
+        _compare(getattr(got, name), getattr(want, name), dtype, f"attention d{name}")
+
+    # local_qk2d
+    logits = cl.local_qk2d(d["q"], d["k"], heads, backend=backend, **extra, **win)
+    want_logits = cl.local_qk2d(r["q"], r["k"], heads, backend="numpy", **ref_extra, **win)
+    _compare_logits(logits, want_logits, dtype, "logits")
+    grad_logits = rng.standard_normal(want_logits.shape).astype(dtype)
+    got = cl.local_qk2d_backward(a.put(grad_logits), d["q"], d["k"], heads, backend=backend, **extra, **win)
+    want = cl.local_qk2d_backward(_f64(grad_logits), r["q"], r["k"], heads, backend="numpy",
+                                  **ref_extra, **win)
+    for name in got._fields:
+        _compare(getattr(got, name), getattr(want, name), dtype, f"qk d{name}")
+
+    # local_av2d (weights from a softmax, so magnitudes are realistic)
+    attn = np.exp(np.where(np.isinf(want_logits), -np.inf, want_logits) - want_lse[:, :, None])
+    attn = attn.astype(dtype)
+    av = cl.local_av2d(a.put(attn), d["v"], backend=backend, **win)
+    _compare(av, cl.local_av2d(_f64(attn), r["v"], backend="numpy", **win), dtype, "av out")
+    got = cl.local_av2d_backward(a.put(grad_out), a.put(attn), d["v"], backend=backend, **win)
+    want = cl.local_av2d_backward(_f64(grad_out), _f64(attn), r["v"], backend="numpy", **win)
+    for name in got._fields:
+        _compare(getattr(got, name), getattr(want, name), dtype, f"av d{name}")
+
+    for n, v in d.items():   # inputs are never modified
+        if v is not None:
+            np.testing.assert_array_equal(Arrays.get(v), copies[n], err_msg=f"{n} was modified")
+
+
+@pytest.mark.parametrize("border,kernel,dilation,stride,dtype,with_bias,with_rel", list(_cases()))
+def test_all_ops_sim(sim_seed, border, kernel, dilation, stride, dtype, with_bias, with_rel):
+    _require("sim")
+    _check_all_ops("sim", border, kernel, dilation, stride, dtype, with_bias, with_rel)
+
+
+@pytest.mark.parametrize("border,kernel,dilation,stride,dtype,with_bias,with_rel", list(_cases()))
+def test_all_ops_cupy(border, kernel, dilation, stride, dtype, with_bias, with_rel):
+    _require("cupy")
+    _check_all_ops("cupy", border, kernel, dilation, stride, dtype, with_bias, with_rel)
+
+
+def _require(backend):
+    ok, why = backend_status(backend)
+    if not ok:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+# ---------------------------------------------------------------------------------------
+# Fast path configurations, and the general path for the dtypes the fast path takes
+# ---------------------------------------------------------------------------------------
+
+FAST_SHAPES = {
+    # LR-Net: Dqk = 1 per head, m = 8 value channels per head, k = 7, geometry prior as bias.
+    "lrnet": dict(shape=(1, 2, 1, 8, 19, 21), kernel=7, with_bias=True, with_rel=False, scale=1.0),
+    # SASA: Dqk = Dv = 16, relative embeddings, no scaling.
+    "sasa": dict(shape=(1, 2, 16, 16, 11, 18), kernel=5, with_bias=False, with_rel=True, scale=1.0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("config", sorted(FAST_SHAPES))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fast_path_configs(backend, config, border, dtype, sim_seed):
+    c = FAST_SHAPES[config]
+    _check_all_ops(backend, border, c["kernel"], 1, 1, dtype, c["with_bias"], c["with_rel"],
+                   shape=c["shape"], scale=c["scale"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("border", BORDERS)
+def test_general_forward_where_fast_path_would_run(backend, dtype, border):
+    from cupy_localrel._backends import _kernel_ops
+    target = _kernel_ops.Target(backend)
+    dt = _dtype(dtype)
+    x = _inputs(2, 2, 3, 10, 9, 11, 5, border, True, True, dt, 5)
+    geo = G.qk_geometry(x["q"], x["k"], 2, 5, 1, 1, border, x["bias"], x["rel"], None, v=x["v"])
+    a = Arrays(backend)
+    assert _kernel_ops._tiled_config(geo, _kernel_ops._Call(target, geo, x["bias"], x["rel"])) is not None
+    out, lse = _kernel_ops.attention_forward(target, geo, *(a.put(x[n]) for n in ("q", "k", "v", "bias", "rel")),
+                                             allow_tiled=False)
+    r = {n: _f64(v) for n, v in x.items()}
+    want_out, want_lse = cl.local_attention2d(r["q"], r["k"], r["v"], 2, 5, bias=r["bias"], rel=r["rel"],
+                                              border=border, return_lse=True, backend="numpy")
+    _compare(out, want_out, dt, "out")
+    _compare(lse, want_lse, dt, "lse")
+
+
+# ---------------------------------------------------------------------------------------
+# Determinism, empty problems
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", ["zeros", "shift"])
+def test_backward_is_bitwise_deterministic(backend, border):
+    x = _inputs(2, 2, 4, 8, 13, 17, 5, border, True, True, np.float32, 9)
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    kw = dict(kernel_size=5, bias=d["bias"], rel=d["rel"], border=border, backend=backend)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], 2, return_lse=True, **kw)
+    grad = a.put(np.random.default_rng(1).standard_normal(out.shape).astype(np.float32))
+    runs = []
+    for seed in ("0", "777"):   # a different thread order must not change a bit either
+        os.environ["CUPY_LOCALREL_SIM_SEED"] = seed
+        try:
+            g1 = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], out, lse, 2, **kw)
+            g2 = cl.local_qk2d_backward(a.put(np.ones((2, 2, 25, 13, 17), np.float32)), d["q"], d["k"], 2, **kw)
+        finally:
+            del os.environ["CUPY_LOCALREL_SIM_SEED"]
+        runs.append([Arrays.get(g) for g in (*g1, *g2)])
+    for first, second in zip(*runs):
+        np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_problems(backend):
+    a = Arrays(backend)
+    # B == 0: the public layer answers without launching.
+    q = a.put(np.zeros((0, 4, 5, 6), np.float32))
+    out, lse = cl.local_attention2d(q, q, q, 2, 3, return_lse=True, backend=backend)
+    assert out.shape == (0, 4, 5, 6) and lse.shape == (0, 2, 5, 6)
+    # heads * Dv == 0 reaches the kernels: out is empty, lse is real, gradients are right.
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 5, 6)).astype(np.float32)
+    v = np.zeros((1, 0, 5, 6), np.float32)
+    out, lse = cl.local_attention2d(a.put(q), a.put(q), a.put(v), 2, 3, return_lse=True, backend=backend)
+    want_out, want_lse = cl.local_attention2d(q, q, v, 2, 3, return_lse=True, backend="numpy")
+    assert out.shape == (1, 0, 5, 6)
+    assert_close(Arrays.get(lse), want_lse, ATOL["float32"])
+    g = cl.local_attention2d_backward(a.put(np.zeros((1, 0, 5, 6), np.float32)), a.put(q), a.put(q),
+                                      a.put(v), out, lse, 2, 3, backend=backend)
+    assert g.v.shape == (1, 0, 5, 6)
+    assert_close(Arrays.get(g.q), np.zeros_like(q), ATOL["float32"])
+    av = cl.local_av2d(a.put(np.ones((1, 2, 9, 5, 6), np.float32)), a.put(v), 3, backend=backend)
+    assert av.shape == (1, 0, 5, 6)
+    dattn, dv = cl.local_av2d_backward(a.put(np.zeros((1, 0, 5, 6), np.float32)),
+                                       a.put(np.ones((1, 2, 9, 5, 6), np.float32)), a.put(v), 3, backend=backend)
+    assert dv.shape == (1, 0, 5, 6) and float(abs(Arrays.get(dattn)).max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    rng = np.random.default_rng(3)
+    a = Arrays(backend)
+    base = rng.standard_normal((2, 8, 9, 12)).astype(np.float32)
+    q, k, v = base[:, 0:4, :, ::2], base[:, 4:8, :, ::2], base[:, 0:8:2, :, 1::2]
+    dq, dk, dv = a.put(q), a.put(k), a.put(v)
+    if backend == "cupy":   # keep them non-contiguous on the device too
+        full = a.put(base)
+        dq, dk, dv = full[:, 0:4, :, ::2], full[:, 4:8, :, ::2], full[:, 0:8:2, :, 1::2]
+    got = cl.local_attention2d(dq, dk, dv, 2, 3, border="zeros", backend=backend)
+    want = cl.local_attention2d(*(np.ascontiguousarray(x, np.float64) for x in (q, k, v)), 2, 3,
+                                border="zeros", backend="numpy")
+    assert_close(Arrays.get(got), want, ATOL["float32"])
+
+
+def test_backend_status_names_the_missing_piece():
+    ok, why = backend_status("sim")
+    assert isinstance(ok, bool) and why
+    ok, why = backend_status("cupy")
+    assert isinstance(ok, bool) and why

@@ -29,6 +29,7 @@ from .._geometry import Geometry, lse_dtype
 
 FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
+MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
 VPT = 8                         # value channels per thread of the general kernels
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of attention_forward_tiled
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
@@ -122,7 +123,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _plane_block(rows: int, cols: int, threads: int = 128) -> tuple[int, int]:
+def _plane_block(rows: int, cols: int, threads: int = MAX_THREADS) -> tuple[int, int]:
     """(x, y) block over a rows x cols plane: up to 32 threads along the contiguous axis."""
     bx = min(32, _pow2_at_least(cols), threads)
     by = max(1, min(threads // bx, _pow2_at_least(rows)))
@@ -141,8 +142,8 @@ def _grid(planes: int, rows: int, cols: int, block) -> tuple[int, int, int]:
 
 
 def _shrink_to_fit(rows: int, cols: int, bytes_for) -> tuple[int, int]:
-    """The largest power-of-two block (<= 128 threads) whose shared memory fits the limit."""
-    threads = 128
+    """The largest power-of-two block (<= MAX_THREADS) whose shared memory fits the limit."""
+    threads = MAX_THREADS
     while threads > 1:
         block = _plane_block(rows, cols, threads)
         if bytes_for(block) <= SMEM_LIMIT:
@@ -284,7 +285,7 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     total = c.geo.heads * entries
     if total:
         c.fn(BACKWARD_FILE, "table_reduce")(
-            (-(-total // 256), 1, 1), (256, 1, 1),
+            (-(-total // MAX_THREADS), 1, 1), (MAX_THREADS, 1, 1),
             (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
     return dst
 
@@ -292,11 +293,15 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
 def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv):
     geo = c.geo
     users = geo.rows.users[0].shape[1] * geo.cols.users[0].shape[1]
-    block = _shrink_to_fit(geo.height, geo.width, lambda b: users * b[0] * b[1] * (2 * c.acc.itemsize + 4))
+
+    def smem(block):   # per user and thread: weight, logit gradient (A), output, centre (int)
+        return users * block[0] * block[1] * (2 * c.acc.itemsize + 8)
+
+    block = _shrink_to_fit(geo.height, geo.width, smem)
     c.fn(BACKWARD_FILE, "key_grad", mode)(
         _grid(c.planes, geo.height, geo.width, block), block,
         (c.win, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv,
-         c.flags, c.scale), shared_mem=users * block[0] * block[1] * (2 * c.acc.itemsize + 4))
+         c.flags, c.scale), shared_mem=smem(block))
 
 
 def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):

@@ -72,7 +72,7 @@ __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restr
 }  // namespace
 
 template <class T, int MODE>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
            const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ out,
            const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
@@ -82,7 +82,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
-  const int K = w.slots(), tile = blockDim.x * blockDim.y, h = (int)(p.plane % heads);
+  const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
   A* qs = dlogit + (size_t)K * tile;
@@ -127,7 +127,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
           const A pt = acc_exp(slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale) - lse_o);
           A dp = 0;
           if (s.valid())
-            for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in);
+            for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in(w.W));
           dl = pt * (dp - dsum);
         }
         my[(size_t)(ty * w.kw + tx) * tile] = dl;
@@ -142,7 +142,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
       for (int ty = 0; ty < w.kh; ++ty)
         for (int tx = 0; tx < w.kw; ++tx) {
           const Slot s = slot_of(w, p.r, p.c, ty, tx);
-          A key = s.valid() ? load(kb, d * hw + s.in) : A(0);
+          A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
           if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
           sum += my[(size_t)(ty * w.kw + tx) * tile] * key;
         }
@@ -176,13 +176,14 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // (output, slot) pairs whose window holds its pixel: users = row users x column users
 // (at most mr*mc). Dynamic shared memory, each thread on its own column:
 //   user_out[U][TILE] (int)   flat output index i*Wo + j, -1 for padding
+//   user_q[U][TILE] (int)     flat input offset of that output's centre (its query)
 //   user_p[U][TILE] (A)       weight of the pair      (kAttention, kAV)
 //   user_dl[U][TILE] (A)      gradient of its logit   (kAttention, kQK)
 // Then dk = scale * sum_u dl_u q(centre of u), dv = sum_u p_u grad_out(u), channel by
 // channel so that each thread writes neighbouring addresses to its neighbours.
 // ---------------------------------------------------------------------------------------
 template <class T, int MODE>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
@@ -194,11 +195,12 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   const TilePos p = tile_pos(w.H, w.W);
   if (!p.inside) return;   // no barriers in this kernel
   const int tile = blockDim.x * blockDim.y, U = w.mr * w.mc, K = w.slots();
-  const int h = (int)(p.plane % heads);
+  const int h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
   A* user_dl = user_p + (size_t)U * tile;
   int* user_out = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile) + p.tid;
+  int* user_q = user_out + (size_t)U * tile;
 
   const size_t n = (size_t)p.r * w.W + p.c;   // this thread's input pixel
   const size_t qk_off = (size_t)p.plane * dqk * hw;
@@ -218,6 +220,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
       const int t = ty * w.kw + tx;
       const size_t o = (size_t)i * w.Wo + j;
       user_out[(size_t)u * tile] = (int)o;
+      user_q[(size_t)u * tile] = (int)w.centre(i, j);
       if (MODE == kAV) {
         user_p[(size_t)u * tile] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
       } else if (MODE == kQK) {
@@ -247,9 +250,8 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
     for (int d = 0; d < dqk; ++d) {
       A sum = 0;
       for (int u = 0; u < U; ++u) {
-        const int o = user_out[(size_t)u * tile];
-        if (o < 0) continue;
-        sum += user_dl[(size_t)u * tile] * load(qb, d * hw + w.centre(o / w.Wo, o % w.Wo));
+        if (user_out[(size_t)u * tile] < 0) continue;
+        sum += user_dl[(size_t)u * tile] * load(qb, d * hw + user_q[(size_t)u * tile]);
       }
       store(dk + qk_off + n + d * hw, scale * sum);
     }
@@ -269,7 +271,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // local_av2d backward, attention side: d attn_t = grad_out . v_t (0 at invalid slots).
 // ---------------------------------------------------------------------------------------
 template <class T>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ v,
          T* __restrict__ dattn, int dv) {
   using A = acc_t<T>;
@@ -285,7 +287,7 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
       A dot = 0;
       if (s.valid())
-        for (int e = 0; e < dv; ++e) dot += load(g, e * ohw) * load(vb, e * hw + s.in);
+        for (int e = 0; e < dv; ++e) dot += load(g, e * ohw) * load(vb, e * hw + s.in(w.W));
       store(dst + (size_t)(ty * w.kw + tx) * ohw, dot);
     }
 }
@@ -295,7 +297,7 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // * tiles + tile][e], in that order. `entries` per block: th*tw (bias) or Dqk*th*tw (rel).
 // ---------------------------------------------------------------------------------------
 template <class T>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, int heads,
              int tiles, int entries) {
   using A = acc_t<T>;

@@ -24,7 +24,7 @@ using namespace localrel;
 // local_qk2d forward
 // ---------------------------------------------------------------------------------------
 template <class T>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
            const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ logits,
            int heads, int dqk, int flags, acc_t<T> scale) {
@@ -32,7 +32,7 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
   if (!p.inside) return;   // no barriers in this kernel
-  const int h = (int)(p.plane % heads);
+  const int h = p.plane % heads;
   const size_t qk_off = (size_t)p.plane * dqk * w.in_plane();
   const T* qc = q + qk_off + w.centre(p.r, p.c);
   const T* kb = k + qk_off;
@@ -54,15 +54,15 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
 // keep the accumulators in registers; the grid covers ceil(Dv / VPT) chunks per head.
 // ---------------------------------------------------------------------------------------
 template <class T, int VPT>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 av_forward(const int* __restrict__ geo, const T* __restrict__ attn, const T* __restrict__ v,
            T* __restrict__ out, int dv, int chunks) {
   using A = acc_t<T>;
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
   if (!p.inside) return;
-  const long long bh = p.plane / chunks;
-  const int e0 = (int)(p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
+  const int bh = p.plane / chunks;
+  const int e0 = (p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
   const size_t o = (size_t)p.r * w.Wo + p.c;
   const T* a = attn + (size_t)bh * w.slots() * w.out_plane() + o;
   const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
@@ -76,7 +76,7 @@ av_forward(const int* __restrict__ geo, const T* __restrict__ attn, const T* __r
       const A wt = load(a, (size_t)(ty * w.kw + tx) * w.out_plane());
 #pragma unroll
       for (int e = 0; e < VPT; ++e)
-        if (e < ne) acc[e] += wt * load(vb, e * w.in_plane() + s.in);
+        if (e < ne) acc[e] += wt * load(vb, e * w.in_plane() + s.in(w.W));
     }
   T* dst = out + ((size_t)bh * dv + e0) * w.out_plane() + o;
 #pragma unroll
@@ -90,7 +90,7 @@ av_forward(const int* __restrict__ geo, const T* __restrict__ attn, const T* __r
 // The chunk that holds value channel 0 also writes lse (with Dv == 0 one empty chunk runs).
 // ---------------------------------------------------------------------------------------
 template <class T, int VPT>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                   const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
                   T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
@@ -99,8 +99,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
   if (!p.inside) return;
-  const long long bh = p.plane / chunks;
-  const int h = (int)(bh % heads), e0 = (int)(p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
+  const int bh = p.plane / chunks;
+  const int h = bh % heads, e0 = (p.plane % chunks) * VPT, ne = min(VPT, dv - e0);
   const size_t o = (size_t)p.r * w.Wo + p.c;
   const size_t qk_off = (size_t)bh * dqk * w.in_plane();
   const T* qc = q + qk_off + w.centre(p.r, p.c);
@@ -122,7 +122,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
       l = l * rescale + pt;
 #pragma unroll
       for (int e = 0; e < VPT; ++e) {
-        const A val = (e < ne && s.valid()) ? load(vb, e * w.in_plane() + s.in) : A(0);
+        const A val = (e < ne && s.valid()) ? load(vb, e * w.in_plane() + s.in(w.W)) : A(0);
         acc[e] = acc[e] * rescale + pt * val;
       }
       m = m_new;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T*
 }  // namespace
 
 template <class T, int CK, int CV>
-__global__ void __launch_bounds__(256)
+__global__ void LOCALREL_BOUNDS
 attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
                         T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
@@ -191,7 +191,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   A* halo = logit + (size_t)K * tile;          // [max(CK, CV)][halo_h * halo_w]
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
-  const int h = (int)(p.plane % heads);
+  const int h = p.plane % heads, halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
   const T* qc = q + (size_t)p.plane * dqk * w.in_plane() + (p.inside ? w.centre(p.r, p.c) : 0);
   const T* kb = k + (size_t)p.plane * dqk * w.in_plane();
@@ -202,9 +202,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   auto halo_slot = [&](int ty, int tx, int& tab) {
     const Slot s = slot_of(w, p.r, p.c, ty, tx);
     tab = s.tab;
-    if (!s.valid()) return -1;
-    const int ny = (int)(s.in / w.W), nx = (int)(s.in % w.W);
-    return (ny - y0) * halo_w + (nx - x0);
+    return s.valid() ? (s.ny - y0) * halo_w + (s.nx - x0) : -1;
   };
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
@@ -224,11 +222,12 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
         const int hs = halo_slot(ty, tx, tab);
         A dot = 0;
 #pragma unroll
-        for (int d = 0; d < CK; ++d) {
-          if (d >= nch) break;
-          A key = hs >= 0 ? halo[(size_t)d * halo_h * halo_w + hs] : A(0);
-          if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
-          dot += qreg[d] * key;
+        for (int d = 0; d < CK; ++d) {   // fully unrolled: qreg stays in registers
+          if (d < nch) {
+            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            dot += qreg[d] * key;
+          }
         }
         logit[(size_t)(ty * w.kw + tx) * tile + p.tid] += dot;
       }
@@ -276,7 +275,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
         const A wt = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
 #pragma unroll
         for (int e = 0; e < CV; ++e)
-          if (e < ne) acc[e] += wt * halo[(size_t)e * halo_h * halo_w + hs];
+          if (e < ne) acc[e] += wt * halo[e * halo_area + hs];
       }
 #pragma unroll
     for (int e = 0; e < CV; ++e)

@@ -12,6 +12,15 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// Every launch uses at most kMaxThreads threads per block. The second bound (blocks per SM)
+// gives ptxas a register budget of 65536 / (128 * 4) = 128: without it, ptxas squeezed some
+// kernels into 56-64 registers and spilled; with it none spills (see the NVRTC report).
+#define LOCALREL_THREADS 128
+#define LOCALREL_BOUNDS __launch_bounds__(LOCALREL_THREADS, LOCALREL_MIN_BLOCKS)
+#ifndef LOCALREL_MIN_BLOCKS
+#define LOCALREL_MIN_BLOCKS 4
+#endif
+
 namespace localrel {
 
 // ---------------------------------------------------------------------------------------
@@ -87,20 +96,23 @@ struct Window {
   __device__ size_t in_plane() const { return (size_t)H * W; }
   __device__ size_t out_plane() const { return (size_t)Ho * Wo; }
   // Flat input offset of the centre of output (i, j), where its query lives.
-  __device__ long long centre(int i, int j) const { return (long long)i * sh * W + (long long)j * sw; }
+  __device__ size_t centre(int i, int j) const { return (size_t)i * sh * W + (size_t)j * sw; }
 };
 
-// One window slot of one output, resolved through the tables.
+// One window slot of one output, resolved through the tables. Kept as separate 32-bit
+// row/column (not a flat offset) so that nothing needs a 64-bit division to recover them.
 struct Slot {
-  long long in;   // flat input offset ny*W + nx, or -1 when the slot looks outside
+  int ny, nx;     // input row/column the slot looks at; -1 when outside the image
   int tab;        // flat bias/rel table index ay*tw + ax
-  __device__ bool valid() const { return in >= 0; }
+  __device__ bool valid() const { return (ny | nx) >= 0; }
+  // Flat input offset ny*W + nx (valid slots only), 64-bit: planes may pass 2^31 elements.
+  __device__ size_t in(int W) const { return (size_t)ny * W + nx; }
 };
 
 __device__ __forceinline__ Slot slot_of(const Window& w, int i, int j, int ty, int tx) {
-  const int ny = w.rows_pos[i * w.kh + ty], nx = w.cols_pos[j * w.kw + tx];
   Slot s;
-  s.in = (ny >= 0 && nx >= 0) ? (long long)ny * w.W + nx : -1;
+  s.ny = w.rows_pos[i * w.kh + ty];
+  s.nx = w.cols_pos[j * w.kw + tx];
   s.tab = w.rows_tab[i * w.kh + ty] * w.tw + w.cols_tab[j * w.kw + tx];
   return s;
 }
@@ -114,27 +126,26 @@ __device__ __forceinline__ bool takes_part(const Window& w, const Slot& s) { ret
 // Everything is flattened into grid x (2^31-1 blocks) because grid y/z stop at 65535.
 // ---------------------------------------------------------------------------------------
 struct TilePos {
-  long long plane;   // which (batch, head[, chunk]) plane
-  int tile;          // tile index within the plane
+  int plane;         // which (batch, head[, chunk]) plane
   int row0, col0;    // first row/column of the tile
   int r, c;          // this thread's row/column
   bool inside;       // (r, c) lies in the plane
   int tid;           // linear thread index in the block
 };
 
+// 32-bit index math is enough here: blockIdx.x < 2^31 (the host checks the grid size).
 __device__ __forceinline__ TilePos tile_pos(int rows, int cols) {
-  const int tiles_x = (cols + blockDim.x - 1) / blockDim.x;
-  const int tiles_y = (rows + blockDim.y - 1) / blockDim.y;
-  const long long tiles = (long long)tiles_x * tiles_y;
+  const unsigned tiles_x = (cols + blockDim.x - 1) / blockDim.x;
+  const unsigned tiles_y = (rows + blockDim.y - 1) / blockDim.y;
+  const unsigned tiles = tiles_x * tiles_y, tile = blockIdx.x % tiles;
   TilePos p;
-  p.plane = blockIdx.x / tiles;
-  p.tile = (int)(blockIdx.x % tiles);
-  p.row0 = (p.tile / tiles_x) * blockDim.y;
-  p.col0 = (p.tile % tiles_x) * blockDim.x;
-  p.r = p.row0 + threadIdx.y;
-  p.c = p.col0 + threadIdx.x;
+  p.plane = (int)(blockIdx.x / tiles);
+  p.row0 = (int)((tile / tiles_x) * blockDim.y);
+  p.col0 = (int)((tile % tiles_x) * blockDim.x);
+  p.r = p.row0 + (int)threadIdx.y;
+  p.c = p.col0 + (int)threadIdx.x;
   p.inside = p.r < rows && p.c < cols;
-  p.tid = threadIdx.y * blockDim.x + threadIdx.x;
+  p.tid = (int)(threadIdx.y * blockDim.x + threadIdx.x);
   return p;
 }
 
@@ -152,7 +163,7 @@ __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, c
   const size_t hw = w.in_plane(), tt = (size_t)w.th * w.tw;
   A dot = 0;
   for (int d = 0; d < dqk; ++d) {
-    A key = s.valid() ? load(kb, d * hw + s.in) : A(0);
+    A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
     if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
     dot += load(qc, d * hw) * key;
   }

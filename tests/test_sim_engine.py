@@ -162,6 +162,15 @@ def test_big_local_arrays_on_fiber_stacks(barrier_mod):
     np.testing.assert_allclose(y, 3 * x.sum() * t, rtol=1e-6)
 
 
+@pytest.mark.parametrize("stack_kb", [32, 1024])
+def test_stack_size_setting(barrier_mod, monkeypatch, stack_kb):
+    monkeypatch.setenv(engine.ENV_STACK_KB, str(stack_kb))
+    x = np.ones(64, dtype=np.float32)
+    y = np.zeros(2 * 128, np.float32)
+    kernel(barrier_mod, "big_locals")((2,), (128,), (x, y))
+    np.testing.assert_allclose(y, 3 * 64 * np.tile(np.arange(1, 129), 2))
+
+
 def test_launch_config_errors(barrier_mod):
     k = kernel(barrier_mod, "index3d")
     out = np.zeros(4096, np.int32)
@@ -505,6 +514,37 @@ def test_loader_registry_and_cupy_unavailable():
             _loader.load_module(str(KDIR / "sim_oob.cu"), target="cupy")
 
 
+def test_loader_cupy_target_with_stand_in_cupy(monkeypatch):
+    """The CuPy path without a GPU: what reaches cupy.RawModule, and the per-key cache."""
+    import types
+    made = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            made.append((code, options, name_expressions))
+
+    class Device:
+        id = 0
+
+    fake = types.SimpleNamespace(
+        RawModule=RawModule, __version__="0-test",
+        cuda=types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(
+            getDeviceProperties=lambda d: {"name": b"fake"}, getDeviceCount=lambda: 1)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_loader, "_cache", {})
+    path = str(KDIR / "sim_barrier.cu")
+    m1 = _loader.load_module(path, ["block_sum<64>"], target="cupy", options=("-DX=1",))
+    m2 = _loader.load_module(path, ["block_sum<64>"], target="cupy", options=("-DX=1",))
+    assert m1 is m2 and len(made) == 1
+    code, options, names = made[0]
+    assert code.startswith((KDIR / "sim_barrier.cu").read_text()) and "cupy_localrel deps" in code
+    assert options[0] == "-DX=1" and f"-I{KDIR}" in options
+    assert names == ("block_sum<64>",)
+    _loader.load_module(path, ["block_sum<128>"], target="cupy")
+    assert len(made) == 2
+    assert _loader.cupy_available() == (True, "CuPy 0-test, 1 device(s), current: fake")
+
+
 def test_compile_error_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv(engine.ENV_CACHE, str(tmp_path))
     src = tmp_path / "bad.cu"
@@ -535,6 +575,8 @@ def test_asan_reports_out_of_bounds_write_with_file_and_line(tmp_path):
     assert "NOT DETECTED" not in r.stdout
     assert "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
     assert f"sim_oob.cu:{line}" in r.stderr, r.stderr[-3000:]
+    # y[1000] is written by global thread 1000 only: block 3, thread 232 of 256
+    assert "happened in CUDA block (3,0,0) thread (232,0,0)" in r.stderr, r.stderr[-3000:]
 
 
 def test_asan_mode_without_runtime_says_how(monkeypatch):

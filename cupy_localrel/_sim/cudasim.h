@@ -66,6 +66,8 @@
 #define CUDASIM_ASAN 1
 extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void));
 #endif
 
 // ---------------------------------------------------------------------------------------
@@ -104,9 +106,46 @@ namespace cudasim {
 // ---------------------------------------------------------------------------------------
 enum Wait : unsigned char { RUNNING, AT_BARRIER, IN_WARP_OP, FINISHED };
 
+// Context switch. On x86-64 a few instructions save the callee-saved registers on the old
+// stack and switch stack pointers: no signal-mask syscall (swapcontext) and no cleanup-handler
+// walk (_longjmp). The floating-point control state (MXCSR, x87) is shared by all fibers of a
+// worker: kernels do not change rounding modes. Elsewhere: ucontext to start a fiber, _setjmp/_longjmp to switch.
+#if defined(__x86_64__) && !defined(CUDASIM_PORTABLE_SWITCH)
+#define CUDASIM_ASM_SWITCH 1
+extern "C" void cudasim_switch_x86_64(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl cudasim_switch_x86_64
+  .hidden cudasim_switch_x86_64
+  .type cudasim_switch_x86_64, @function
+cudasim_switch_x86_64:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cudasim_switch_x86_64, .-cudasim_switch_x86_64
+)");
+#endif
+
 struct Fiber {
+#ifdef CUDASIM_ASM_SWITCH
+  void* sp = nullptr;    // saved stack pointer while switched out
+#else
   jmp_buf jb;            // where the fiber continues (valid once started)
-  ucontext_t ctx;        // only used to start the fiber on its own stack
+  ucontext_t* ctx = nullptr;  // only used to start the fiber on its own stack
+#endif
   char* stack = nullptr;
   size_t stack_size = 0;
   void* asan_fake = nullptr;
@@ -124,13 +163,19 @@ struct Warp {
   enum State : unsigned char { IDLE, COLLECTING, DRAINING };
   State state = IDLE;
   unsigned mask = 0, count = 0, need = 0, pending = 0, gen = 0;
+  unsigned exited = 0;   // lanes whose thread has returned from the kernel
   uint64_t slot[32];
 };
 
 struct Block {
   std::vector<Fiber> f;
   std::vector<Warp> w;
+#ifdef CUDASIM_ASM_SWITCH
+  void* sched_sp = nullptr;
+#else
   jmp_buf sched;
+  std::vector<ucontext_t> start_ctx;
+#endif
   void* sched_fake = nullptr;
   const void* sched_bottom = nullptr;
   size_t sched_size = 0;
@@ -164,12 +209,14 @@ inline std::string where() {
 // Fiber -> scheduler. Returns when the scheduler resumes this fiber.
 inline void yield_() {
   Fiber* f = tb->cur;
-  if (_setjmp(f->jb) == 0) {
 #ifdef CUDASIM_ASAN
-    __sanitizer_start_switch_fiber(&f->asan_fake, tb->sched_bottom, tb->sched_size);
+  __sanitizer_start_switch_fiber(&f->asan_fake, tb->sched_bottom, tb->sched_size);
 #endif
-    _longjmp(tb->sched, 1);
-  }
+#ifdef CUDASIM_ASM_SWITCH
+  cudasim_switch_x86_64(&f->sp, tb->sched_sp);
+#else
+  if (_setjmp(f->jb) == 0) _longjmp(tb->sched, 1);
+#endif
 #ifdef CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(f->asan_fake, &tb->sched_bottom, &tb->sched_size);
 #endif
@@ -250,11 +297,11 @@ inline auto warp_collective(unsigned mask, uint64_t mine, F read) {
     snprintf(msg, sizeof msg, "warp collective: mask 0x%08x names lanes beyond the block's last thread (", mask);
     fail(msg + where() + ")");
   }
-  for (unsigned l = 0; l < 32; l++)
-    if ((mask >> l & 1) && b.f[(lin & ~31u) + l].wait == FINISHED) {
-      snprintf(msg, sizeof msg, "warp collective: mask 0x%08x includes lane %u, which has exited (", mask, l);
-      fail(msg + where() + ")");
-    }
+  if (mask & w.exited) {
+    snprintf(msg, sizeof msg, "warp collective: mask 0x%08x includes lane %d, which has exited (", mask,
+             __builtin_ctz(mask & w.exited));
+    fail(msg + where() + ")");
+  }
   b.cur->wait = IN_WARP_OP;
   while (w.state == Warp::DRAINING || (w.state == Warp::COLLECTING && w.mask != mask)) yield_();
   if (w.state == Warp::IDLE) {
@@ -307,7 +354,13 @@ inline bool acquire_stacks(StackArena& out, size_t stack_size, size_t count) {
     std::lock_guard<std::mutex> lk(g_pool_mu);
     for (size_t i = 0; i < g_pool.size(); i++)
       if (g_pool[i].stack_size == stack_size && g_pool[i].count >= count) {
-        out = g_pool[i]; g_pool.erase(g_pool.begin() + i); return true;
+        out = g_pool[i]; g_pool.erase(g_pool.begin() + i);
+#ifdef CUDASIM_ASAN
+        // A launch that failed left fibers parked mid-kernel: their frames' redzones are
+        // still poisoned and would give false reports to the next frames at those addresses.
+        __asan_unpoison_memory_region(out.base, out.bytes);
+#endif
+        return true;
       }
   }
   const size_t page = (size_t)sysconf(_SC_PAGESIZE), per = stack_size + page;
@@ -336,6 +389,27 @@ inline void fiber_entry() {
   }
 }
 
+// Make `f` start in fiber_entry on its own stack at its first resume.
+inline void prepare_fiber(Block& b, Fiber& f) {
+#ifdef CUDASIM_ASM_SWITCH
+  // The frame cudasim_switch_x86_64 pops: r15..r12, rbx, rbp, then the return address
+  // (fiber_entry) and a dummy caller return address, leaving the stack pointer 8 mod 16 at
+  // fiber_entry's first instruction, as after a call.
+  (void)b;
+  uintptr_t top = ((uintptr_t)f.stack + f.stack_size) & ~(uintptr_t)15;
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 8;
+  memset(sp, 0, 8 * sizeof(uint64_t));
+  sp[6] = reinterpret_cast<uint64_t>(&fiber_entry);
+  f.sp = sp;
+#else
+  if (b.start_ctx.size() < b.f.size()) b.start_ctx.resize(b.f.size());
+  f.ctx = &b.start_ctx[f.lin];
+  getcontext(f.ctx);
+  f.ctx->uc_stack.ss_sp = f.stack; f.ctx->uc_stack.ss_size = f.stack_size; f.ctx->uc_link = nullptr;
+  makecontext(f.ctx, fiber_entry, 0);
+#endif
+}
+
 // splitmix64: a tiny, portable generator, so a seed gives the same order everywhere.
 inline uint64_t splitmix(uint64_t& s) {
   uint64_t z = (s += 0x9e3779b97f4a7c15ull);
@@ -355,13 +429,18 @@ struct LaunchConfig {            // must match engine.py's _LaunchConfig
 // Resume fiber `f` until it waits or finishes.
 inline void resume(Block& b, Fiber& f) {
   b.cur = &f; t_threadIdx = f.tid;
-  if (_setjmp(b.sched) == 0) {
 #ifdef CUDASIM_ASAN
-    __sanitizer_start_switch_fiber(&b.sched_fake, f.stack, f.stack_size);
+  __sanitizer_start_switch_fiber(&b.sched_fake, f.stack, f.stack_size);
 #endif
-    if (!f.started) { f.started = true; setcontext(&f.ctx); }
+#ifdef CUDASIM_ASM_SWITCH
+  f.started = true;
+  cudasim_switch_x86_64(&b.sched_sp, f.sp);
+#else
+  if (_setjmp(b.sched) == 0) {
+    if (!f.started) { f.started = true; setcontext(f.ctx); }
     _longjmp(f.jb, 1);
   }
+#endif
 #ifdef CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(b.sched_fake, nullptr, nullptr);
 #endif
@@ -406,6 +485,7 @@ inline void run_block(Block& b, const LaunchConfig& c, unsigned linear_block, st
           break;
         }
         Warp& w = b.w[f.lin >> 5];
+        w.exited |= 1u << (f.lin & 31);
         if (w.state == Warp::COLLECTING && (w.mask >> (f.lin & 31) & 1)) {
           b.error = "warp collective: lane " + std::to_string(f.lin & 31) + " of warp " + std::to_string(f.lin >> 5) +
                     " exited while other lanes of its mask wait for it";
@@ -443,9 +523,7 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
     f.tid = {t % c.block[0], t / c.block[0] % c.block[1], t / (c.block[0] * c.block[1])};
     f.stack = stacks.base + t * (c.stack_size + page) + page;
     f.stack_size = c.stack_size;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack; f.ctx.uc_stack.ss_size = f.stack_size; f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
+    prepare_fiber(b, f);
   }
   std::vector<unsigned> order(nt);
   for (unsigned i; !stop && (i = next++) < nb;) {
@@ -460,6 +538,13 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
   tb = nullptr;
 }
 
+#ifdef CUDASIM_ASAN
+// ASan aborts the process on a finding; say which CUDA thread was running first.
+inline void asan_death_note() {
+  if (tb && tb->cur) fprintf(stderr, "cudasim: the error above happened in CUDA %s\n", where().c_str());
+}
+#endif
+
 // Returns 0 on success, else writes a message into err_out.
 inline int run(const LaunchConfig& c, void (*body)(void*), void* ctx, char* err_out, size_t err_len) {
   const unsigned nb = c.grid[0] * c.grid[1] * c.grid[2];
@@ -468,6 +553,9 @@ inline int run(const LaunchConfig& c, void (*body)(void*), void* ctx, char* err_
   std::string err;
   std::mutex err_mu;
   const unsigned nw = std::max(1u, std::min(c.workers, nb));
+#ifdef CUDASIM_ASAN
+  __sanitizer_set_death_callback(asan_death_note);
+#endif
   if (nw == 1) {
     worker_main(c, body, ctx, next, stop, err, err_mu);  // no thread start for tiny launches
   } else {
@@ -549,10 +637,7 @@ inline int __syncthreads_or(int p) { return cudasim::barrier(p) != 0; }
 inline void __syncwarp(unsigned m = 0xffffffffu) { cudasim::warp_collective(m, 0, [](const uint64_t*) { return 0; }); }
 // Fibers are not in lock-step; report the lanes that have not exited.
 inline unsigned __activemask() {
-  unsigned m = 0, base = cudasim::tb->cur->lin & ~31u;
-  for (unsigned l = 0; l < 32 && base + l < cudasim::tb->nthreads; l++)
-    if (cudasim::tb->f[base + l].wait != cudasim::FINISHED) m |= 1u << l;
-  return m;
+  return cudasim::warp_exists_mask() & ~cudasim::tb->w[cudasim::tb->cur->lin >> 5].exited;
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }

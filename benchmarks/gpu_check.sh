@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One GPU check of the CUDA kernels (issue 4), <= 8 minutes on an H100, no network:
+#   1. environment record (device, commit, date, versions)         -> env.json
+#   2. the GPU test suite: pytest on the cupy backend               -> pytest.log
+#   3. compute-sanitizer memcheck on a small case of every kernel  -> memcheck.log
+#   4. kernel benchmarks (LR-Net fp32 forward, SASA fp16 fwd+bwd)   -> bench.json, bench.log
+# Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu-<UTC date>)
+# Every step runs under its own timeout; a failing step does not stop the others. The exit
+# codes of all steps are in steps.tsv and summary.json; the script exits non-zero if any
+# step failed.
+set -u
+
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY="$(command -v python3 || command -v python)"; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+# Kernels compile once (NVRTC) into CuPy's cache; keep it with the results' machine.
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$HOME/.cupy/kernel_cache}"
+
+SANITIZER="$(command -v compute-sanitizer || true)"
+for cand in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
+            /opt/nvidia/compute-sanitizer/compute-sanitizer; do
+  if [ -z "$SANITIZER" ] && [ -x "$cand" ]; then SANITIZER="$cand"; fi
+done
+
+printf 'step\trc\tseconds\tlimit_s\n' > "$OUT/steps.tsv"
+FAILED=0
+# step NAME LIMIT_SECONDS LOGFILE CMD...: run with a timeout, record rc and duration.
+step() {
+  local name="$1" limit="$2" log="$3"; shift 3
+  local start rc
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/progress.log"
+  timeout --kill-after=15 "$limit" "$@" > "$OUT/$log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" >> "$OUT/steps.tsv"
+  echo "   $name: rc=$rc ($(( $(date +%s) - start ))s)" | tee -a "$OUT/progress.log"
+  [ "$rc" -eq 0 ] || FAILED=1
+  return 0
+}
+
+# 1. environment ---------------------------------------------------------------------------
+step env 30 env.log "$PY" - "$OUT/env.json" <<'EOF'
+import json, platform, subprocess, sys, time
+out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": sys.version,
+       "platform": platform.platform()}
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:
+        return f"unavailable: {exc}"
+out["commit"] = run("git", "rev-parse", "HEAD")
+out["git_status"] = run("git", "status", "--short")
+out["nvidia_smi"] = run("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.memory",
+                        "--format=csv,noheader")
+for mod in ("numpy", "cupy", "torch", "ml_dtypes", "pytest"):
+    try:
+        out[mod] = __import__(mod).__version__
+    except Exception as exc:
+        out[mod] = f"unavailable: {exc}"
+try:
+    from benchmarks.bench_kernels import device_info
+    out["device"] = device_info()
+except Exception as exc:
+    out["device"] = f"unavailable: {type(exc).__name__}: {exc}"
+try:
+    import cupy_localrel._backends as b
+    out["backends"] = {n: b.backend_status(n) for n in ("numpy", "sim", "cupy")}
+except Exception as exc:
+    out["backends"] = f"unavailable: {exc}"
+json.dump(out, open(sys.argv[1], "w"), indent=2, default=str)
+print(json.dumps(out, indent=2, default=str))
+EOF
+
+# 2. GPU test suite (the first test compiles the kernels with NVRTC: up to a minute) ---------
+step pytest 200 pytest.log "$PY" -m pytest tests/test_kernels.py -k cupy -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/pytest.xml"
+
+# All-skipped is not a pass here: the point of this script is the GPU.
+step pytest-ran 10 pytest-ran.log "$PY" - "$OUT/pytest.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot()
+suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+ran = int(suite.get("tests", 0)) - int(suite.get("skipped", 0))
+print(f"{ran} cupy tests ran ({suite.get('skipped')} skipped, {suite.get('failures')} failed, {suite.get('errors')} errors)")
+sys.exit(0 if ran > 0 else 1)
+EOF
+
+# 3. memcheck on every kernel --------------------------------------------------------------
+if [ -n "$SANITIZER" ]; then
+  step memcheck 110 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 99 --leak-check no \
+    "$PY" -m benchmarks.memcheck_driver
+else
+  echo "compute-sanitizer not found" > "$OUT/memcheck.log"
+  printf 'memcheck\tnot-found\t0\t0\n' >> "$OUT/steps.tsv"
+  FAILED=1
+fi
+
+# 4. benchmarks ----------------------------------------------------------------------------
+step bench 130 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json"
+
+# summary ----------------------------------------------------------------------------------
+"$PY" - "$OUT" <<'EOF' || true
+import csv, json, os, sys
+out = sys.argv[1]
+steps = list(csv.DictReader(open(os.path.join(out, "steps.tsv")), delimiter="\t"))
+json.dump({"steps": steps, "ok": all(s["rc"] == "0" for s in steps)},
+          open(os.path.join(out, "summary.json"), "w"), indent=2)
+EOF
+echo "results in $OUT"
+cat "$OUT/steps.tsv"
+exit "$FAILED"

@@ -1,0 +1,67 @@
+"""Launch every CUDA kernel instantiation once on a small case (for compute-sanitizer).
+
+    compute-sanitizer --tool memcheck python -m benchmarks.memcheck_driver
+
+Every op forward and backward, for every dtype, through the general and the fast path,
+with bias and rel and a border that has invalid slots, plus stride 2 (general path only).
+Exits non-zero if any call raised; compute-sanitizer adds its own error exit code
+(``--error-exitcode``) for memory errors.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import numpy as np
+
+
+def main() -> int:
+    import cupy as cp
+    import cupy_localrel as cl
+    from cupy_localrel import _geometry as G
+    from cupy_localrel._backends import _cupy as backend, _kernel_ops as K
+
+    dtypes = [np.float16, np.float32, np.float64]
+    try:   # bfloat16 where CuPy can hold it
+        import ml_dtypes
+        cp.asarray(np.zeros(1, ml_dtypes.bfloat16))
+        dtypes.insert(1, ml_dtypes.bfloat16)
+    except Exception as exc:
+        print(f"skip bfloat16: {type(exc).__name__}: {exc}", flush=True)
+    failures = 0
+    rng = np.random.default_rng(0)
+    # (heads, Dqk, Dv, H, W, kernel, stride, border): LR-Net-like, SASA-like, strided shift.
+    cases = [(2, 1, 8, 19, 21, 7, 1, "mask"), (2, 16, 16, 11, 18, 5, 1, "zeros"),
+             (2, 3, 5, 9, 10, (3, 5), 2, "shift")]
+    for dtype in dtypes:
+        for heads, dqk, dv, H, W, kernel, stride, border in cases:
+            label = f"{np.dtype(dtype).name} heads={heads} dqk={dqk} dv={dv} {H}x{W} k={kernel} s={stride} {border}"
+            try:
+                def arr(*shape):
+                    return cp.asarray(rng.standard_normal(shape).astype(dtype))
+                kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+                th, tw = G.table_length(kh, border), G.table_length(kw, border)
+                q, k, v = arr(2, heads * dqk, H, W), arr(2, heads * dqk, H, W), arr(2, heads * dv, H, W)
+                bias, rel = arr(heads, th, tw), arr(heads, dqk, th, tw)
+                win = dict(stride=stride, border=border)
+                out, lse = cl.local_attention2d(q, k, v, heads, kernel, bias=bias, rel=rel, return_lse=True, **win)
+                geo = G.qk_geometry(q, k, heads, kernel, 1, stride, border, bias, rel, None, v=v)
+                K.attention_forward(backend.TARGET, geo, q, k, v, bias, rel, allow_tiled=False)
+                cl.local_attention2d_backward(out, q, k, v, out, lse, heads, kernel, bias=bias, rel=rel, **win)
+                logits = cl.local_qk2d(q, k, heads, kernel, bias=bias, rel=rel, **win)
+                attn = cp.zeros(logits.shape, logits.dtype)
+                cl.local_qk2d_backward(attn, q, k, heads, kernel, bias=bias, rel=rel, **win)
+                cl.local_av2d(attn, v, kernel, **win)
+                cl.local_av2d_backward(out, attn, v, kernel, **win)
+                cp.cuda.get_current_stream().synchronize()
+                print("ok  ", label, flush=True)
+            except Exception:
+                failures += 1
+                print("FAIL", label, flush=True)
+                traceback.print_exc()
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,6 +133,14 @@ def test_divergent_barrier_raises(barrier_mod):
         kernel(barrier_mod, "divergent_barrier", 1)((1,), (128,), (np.zeros(128, np.float32),))
 
 
+def test_barriers_at_different_call_sites_raise(barrier_mod):
+    src = (KDIR / "sim_barrier.cu").read_text().splitlines()
+    start = next(i for i, t in enumerate(src, 1) if "void split_barrier" in t)
+    with pytest.raises(RuntimeError, match=rf"divergent __syncthreads.*sim_barrier.cu:{start + 5}.*"
+                                           rf"wait at .*sim_barrier.cu:{start + 3}"):
+        kernel(barrier_mod, "split_barrier")((1,), (64,), (np.zeros(64, np.float32),))
+
+
 def test_deadlock_raises(barrier_mod):
     with pytest.raises(RuntimeError, match="deadlock"):
         kernel(barrier_mod, "deadlock")((2,), (32,), (np.zeros(32, np.int32),))

@@ -184,6 +184,8 @@ struct Block {
   unsigned nthreads = 0, nfinished = 0;
   unsigned bar_count = 0, bar_gen = 0;
   int bar_acc = 0, bar_result[2] = {0, 0};
+  const char* bar_file = nullptr;  // call site of the first thread waiting at the barrier
+  int bar_line = 0;
   uint64_t progress = 0;   // bumped whenever some fiber gets past a wait
   uint64_t epoch = 0;      // distinct per block run by this worker: shared memory re-poisoning
   std::string error;
@@ -253,12 +255,21 @@ inline void* dyn_smem() { return tb->dyn; }
 // ---------------------------------------------------------------------------------------
 // __syncthreads and warp collectives
 // ---------------------------------------------------------------------------------------
-// Returns the number of threads that passed a non-zero predicate.
-inline int barrier(int pred) {
+// Returns the number of threads that passed a non-zero predicate. All threads of the block
+// must reach the same __syncthreads call (CUDA: the barrier may sit in conditional code only
+// if the condition is uniform over the block), so the call site is checked too.
+inline int barrier(int pred, const char* file, int line) {
   Block& b = *tb;
   if (b.nfinished)
-    fail("divergent __syncthreads: " + where() + " reached a barrier after " +
-         std::to_string(b.nfinished) + " thread(s) of the block had exited");
+    fail("divergent __syncthreads: " + where() + " reached a barrier at " + file + ":" + std::to_string(line) +
+         " after " + std::to_string(b.nfinished) + " thread(s) of the block had exited");
+  if (b.bar_count == 0) {
+    b.bar_file = file; b.bar_line = line;
+  } else if (line != b.bar_line || strcmp(file, b.bar_file) != 0) {
+    fail("divergent __syncthreads: " + where() + " reached the barrier at " + file + ":" + std::to_string(line) +
+         " while " + std::to_string(b.bar_count) + " thread(s) wait at " + b.bar_file + ":" +
+         std::to_string(b.bar_line));
+  }
   const unsigned g = b.bar_gen;
   b.bar_acc += pred != 0;
   if (++b.bar_count == b.nthreads) {
@@ -630,10 +641,15 @@ template <class... P> int signature(void (*)(P...), ParamInfo* out, int max) {
 #define blockDim (::cudasim::t_blockDim)
 #define gridDim (::cudasim::t_gridDim)
 
-inline void __syncthreads() { cudasim::barrier(0); }
-inline int __syncthreads_count(int p) { return cudasim::barrier(p); }
-inline int __syncthreads_and(int p) { return cudasim::barrier(p) == (int)cudasim::tb->nthreads; }
-inline int __syncthreads_or(int p) { return cudasim::barrier(p) != 0; }
+// __builtin_FILE/LINE as default arguments give the caller's position (the kernel source).
+#define CUDASIM_SITE const char* file_ = __builtin_FILE(), int line_ = __builtin_LINE()
+inline void __syncthreads(CUDASIM_SITE) { cudasim::barrier(0, file_, line_); }
+inline int __syncthreads_count(int p, CUDASIM_SITE) { return cudasim::barrier(p, file_, line_); }
+inline int __syncthreads_and(int p, CUDASIM_SITE) {
+  return cudasim::barrier(p, file_, line_) == (int)cudasim::tb->nthreads;
+}
+inline int __syncthreads_or(int p, CUDASIM_SITE) { return cudasim::barrier(p, file_, line_) != 0; }
+#undef CUDASIM_SITE
 inline void __syncwarp(unsigned m = 0xffffffffu) { cudasim::warp_collective(m, 0, [](const uint64_t*) { return 0; }); }
 // Fibers are not in lock-step; report the lanes that have not exited.
 inline unsigned __activemask() {

@@ -47,8 +47,10 @@ MAX_ARGS = 64
 DEFAULT_DYN_SMEM_LIMIT = 48 * 1024
 MAX_DYN_SMEM = 227 * 1024  # sm_90's opt-in maximum per block
 
+# -ftrivial-auto-var-init=pattern: uninitialised locals (registers on the GPU) hold a
+# recognisable garbage pattern instead of whatever the previous block left on the fiber stack.
 _BASE_FLAGS = ("-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-               "-Wno-attributes", "-Wno-unused-result")
+               "-ftrivial-auto-var-init=pattern", "-Wno-attributes", "-Wno-unused-result")
 _ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-O1")
 
 

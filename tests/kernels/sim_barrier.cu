@@ -99,3 +99,14 @@ extern "C" __global__ void big_locals(const float* x, float* y) {
   for (int i = 0; i < 64; i++) acc += a[i] + b[i];
   y[blockIdx.x * blockDim.x + threadIdx.x] = acc;
 }
+
+// BUG on purpose: the two halves of the block wait at different __syncthreads calls.
+extern "C" __global__ void split_barrier(float* y) {
+  if (threadIdx.x < 32) {
+    y[threadIdx.x] = 1.0f;
+    __syncthreads();
+  } else {
+    __syncthreads();
+    y[threadIdx.x] = 2.0f;
+  }
+}

@@ -324,3 +324,44 @@ def test_backend_status_names_the_missing_piece():
     assert isinstance(ok, bool) and why
     ok, why = backend_status("cupy")
     assert isinstance(ok, bool) and why
+
+
+# ---------------------------------------------------------------------------------------
+# Large windows (the fast path and the big blocks no longer fit shared memory), and the
+# papers' layers composed on top of the kernels
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("border", ["mask", "shift"])
+def test_large_window(backend, dtype, border):
+    _check_all_ops(backend, border, (11, 9), 1, 1, dtype, True, True, shape=(1, 1, 2, 3, 12, 13))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_papers_layers(backend):
+    rng = np.random.default_rng(11)
+    a = Arrays(backend)
+    B, C, m, H, W, k = 1, 16, 8, 9, 10, 5
+    x = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    key, query = (rng.standard_normal((B, C // m, H, W)).astype(np.float32) for _ in range(2))
+    geometry = rng.standard_normal((C // m, k, k)).astype(np.float32)
+    got = cl.local_relation2d(a.put(x), a.put(key), a.put(query), a.put(geometry), k, backend=backend)
+    want = cl.local_relation2d(*(_f64(y) for y in (x, key, query, geometry)), k, backend="numpy")
+    assert_close(Arrays.get(got), want, ATOL["float32"])
+
+    heads, d = 2, 4
+    q, kk, v = (rng.standard_normal((B, heads * d, H, W)).astype(np.float32) for _ in range(3))
+    rel_h, rel_w = (rng.standard_normal((heads, d // 2, k)).astype(np.float32) for _ in range(2))
+    out, lse = cl.sasa2d(*(a.put(y) for y in (q, kk, v, rel_h, rel_w)), heads, k, return_lse=True,
+                         backend=backend)
+    ref = [_f64(y) for y in (q, kk, v, rel_h, rel_w)]
+    want_out, want_lse = cl.sasa2d(*ref, heads, k, return_lse=True, backend="numpy")
+    assert_close(Arrays.get(out), want_out, ATOL["float32"])
+    grad = rng.standard_normal(want_out.shape).astype(np.float32)
+    got = cl.sasa2d_backward(a.put(grad), *(a.put(y) for y in (q, kk, v, rel_h, rel_w)), out, lse, heads, k,
+                             backend=backend)
+    want = cl.sasa2d_backward(_f64(grad), *ref, _f64(Arrays.get(out)), _f64(Arrays.get(lse)), heads, k,
+                              backend="numpy")
+    for name in got._fields:
+        assert_close(Arrays.get(getattr(got, name)), getattr(want, name), ATOL["float32"], f"sasa d{name}")

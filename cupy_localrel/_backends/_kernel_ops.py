@@ -294,8 +294,10 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     geo = c.geo
     users = geo.rows.users[0].shape[1] * geo.cols.users[0].shape[1]
 
-    def smem(block):   # per user and thread: weight, logit gradient (A), output, centre (int)
-        return users * block[0] * block[1] * (2 * c.acc.itemsize + 8)
+    per_user = (2 if mode == MODE_ATTENTION else 1) * c.acc.itemsize   # weight and/or logit grad
+
+    def smem(block):
+        return users * block[0] * block[1] * per_user
 
     block = _shrink_to_fit(geo.height, geo.width, smem)
     c.fn(BACKWARD_FILE, "key_grad", mode)(

@@ -174,14 +174,31 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // ---------------------------------------------------------------------------------------
 // Key side. Block: a tile of INPUT pixels of one (batch, head). Each thread lists the
 // (output, slot) pairs whose window holds its pixel: users = row users x column users
-// (at most mr*mc). Dynamic shared memory, each thread on its own column:
-//   user_out[U][TILE] (int)   flat output index i*Wo + j, -1 for padding
-//   user_q[U][TILE] (int)     flat input offset of that output's centre (its query)
+// (at most U = mr*mc), read from the users tables. Dynamic shared memory, each thread on
+// its own column (no barriers needed):
 //   user_p[U][TILE] (A)       weight of the pair      (kAttention, kAV)
 //   user_dl[U][TILE] (A)      gradient of its logit   (kAttention, kQK)
-// Then dk = scale * sum_u dl_u q(centre of u), dv = sum_u p_u grad_out(u), channel by
-// channel so that each thread writes neighbouring addresses to its neighbours.
+// (kQK and kAV keep only their one array.) Then dk = scale * sum_u dl_u q(centre of u),
+// dv = sum_u p_u grad_out(u), channel by channel so that each thread writes neighbouring
+// addresses to its neighbours. Users' output indices are re-read from the (cached) tables
+// rather than kept in shared memory: shared memory per thread bounds the block size.
 // ---------------------------------------------------------------------------------------
+namespace {
+
+// User (a, b) of input pixel (y, x): output (i, j) seeing it in slot (ty, tx); false for padding.
+struct User {
+  int i, j, ty, tx;
+};
+__device__ __forceinline__ bool user_of(const Window& w, int y, int x, int a, int b, User& u) {
+  u.i = w.ru_out[y * w.mr + a];
+  u.j = w.cu_out[x * w.mc + b];
+  u.ty = w.ru_slot[y * w.mr + a];
+  u.tx = w.cu_slot[x * w.mc + b];
+  return (u.i | u.j) >= 0;
+}
+
+}  // namespace
+
 template <class T, int MODE>
 __global__ void LOCALREL_BOUNDS
 key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
@@ -198,9 +215,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   const int h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
-  A* user_dl = user_p + (size_t)U * tile;
-  int* user_out = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile) + p.tid;
-  int* user_q = user_out + (size_t)U * tile;
+  A* user_dl = MODE == kAttention ? user_p + (size_t)U * tile : user_p;
 
   const size_t n = (size_t)p.r * w.W + p.c;   // this thread's input pixel
   const size_t qk_off = (size_t)p.plane * dqk * hw;
@@ -213,22 +228,19 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   // (1) the weight and/or logit gradient of every (output, slot) pair that uses pixel n.
   for (int a = 0; a < w.mr; ++a)
     for (int b = 0; b < w.mc; ++b) {
-      const int u = a * w.mc + b;
-      const int i = w.ru_out[p.r * w.mr + a], j = w.cu_out[p.c * w.mc + b];
-      if (i < 0 || j < 0) { user_out[(size_t)u * tile] = -1; continue; }
-      const int ty = w.ru_slot[p.r * w.mr + a], tx = w.cu_slot[p.c * w.mc + b];
-      const int t = ty * w.kw + tx;
-      const size_t o = (size_t)i * w.Wo + j;
-      user_out[(size_t)u * tile] = (int)o;
-      user_q[(size_t)u * tile] = (int)w.centre(i, j);
+      const size_t slot = (size_t)(a * w.mc + b) * tile;
+      User u;
+      if (!user_of(w, p.r, p.c, a, b, u)) continue;   // padding: never read below either
+      const int t = u.ty * w.kw + u.tx;
+      const size_t o = (size_t)u.i * w.Wo + u.j;
       if (MODE == kAV) {
-        user_p[(size_t)u * tile] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
+        user_p[slot] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
       } else if (MODE == kQK) {
-        user_dl[(size_t)u * tile] = load(gb, t * ohw + o);
+        user_dl[slot] = load(gb, t * ohw + o);
       } else {
         // Recompute the weight from lse; the key is this thread's own, always valid here.
-        const int tab = w.rows_tab[i * w.kh + ty] * w.tw + w.cols_tab[j * w.kw + tx];
-        const T* qc = qb + w.centre(i, j);
+        const int tab = w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
+        const T* qc = qb + w.centre(u.i, u.j);
         A dot = 0;
         for (int d = 0; d < dqk; ++d) {
           A key = load(kn, d * hw);
@@ -240,8 +252,8 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
         const A pt = acc_exp(logit - lse[(size_t)p.plane * ohw + o]);
         A dp = 0;
         for (int e = 0; e < dv; ++e) dp += load(gb, e * ohw + o) * load(vn, e * hw);
-        user_p[(size_t)u * tile] = pt;
-        user_dl[(size_t)u * tile] = pt * (dp - delta[(size_t)p.plane * ohw + o]);
+        user_p[slot] = pt;
+        user_dl[slot] = pt * (dp - delta[(size_t)p.plane * ohw + o]);
       }
     }
 
@@ -249,20 +261,24 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   if (MODE != kAV)
     for (int d = 0; d < dqk; ++d) {
       A sum = 0;
-      for (int u = 0; u < U; ++u) {
-        if (user_out[(size_t)u * tile] < 0) continue;
-        sum += user_dl[(size_t)u * tile] * load(qb, d * hw + user_q[(size_t)u * tile]);
-      }
+      for (int a = 0; a < w.mr; ++a)
+        for (int b = 0; b < w.mc; ++b) {
+          User u;
+          if (user_of(w, p.r, p.c, a, b, u))
+            sum += user_dl[(size_t)(a * w.mc + b) * tile] * load(qb, d * hw + w.centre(u.i, u.j));
+        }
       store(dk + qk_off + n + d * hw, scale * sum);
     }
   // (3) dv: sum_u p_u grad_out(u).
   if (MODE != kQK)
     for (int e = 0; e < dv; ++e) {
       A sum = 0;
-      for (int u = 0; u < U; ++u) {
-        const int o = user_out[(size_t)u * tile];
-        if (o >= 0) sum += user_p[(size_t)u * tile] * load(gb, e * ohw + o);
-      }
+      for (int a = 0; a < w.mr; ++a)
+        for (int b = 0; b < w.mc; ++b) {
+          User u;
+          if (user_of(w, p.r, p.c, a, b, u))
+            sum += user_p[(size_t)(a * w.mc + b) * tile] * load(gb, e * ohw + (size_t)u.i * w.Wo + u.j);
+        }
       store(dv_out + (size_t)p.plane * dv * hw + n + e * hw, sum);
     }
 }

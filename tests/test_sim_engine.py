@@ -192,6 +192,17 @@ def test_launch_config_errors(barrier_mod):
     k((1,), (32,), (out,), shared_mem=64 * 1024)   # allowed once raised, as on the GPU
 
 
+def test_launch_bounds_enforced(barrier_mod):
+    k = kernel(barrier_mod, "bounded")
+    assert k.max_threads_per_block == 64
+    y = np.zeros(128, np.float32)
+    k((1,), (64,), (y,))
+    with pytest.raises(RuntimeError, match="__launch_bounds__ allow \\(64\\)"):
+        k((1,), (128,), (y,))
+    # bounds that depend on template parameters are not evaluated: the hardware limit applies
+    assert kernel(barrier_mod, "block_sum<64>").max_threads_per_block == 1024
+
+
 def test_env_seed_sets_order(barrier_mod, monkeypatch):
     x = np.arange(256, dtype=np.float32)
     ref = np.concatenate([[0.0], x[:-1]]).astype(np.float32)

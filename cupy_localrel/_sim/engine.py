@@ -334,8 +334,8 @@ def find_extern_c_kernels(src: str) -> list[str]:
 
 
 def _kernel_name_after(blank: str, i: int) -> str | None:
-    """The function name after `__global__` at offset i, skipping `void`, qualifiers and a
-    `__launch_bounds__(...)`; None when it is not a plain `name(` declaration."""
+    """The function name after `__global__` at offset i: the first identifier followed by `(`,
+    skipping `void`, qualifiers, attribute macros and `__launch_bounds__(...)`."""
     tok = re.compile(r"\s*(\w+|\S)")
     while True:
         m = tok.match(blank, i)
@@ -356,13 +356,51 @@ def _kernel_name_after(blank: str, i: int) -> str | None:
         elif word in _SKIP_WORDS:
             continue
         elif re.fullmatch(r"\w+", word):
-            return word if re.match(r"\s*\(", blank[i:]) else None
+            if re.match(r"\s*\(", blank[i:]):
+                return word
+            # an attribute macro such as `#define BOUNDS __launch_bounds__(128)`: skip it
         else:
             return None
 
 
-def translation_unit(src: str, names: Sequence[str]) -> str:
-    """The C++ file g++ compiles: engine header, rewritten kernel source, launch wrappers."""
+def kernel_qualifiers(src: str) -> dict[str, str | None]:
+    """{kernel name: the text between `__global__` and the name, minus `void` and the like}.
+
+    That text holds `__launch_bounds__(...)`, possibly behind a macro. None marks a name whose
+    bounds cannot be evaluated on its own: declared with different qualifiers, or a template
+    whose qualifiers mention its template parameters.
+    """
+    blank = _blank_comments(src)
+    out: dict[str, str | None] = {}
+    for m in _GLOBAL_RE.finditer(blank):
+        name = _kernel_name_after(blank, m.end())
+        if not name:
+            continue
+        end = re.compile(rf"\b{re.escape(name)}\s*\(").search(blank, m.end()).start()
+        qual = " ".join(w for w in re.split(r"(\W)", blank[m.end():end]) if w not in _SKIP_WORDS - {
+            "__launch_bounds__"}).strip()
+        qual = re.sub(r"\s+", " ", qual)
+        head = blank[max(blank.rfind(";", 0, m.start()), blank.rfind("}", 0, m.start())) + 1:m.start()]
+        tm = re.search(r"template\s*<(.*)>", head, re.S)
+        if tm and set(re.findall(r"\w+", qual)) & set(re.findall(r"\w+", tm.group(1))):
+            qual = None
+        if name in out and out[name] != qual:
+            qual = None
+        out[name] = qual
+    return out
+
+
+def _bounds_helper(i: int, qual: str | None) -> str:
+    """C++ returning the maxThreadsPerBlock of `__launch_bounds__` in `qual` (0 if none):
+    the macro is redefined to a return statement, so macros around it expand as usual."""
+    if not qual:
+        return ""
+    return f'extern "C" long long __sim_bounds_{i}() {{ {qual} ; return 0; }}\n'
+
+
+def translation_unit(src: str, names: Sequence[str], with_bounds: bool = True) -> str:
+    """The C++ file g++ compiles: engine header, rewritten kernel source, launch wrappers
+    and (with_bounds) one function per kernel returning its __launch_bounds__ thread limit."""
     wrappers = []
     for i, n in enumerate(names):
         wrappers.append(
@@ -370,8 +408,16 @@ def translation_unit(src: str, names: Sequence[str]) -> str:
             f" {{ return ::cudasim::launch(&{n}, c, a, e, n); }}\n"
             f'extern "C" int __sim_sig_{i}(::cudasim::ParamInfo* p, int max)'
             f" {{ return ::cudasim::signature(&{n}, p, max); }}\n")
+    bounds = ""
+    if with_bounds:
+        quals = kernel_qualifiers(src)
+        bounds = "".join(_bounds_helper(i, quals.get(re.split(r"\s*<", n)[0].split("::")[-1].strip()))
+                         for i, n in enumerate(names))
+        if bounds:
+            bounds = ("#undef __launch_bounds__\n#define __launch_bounds__(n, ...) return (long long)(n);\n"
+                      + bounds)
     return ('#include "cudasim.h"\n' + rewrite_shared(src) + "\n#line 1 \"<cudasim launch wrappers>\"\n"
-            + "".join(wrappers))
+            + "".join(wrappers) + bounds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,10 +467,14 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
     code = inline_includes(path, include_dirs)
     names = find_extern_c_kernels(code)
     names += [n for n in name_expressions if n not in names]
-    tu = translation_unit(code, names)
     flags = [*_BASE_FLAGS, *(_ASAN_FLAGS if sanitize else ()), "-I", str(HEADER_DIR),
              *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
-    so = _compile_cached(tu, flags)
+    try:
+        so = _compile_cached(translation_unit(code, names), flags)
+    except RuntimeError:
+        # The __launch_bounds__ helpers are a best effort (a macro may expand to more than
+        # the bounds); without them the thread limit is simply not checked.
+        so = _compile_cached(translation_unit(code, names, with_bounds=False), flags)
     with _LIB_LOCK:
         lib = _LIB_CACHE.get(str(so))
         if lib is None:
@@ -523,6 +573,14 @@ class SimKernel:
         if n > MAX_ARGS:
             raise RuntimeError(f"{name}: more than {MAX_ARGS} parameters")
         self.params = [infos[i] for i in range(n)]
+        try:
+            bounds = getattr(lib, f"__sim_bounds_{index}")
+            bounds.restype = ctypes.c_longlong
+            limit = int(bounds())
+        except AttributeError:
+            limit = 0
+        #: like cupy.RawKernel.max_threads_per_block: __launch_bounds__ or the hardware's 1024
+        self.max_threads_per_block = limit if 0 < limit <= 1024 else 1024
 
     # -- settings -------------------------------------------------------------------------
     def _setting(self, attr: str, env: str, default: int) -> int:
@@ -593,6 +651,10 @@ class SimKernel:
             raise RuntimeError(f"kernel {self.name!r}: invalid grid {g} (CUDA_ERROR_INVALID_VALUE)")
         if min(b) < 1 or nthreads > 1024 or b[2] > 64:
             raise RuntimeError(f"kernel {self.name!r}: invalid block {b} (CUDA_ERROR_INVALID_VALUE)")
+        if nthreads > self.max_threads_per_block:
+            raise RuntimeError(f"kernel {self.name!r}: block {b} has {nthreads} threads, more than its "
+                               f"__launch_bounds__ allow ({self.max_threads_per_block}); the GPU refuses "
+                               "this launch (CUDA_ERROR_INVALID_VALUE)")
         shared_mem = int(shared_mem)
         limit = max(DEFAULT_DYN_SMEM_LIMIT, min(int(self.max_dynamic_shared_size_bytes), MAX_DYN_SMEM))
         if not 0 <= shared_mem <= limit:

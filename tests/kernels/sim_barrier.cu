@@ -110,3 +110,7 @@ extern "C" __global__ void split_barrier(float* y) {
     y[threadIdx.x] = 2.0f;
   }
 }
+
+// Launch bounds behind a macro, as the package's kernels write them.
+#define SIM_TEST_BOUNDS __launch_bounds__(64, 2)
+extern "C" __global__ void SIM_TEST_BOUNDS bounded(float* y) { y[threadIdx.x] = 1.0f; }

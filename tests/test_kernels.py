@@ -365,3 +365,27 @@ def test_papers_layers(backend):
                               backend="numpy")
     for name in got._fields:
         assert_close(Arrays.get(getattr(got, name)), getattr(want, name), ATOL["float32"], f"sasa d{name}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the reference's own inf - inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+def test_non_finite_inputs_propagate(backend, border):
+    """A NaN/inf input poisons exactly the outputs whose window sees it; nothing hangs."""
+    x = _inputs(1, 2, 2, 3, 8, 9, 3, border, True, False, np.float32, 4)
+    x["v"][0, 1, 2, 3] = np.nan
+    x["k"][0, 0, 5, 6] = np.inf
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    kw = dict(kernel_size=3, bias=d["bias"], border=border)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], 2, return_lse=True, backend=backend, **kw)
+    r = {n: _f64(v) for n, v in x.items()}
+    want_out, want_lse = cl.local_attention2d(r["q"], r["k"], r["v"], 2, return_lse=True, backend="numpy",
+                                              **dict(kw, bias=r["bias"]))
+    for got, want in ((out, want_out), (lse, want_lse)):
+        got = Arrays.get(got).astype(np.float64)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], ATOL["float32"])
+    grads = cl.local_attention2d_backward(out, d["q"], d["k"], d["v"], out, lse, 2, backend=backend, **kw)
+    assert any(np.isnan(Arrays.get(g)).any() for g in grads if g is not None)

@@ -30,6 +30,7 @@ NAMES = {
     "sim_atomics.cu": [],
     "sim_types.cu": ["scale_t<float>", "scale_t<double>", "scale_t<__half>", "scale_t<__nv_bfloat16>"],
     "sim_oob.cu": [],
+    "sim_filescope.cu": [],
 }
 ORDERS = [0, 1, 12345]  # forward, reversed, shuffled
 
@@ -215,6 +216,48 @@ def test_env_seed_sets_order(barrier_mod, monkeypatch):
     monkeypatch.setenv(engine.ENV_SEED, "0")
     k((1,), (256,), (x, y))
     assert np.array_equal(y, ref)
+
+
+def test_file_scope_shared_declarations():
+    mod = load("sim_filescope.cu")
+    x = np.arange(3 * 64, dtype=np.float32)
+    y = np.zeros_like(x)
+    kernel(mod, "file_scope_shared", 12345)((3,), (64,), (x, y), shared_mem=64 * 4)
+    assert np.array_equal(y, x.reshape(3, 64)[:, ::-1].ravel() + 64)
+
+
+def test_rewrite_shared_declarations():
+    src = textwrap.dedent('''\
+        extern __shared__ float top[];
+        __shared__ int top_static;
+        template <class T, int N> __device__ void f() {
+          __shared__ __align__(16) T a[N][N + 1], b;   // two declarators
+          extern __shared__ __align__(16) unsigned char raw[];
+          /* __shared__ float in_comment[3]; */
+        }''')
+    out = engine.rewrite_shared(src)
+    assert "#define top ((float*)::cudasim::dyn_smem())\n#line 1\n" in out
+    assert "__shared__ int top_static;" in out                      # file scope: thread_local fallback
+    assert "auto& a = ::cudasim::shared_var<T[N][N+1], 0>();" in out
+    assert "auto& b = ::cudasim::shared_var<T, 1>();" in out
+    assert "unsigned char* raw = (unsigned char*)::cudasim::dyn_smem();" in out
+    assert "/* __shared__ float in_comment[3]; */" in out
+    assert out.count("\n") == src.count("\n") + 3   # line break, #define, #line 1 (rest of line 1)
+
+
+def test_kernel_discovery():
+    src = textwrap.dedent('''\
+        #define BOUNDS __launch_bounds__(256)
+        extern "C" __global__ void BOUNDS a(float* x) {}
+        extern "C" {
+        __global__ void __launch_bounds__(128, 2) b(float* x) {}
+        }
+        template <int N> __global__ void __launch_bounds__(N) c(float* x) {}
+        // extern "C" __global__ void commented_out(float* x) {}
+        __global__ void not_extern_c(float* x) {}''')
+    assert engine.find_extern_c_kernels(src) == ["a", "b"]
+    q = engine.kernel_qualifiers(src)
+    assert q["a"] == "BOUNDS" and q["b"].startswith("__launch_bounds__") and q["c"] is None
 
 
 # ---------------------------------------------------------------------------------------

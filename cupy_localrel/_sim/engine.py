@@ -254,6 +254,8 @@ def rewrite_shared(src: str) -> str:
 
     * ``extern __shared__ T name[];`` -> ``T* name = (T*)::cudasim::dyn_smem();`` (every
       such declaration aliases the one dynamic buffer, as in CUDA);
+      At file scope, where no code may run, the name becomes a macro for that expression
+      (a ``#line`` keeps the line numbers);
     * ``__shared__ T a[N], b;`` inside functions ->
       ``auto& a = ::cudasim::shared_var<T[N], site>(); auto& b = ...;``: storage that is
       re-poisoned at each block start. File-scope declarations are left to the
@@ -265,9 +267,10 @@ def rewrite_shared(src: str) -> str:
     out, pos, site = [], 0, 0
     for m in _SHARED_RE.finditer(blank):
         decl = _ALIGN_RE.sub(" ", src[m.start(2):m.end(2)]).strip()
+        in_code = scopes[bisect.bisect_right(offsets, m.start()) - 1][1]
         if m.group(1):
-            repl = _rewrite_dynamic(decl)
-        elif scopes[bisect.bisect_right(offsets, m.start()) - 1][1]:
+            repl = _rewrite_dynamic(decl, None if in_code else _logical_line(src, m.start()))
+        elif in_code:
             repl = _rewrite_static(decl, site)
             site += decl.count(",") + 1
         else:
@@ -279,12 +282,23 @@ def rewrite_shared(src: str) -> str:
     return "".join(out)
 
 
-def _rewrite_dynamic(decl: str) -> str | None:
+def _rewrite_dynamic(decl: str, file_scope_line: int | None) -> str | None:
     m = re.match(r"(.*?)(\w+)\s*\[\s*\]\s*$", decl, re.S)
     if not m:
         return None
     typ, name = m.group(1).strip(), m.group(2)
-    return f"{typ}* {name} = ({typ}*)::cudasim::dyn_smem();"
+    if file_scope_line is None:
+        return f"{typ}* {name} = ({typ}*)::cudasim::dyn_smem();"
+    return f"\n#define {name} (({typ}*)::cudasim::dyn_smem())\n#line {file_scope_line}\n"
+
+
+def _logical_line(src: str, pos: int) -> int:
+    """Line number of offset `pos` as the compiler reports it (after #line markers)."""
+    start = 0
+    line0 = 1
+    for m in re.finditer(r"^#line (\d+)[^\n]*\n", src[:pos], re.M):
+        start, line0 = m.end(), int(m.group(1))
+    return line0 + src.count("\n", start, pos)
 
 
 def _rewrite_static(decl: str, site: int) -> str | None:

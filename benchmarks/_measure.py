@@ -43,6 +43,24 @@ def pin_malloc() -> bool:
     return bool(ok)
 
 
+def set_malloc_mode(mode: str) -> bool:
+    """``"memory"``: mmap threshold 64 KiB and the free heap trimmed (peaks are visible in
+    RSS); ``"time"``: threshold 32 MiB, about where glibc's dynamic threshold settles, so
+    that timed calls do not page-fault every temporary. True if glibc took it."""
+    libc = _libc()
+    if not libc:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if mode == "memory":
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    else:
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+    return bool(ok)
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

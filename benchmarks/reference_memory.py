@@ -29,6 +29,9 @@ SHAPE = dict(B=8, C=64, H=56, W=56, k=7)
 
 
 def _setup(side: str, threads: int | None):
+    if side == "ours+proposal":  # the slice gather/scatter proposed for _numpy.py
+        from benchmarks import _numpy_fastpath_proposal
+        _numpy_fastpath_proposal.install()
     import numpy as np
     import torch
 
@@ -40,7 +43,7 @@ def _setup(side: str, threads: int | None):
     g = torch.Generator().manual_seed(1)
     ho, wo = SHAPE["H"], SHAPE["W"]
     grad = torch.randn(SHAPE["B"], SHAPE["C"], ho, wo, generator=g)
-    if side == "ours":
+    if side.startswith("ours"):
         a = bl.ours_arrays(case)
         grad_np = np.ascontiguousarray(grad.numpy())
 
@@ -69,7 +72,7 @@ def child(side: str, what: str, repeats: int, threads: int | None) -> dict:
         run = _setup(side, threads)
         res["rss_peak_bytes"], result = M.rss_peak(run)
         del result
-        if side == "ours":
+        if side.startswith("ours"):
             res["traced_peak_bytes"], result = M.traced_peak(run)
             del result
     else:
@@ -107,7 +110,7 @@ def _spawn(side: str, what: str, repeats: int, threads: int | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(ours: dict, unfold: dict, errs: dict) -> str:
+def table(ours: dict, unfold: dict, errs: dict, proposal: dict | None = None) -> str:
     from benchmarks._measure import fmt_bytes, fmt_time
     mem_ratio = ours["rss_peak_bytes"] / unfold["rss_peak_bytes"]
     time_ratio = ours["median_s"] / unfold["median_s"]
@@ -130,6 +133,14 @@ def table(ours: dict, unfold: dict, errs: dict) -> str:
         "agreement (max |diff| / max(1, max|ours|)): "
         + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
     ]
+    if proposal:
+        pm = proposal["rss_peak_bytes"] / unfold["rss_peak_bytes"]
+        pt = proposal["median_s"] / unfold["median_s"]
+        lines[6:6] = [f"| ours + proposed slice gather/scatter | "
+                      f"{fmt_bytes(proposal['rss_peak_bytes'])} | "
+                      f"{fmt_bytes(proposal.get('traced_peak_bytes'))} | "
+                      f"{fmt_time(proposal['median_s'])} |"]
+        lines += [f"with the proposal: memory ratio {pm:.3f}, time ratio {pt:.2f}x"]
     return "\n".join(lines)
 
 
@@ -138,7 +149,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures here")
-    p.add_argument("--child", choices=("ours", "unfold"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ours", "ours+proposal", "unfold"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--proposal", action="store_true",
+                   help="also measure ours with benchmarks/_numpy_fastpath_proposal.py installed")
     p.add_argument("--what", choices=("mem", "time"), default="mem", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -151,11 +165,16 @@ def main(argv=None):
     ours, unfold = ({**_spawn(side, "mem", args.repeats, args.threads),
                      **_spawn(side, "time", args.repeats, args.threads)}
                     for side in ("ours", "unfold"))
-    text = table(ours, unfold, errs)
+    proposal = None
+    if args.proposal:
+        proposal = {**_spawn("ours+proposal", "mem", args.repeats, args.threads),
+                    **_spawn("ours+proposal", "time", args.repeats, args.threads)}
+    text = table(ours, unfold, errs, proposal)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(shape=SHAPE, ours=ours, unfold=unfold, agreement=errs,
+            json.dump(dict(shape=SHAPE, ours=ours, unfold=unfold, ours_proposal=proposal,
+                           agreement=errs,
                            memory_ratio=ours["rss_peak_bytes"] / unfold["rss_peak_bytes"],
                            time_ratio=ours["median_s"] / unfold["median_s"]), f, indent=1)
     return 0

@@ -162,15 +162,19 @@ def _sasa_spatial(kernel_size, heads, border, downsample, projection):
 
 def _lrnet(depth, *, num_classes=1000, kernel_size=7, m=8, border="mask", stem="relation",
            width_factor=LRNET_WIDTH_FACTOR, **kwargs):
+    stem_options = {"border": border, "m": m, **(kwargs.pop("stem_options", None) or {})}
     return LocalResNet(DEPTHS[depth], _lr_spatial(kernel_size, m, border), stem=stem,
-                       num_classes=num_classes, width_factor=width_factor, **kwargs)
+                       num_classes=num_classes, width_factor=width_factor,
+                       stem_options=stem_options if stem == "relation" else None, **kwargs)
 
 
 def _sasa(depth, *, num_classes=1000, kernel_size=7, heads=8, border="mask", stem="conv",
           downsample="pool", projection="grouped", **kwargs):
+    stem_options = {"border": border, **(kwargs.pop("stem_options", None) or {})}
     return LocalResNet(DEPTHS[depth],
                        _sasa_spatial(kernel_size, heads, border, downsample, projection),
-                       stem=stem, num_classes=num_classes, **kwargs)
+                       stem=stem, num_classes=num_classes,
+                       stem_options=stem_options if stem == "attention" else None, **kwargs)
 
 
 def _conv(depth, *, num_classes=1000, **kwargs):

@@ -69,6 +69,8 @@ def plan(device: str, quick: bool) -> list[dict]:
     head = dict(HEADLINE, B=1, H=28, W=28) if (quick and not gpu) else HEADLINE
     for dt in dtypes:
         for b in unfold + flex:
+            if quick and b in flex and dt != "float16":
+                continue  # FlexAttention compiles per dtype and shape: quick keeps fp16
             items.append(dict(suite="headline", baseline=b, dtype=dt, **head))
     # Sweeps: unfold baselines only (FlexAttention compiles per shape: headline only).
     hw = 56
@@ -500,16 +502,17 @@ def headline_markdown(rows, env) -> str:
              f"baseline (below 1: ours is faster / smaller). Commit `{(env['commit'] or '')[:10]}`, "
              f"{env['date'][:10]}.",
              "", "| shape | baseline | dtype | fwd+bwd time: baseline / ours (ratio) | "
-             "fwd+bwd peak memory: baseline / ours (ratio) | fwd time ratio | fwd memory ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for base, ours, _ in _paired(rows):
+             "fwd+bwd peak memory: baseline / ours (ratio) | fwd time ratio | fwd memory ratio | "
+             "fwd+bwd time ratio, ours through the torch adapter |",
+             "|---|---|---|---|---|---|---|---|"]
+    for base, ours, via_torch in _paired(rows):
         if base is None or ours is None:
             continue
         shape = (f"LR-Net (heads={base['heads']}, Dqk=1, Dv=8)" if base["family"] == "lrnet"
                  else f"SASA (heads={base['heads']}, Dqk=Dv={base['dqk']})")
         if base.get("fwdbwd_s") is None:
             lines.append(f"| {shape} | {base['impl']} | {base['dtype']} | "
-                         f"{base.get('note', '-')} | | | |")
+                         f"{base.get('note', '-')} | | | | |")
             continue
         tr = _ratio(ours.get("fwdbwd_s"), base.get("fwdbwd_s"))
         mr = _ratio(ours.get("fwdbwd_mem_bytes"), base.get("fwdbwd_mem_bytes"))
@@ -520,7 +523,8 @@ def headline_markdown(rows, env) -> str:
             f"{M.fmt_time(base.get('fwdbwd_s'))} / {M.fmt_time(ours.get('fwdbwd_s'))} "
             f"({_fmt_ratio(tr)}) | {M.fmt_bytes(base.get('fwdbwd_mem_bytes'))} / "
             f"{M.fmt_bytes(ours.get('fwdbwd_mem_bytes'))} ({_fmt_ratio(mr)}) | "
-            f"{_fmt_ratio(ftr)} | {_fmt_ratio(fmr)} |")
+            f"{_fmt_ratio(ftr)} | {_fmt_ratio(fmr)} | "
+            f"{_fmt_ratio(_ratio((via_torch or {}).get('fwdbwd_s'), base.get('fwdbwd_s')))} |")
     lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}.",
               "Ours on CPU is the NumPy reference (single-threaded NumPy); torch baselines use "
               f"{env['torch_threads']} threads." if env["device"] == "cpu" else
@@ -618,6 +622,8 @@ def main(argv=None) -> int:
                    help="skip unfold baselines whose estimated peak exceeds this")
     p.add_argument("--only", default=None, help="comma list of suites (headline,resolution,"
                    "kernel,channels)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new case after S seconds (the rest is listed as not run)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -655,9 +661,19 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
 
     from tqdm import tqdm
+    import time as _time
+    t_start = _time.monotonic()
     rows = []
     bar = tqdm(items, disable=args.no_progress, desc=f"benchmarks ({dev.kind})", unit="case")
     for item in bar:
+        if args.time_budget is not None and _time.monotonic() - t_start > args.time_budget:
+            heads, dqk, dv = bl.shape_of(item["baseline"], item["C"])
+            rows.append(dict(device=dev.kind, suite=item["suite"], impl=item["baseline"],
+                             dtype=item["dtype"], B=item["B"], C=item["C"], H=item["H"],
+                             W=item["W"], k=item["k"], family=bl.FAMILY[item["baseline"]],
+                             heads=heads, dqk=dqk, dv=dv, border=None,
+                             note=f"not run: --time-budget {args.time_budget:g} s spent"))
+            continue
         bar.set_postfix_str(f"{item['suite']} {item['baseline']} {item['dtype']} "
                             f"{item['H']}x{item['W']} k={item['k']} C={item['C']}")
         try:
@@ -671,10 +687,10 @@ def main(argv=None) -> int:
                              note=f"error: {type(exc).__name__}: {exc}"))
         if dev.kind == "cuda":
             torch.cuda.empty_cache()
+        _write_json(out_dir, env, rows, partial=True)  # a killed run still leaves figures
     bar.close()
-
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(dict(environment=env, rows=rows), f, indent=1, default=_json_default)
+    env["wall_s"] = round(_time.monotonic() - t_start, 1)
+    _write_json(out_dir, env, rows, partial=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(rows, env))
     with open(os.path.join(out_dir, "headline.md"), "w") as f:
@@ -683,6 +699,14 @@ def main(argv=None) -> int:
     print(headline_markdown(rows, env))
     print(f"wrote {out_dir}: results.json, results.md, headline.md, {len(pngs)} PNG plots")
     return 0
+
+
+def _write_json(out_dir, env, rows, partial):
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(environment=dict(env, partial=partial), rows=rows), f, indent=1,
+                  default=_json_default)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
 
 
 def _json_default(x):

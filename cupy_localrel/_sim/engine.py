@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -441,9 +442,10 @@ _LIB_CACHE: dict[str, ctypes.CDLL] = {}
 _LIB_LOCK = threading.Lock()
 
 
-def _cxx_version() -> str:
+@functools.lru_cache(maxsize=None)
+def _cxx_version(cxx: str) -> str:
     try:
-        return subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     except OSError:
         return ""
 
@@ -485,9 +487,11 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
              *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
     try:
         so = _compile_cached(translation_unit(code, names), flags)
-    except RuntimeError:
+    except RuntimeError as e:
         # The __launch_bounds__ helpers are a best effort (a macro may expand to more than
         # the bounds); without them the thread limit is simply not checked.
+        if "__sim_bounds_" not in str(e):
+            raise
         so = _compile_cached(translation_unit(code, names, with_bounds=False), flags)
     with _LIB_LOCK:
         lib = _LIB_CACHE.get(str(so))
@@ -498,30 +502,69 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
 
 def _compile_cached(tu: str, flags: list[str]) -> Path:
     h = hashlib.sha256()
-    for part in (tu, repr(flags), _cxx_version(), *((HEADER_DIR / f).read_text() for f in HEADERS)):
+    for part in (tu, repr(flags), _cxx_version(compiler()), *((HEADER_DIR / f).read_text() for f in HEADERS)):
         h.update(part.encode()); h.update(b"\0")
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
     so = d / f"{h.hexdigest()[:24]}.so"
-    if so.exists():
+    if _touch(so):
         return so
-    # Build under a unique temporary name, then rename: concurrent processes (pytest-xdist)
-    # may build the same library, and the last os.replace wins with an identical file.
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=so.stem + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        cmd = [compiler(), *flags, "-x", "c++", "-", "-o", tmp]
+    # Concurrent processes (pytest-xdist) wanting the same library: one builds while the
+    # others wait on the lock; the build goes to a unique temporary name and is renamed into
+    # place, so a reader never sees a partial file even where locks do not work.
+    with open(d / f"{so.stem}.lock", "w") as lock:
+        _flock(lock)
+        if _touch(so):
+            return so
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=so.stem + ".", suffix=".tmp")
+        os.close(fd)
         try:
-            r = subprocess.run(cmd, input=tu, text=True, capture_output=True)
-        except FileNotFoundError:
-            raise RuntimeError(f"sim backend unavailable: C++ compiler {compiler()!r} (g++) not found") from None
-        if r.returncode:
-            raise RuntimeError(f"g++ failed to compile the kernels for the CPU engine:\n{r.stderr[-8000:]}")
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            cmd = [compiler(), *flags, "-x", "c++", "-", "-o", tmp]
+            try:
+                r = subprocess.run(cmd, input=tu, text=True, capture_output=True)
+            except FileNotFoundError:
+                raise RuntimeError(f"sim backend unavailable: C++ compiler {compiler()!r} (g++) not found") from None
+            if r.returncode:
+                raise RuntimeError(f"g++ failed to compile the kernels for the CPU engine:\n{r.stderr[-8000:]}")
+            os.replace(tmp, so)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    _prune(d)
     return so
+
+
+def _touch(so: Path) -> bool:
+    """True if `so` exists; marks it as recently used for _prune."""
+    try:
+        os.utime(so)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:           # read-only cache: still usable
+        return so.exists()
+
+
+def _flock(f) -> None:
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+
+
+MAX_CACHED_LIBS = 256
+
+
+def _prune(d: Path) -> None:
+    """Keep the cache bounded: drop the least recently used libraries (and stale locks)."""
+    libs = sorted(d.glob("*.so"), key=lambda p: p.stat().st_mtime if p.exists() else 0)
+    for p in libs[:max(0, len(libs) - MAX_CACHED_LIBS)]:
+        for q in (p, p.with_suffix(".lock")):
+            try:
+                q.unlink()
+            except OSError:
+                pass
 
 
 class _LaunchConfig(ctypes.Structure):   # cudasim::LaunchConfig

@@ -147,6 +147,26 @@ def test_deadlock_raises(barrier_mod):
         kernel(barrier_mod, "deadlock")((2,), (32,), (np.zeros(32, np.int32),))
 
 
+def test_portable_context_switch():
+    """The ucontext/_setjmp path used off x86-64 gives the same results."""
+    mod = _loader.load_module(str(KDIR / "sim_warp.cu"), ["shuffle<1,16>"], target="sim",
+                              options=("-DCUDASIM_PORTABLE_SWITCH",))
+    x = np.arange(3 * 128, dtype=np.int32)
+    out = np.zeros_like(x)
+    kernel(mod, "syncwarp_rotate", 12345)((3,), (128,), (x, out))
+    t = np.arange(3 * 128)
+    assert np.array_equal(out, t - t % 32 + (t % 32 + 1) % 32)
+    a = np.full(x.size, 5, np.int32)
+    kernel(mod, "shuffle<1,16>", 1)((3,), (128,), (x, a, out))
+    assert np.array_equal(out, shuffle_reference(1, 16, x, a))
+    barrier = _loader.load_module(str(KDIR / "sim_barrier.cu"), target="sim", options=("-DCUDASIM_PORTABLE_SWITCH",))
+    with pytest.raises(RuntimeError, match="deadlock"):
+        barrier.get_function("deadlock")((1,), (32,), (np.zeros(32, np.int32),))
+    y = np.zeros(2 * 128, np.float32)
+    kernel(barrier, "big_locals", 1)((2,), (128,), (np.ones(64, np.float32), y))
+    np.testing.assert_allclose(y, 3 * 64 * np.tile(np.arange(1, 129), 2))
+
+
 def test_error_does_not_poison_later_launches(barrier_mod):
     with pytest.raises(RuntimeError):
         kernel(barrier_mod, "deadlock")((3,), (32,), (np.zeros(32, np.int32),))

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -52,6 +53,9 @@ MAX_DYN_SMEM = 227 * 1024  # sm_90's opt-in maximum per block
 # recognisable garbage pattern instead of whatever the previous block left on the fiber stack.
 _BASE_FLAGS = ("-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
                "-ftrivial-auto-var-init=pattern", "-Wno-attributes", "-Wno-unused-result")
+# The x86-64 fiber switch returns to another fiber's address: mark the library as not
+# shadow-stack (CET) compatible, whatever the compiler's default.
+_ARCH_FLAGS = ("-fcf-protection=none",) if platform.machine() in ("x86_64", "AMD64") else ()
 _ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-O1")
 
 
@@ -483,7 +487,7 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
     code = inline_includes(path, include_dirs)
     names = find_extern_c_kernels(code)
     names += [n for n in name_expressions if n not in names]
-    flags = [*_BASE_FLAGS, *(_ASAN_FLAGS if sanitize else ()), "-I", str(HEADER_DIR),
+    flags = [*_BASE_FLAGS, *_ARCH_FLAGS, *(_ASAN_FLAGS if sanitize else ()), "-I", str(HEADER_DIR),
              *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
     try:
         so = _compile_cached(translation_unit(code, names), flags)

@@ -385,6 +385,16 @@ class TestCUDA:
         if hasattr(torch.library, "register_autocast"):
             assert out.dtype == torch.float16
 
+    def test_layer_under_autocast(self):
+        # The conv outputs are float16 under autocast while x stays float32: the autocast
+        # rule casts every input of the op to float16.
+        layer = LocalRelation2d(16, 3, m=4).cuda()
+        x = torch.randn(2, 16, 8, 8, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = layer(x)
+        y.float().sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32
+
     def test_mixed_devices(self):
         q = torch.randn(1, 4, 5, 5)
         with pytest.raises(TypeError, match="device"):

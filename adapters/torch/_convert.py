@@ -28,11 +28,23 @@ except ImportError:  # pragma: no cover - exercised where ml_dtypes is missing
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _autocasting(t: torch.Tensor) -> bool:
+    """CUDA autocast is on for this tensor's device (the op will cast its inputs)."""
+    if t.device.type != "cuda":
+        return False
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4 spelling
+        return torch.is_autocast_enabled()
+
+
 def check_tensors(op: str, tensors: dict) -> torch.Tensor:
     """One device and one floating dtype for all given tensors; returns the first.
 
     Raises ``TypeError`` naming the offending arguments (SPEC.md, "Bad input": mixed
     array kinds and mixed dtypes are type errors; mixed devices are the torch analogue).
+    Under CUDA autocast mixed dtypes are allowed here: the autocast rule casts them all to
+    the autocast dtype before the op runs (and the op checks again).
     """
     given = {n: t for n, t in tensors.items() if t is not None}
     for name, t in given.items():
@@ -46,7 +58,7 @@ def check_tensors(op: str, tensors: dict) -> torch.Tensor:
         raise TypeError(f"{op}: all tensors must be on one device, got " +
                         ", ".join(f"{n}: {d}" for n, d in devices.items()))
     dtypes = {n: t.dtype for n, t in given.items()}
-    if len(set(dtypes.values())) > 1:
+    if len(set(dtypes.values())) > 1 and not _autocasting(next(iter(given.values()))):
         raise TypeError(f"{op}: all floating inputs must share one dtype, got " +
                         ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
     return next(iter(given.values()))

@@ -234,7 +234,7 @@ def test_fast_path_configs(backend, config, border, dtype, sim_seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("border", BORDERS)
-def test_general_forward_where_fast_path_would_run(backend, dtype, border):
+def test_general_path_where_fast_path_would_run(backend, dtype, border):
     from cupy_localrel._backends import _kernel_ops
     target = _kernel_ops.Target(backend)
     dt = _dtype(dtype, backend)
@@ -249,6 +249,14 @@ def test_general_forward_where_fast_path_would_run(backend, dtype, border):
                                               border=border, return_lse=True, backend="numpy")
     _compare(out, want_out, dt, "out")
     _compare(lse, want_lse, dt, "lse")
+    grad = np.random.default_rng(6).standard_normal(want_out.shape).astype(dt)
+    got = _kernel_ops.attention_backward(target, geo, a.put(grad), *(a.put(x[n]) for n in ("q", "k", "v")),
+                                         out, lse, a.put(x["bias"]), a.put(x["rel"]), allow_tiled=False)
+    want = cl.local_attention2d_backward(_f64(grad), r["q"], r["k"], r["v"], _f64(Arrays.get(out)),
+                                         _f64(Arrays.get(lse)), 2, 5, bias=r["bias"], rel=r["rel"],
+                                         border=border, backend="numpy")
+    for name, g in zip(want._fields, got):
+        _compare(g, getattr(want, name), dt, f"d{name}")
 
 
 # ---------------------------------------------------------------------------------------

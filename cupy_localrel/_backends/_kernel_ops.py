@@ -15,8 +15,10 @@ Kernel choice (see the .cu files for what each does):
   stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
   16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).
-- fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
-  ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``.
+- fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials; its fast path
+  ``query_grad_tiled<T, CK, CV>`` under the same conditions and configurations as the
+  forward's) then ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then
+  ``table_reduce`` (dbias/drel, fixed order).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds
 VPT = 8                         # value channels per thread of the general kernels
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of attention_forward_tiled
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
+TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
 HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
@@ -255,29 +258,46 @@ def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_til
     return out, lse
 
 
-def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, delta):
-    """Launch query_grad; returns (dbias, drel) after the table reduction (None if absent)."""
+def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, delta, *, allow_tiled=True):
+    """Launch query_grad (or its fast path); returns (dbias, drel) after the table reduction."""
     geo, xp = c.geo, c.t.xp
     th, tw = geo.table_shape
     acc = c.acc.itemsize
+    tables = lambda block: 4 * (block[1] * th + block[0] * tw)   # noqa: E731  row_slot, col_slot
+    tiled = _tiled_backward_config(geo, c, tables) if allow_tiled and mode == MODE_ATTENTION else None
+    if tiled is not None:
+        ck, cv, smem_bytes, halo_h, halo_w = tiled
+        block = TILED_BWD_BLOCK
+        kernel = c.fn(BACKWARD_FILE, "query_grad_tiled", ck, cv)
+        extra = (np.int32(halo_h), np.int32(halo_w))
+    else:
+        def smem(block):   # dlogit[K][tile] and qs[tile] (A), row_slot and col_slot (int)
+            return acc * (geo.slots + 1) * block[0] * block[1] + tables(block)
 
-    def smem(block):
-        bx, by = block
-        return acc * (geo.slots + 1) * bx * by + 4 * (by * th + bx * tw)
-
-    block = _shrink_to_fit(geo.out_h, geo.out_w, smem)
+        block = _shrink_to_fit(geo.out_h, geo.out_w, smem)
+        smem_bytes, kernel, extra = smem(block), c.fn(BACKWARD_FILE, "query_grad", mode), ()
     tiles = _tiles(geo.out_h, geo.out_w, block)
     blocks = c.planes * tiles
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
     part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
-    c.fn(BACKWARD_FILE, "query_grad", mode)(
-        _grid(c.planes, geo.out_h, geo.out_w, block), block,
-        (c.win, grad, q, k, _or(v, q), _or(out, grad), _or(lse, c.acc_dummy), _or(bias, q),
-         _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
-         c.flags, c.scale), shared_mem=smem(block))
+    kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block,
+           (c.win, grad, q, k, _or(v, q), _or(out, grad), _or(lse, c.acc_dummy), _or(bias, q),
+            _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
+            c.flags, c.scale) + extra, shared_mem=smem_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
     drel = None if rel is None else _table_reduce(c, part_rel, rel.shape, tiles, geo.dqk * th * tw)
     return dbias, drel
+
+
+def _tiled_backward_config(geo: Geometry, c: _Call, tables):
+    """(CK, CV, shared bytes, halo_h, halo_w) of query_grad_tiled, or None."""
+    if geo.stride != (1, 1) or geo.dtype == np.float64:
+        return None
+    ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
+    bx, by = TILED_BWD_BLOCK
+    halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
+    smem = c.acc.itemsize * ((2 * geo.slots + 1) * bx * by + max(ck, cv) * halo_h * halo_w) + tables((bx, by))
+    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
 
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
@@ -331,13 +351,15 @@ def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
     return dattn, dv
 
 
-def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel):
+def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, *,
+                       allow_tiled=True):
     grad_out, q, k, v, out, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, out, lse, bias, rel))
     c = _Call(t, geo, bias, rel)
     dq = t.xp.zeros(q.shape, geo.dtype)
     dk, dv = t.xp.empty(k.shape, geo.dtype), t.xp.empty(v.shape, geo.dtype)
     delta = t.xp.empty(geo.lse_shape, c.acc)   # grad_out . out per query (lse-sized)
-    dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, out, lse, bias, rel, dq, delta)
+    dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, out, lse, bias, rel, dq, delta,
+                              allow_tiled=allow_tiled)
     if geo.dqk or geo.dv:
         _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv)
     return dq, dk, dv, dbias, drel

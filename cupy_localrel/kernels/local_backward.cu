@@ -16,6 +16,9 @@
 // Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
 //   query_grad<T, MODE>    MODE kAttention: delta, dq, table partials of the fused op.
 //                          MODE kQK: dq and table partials of local_qk2d.
+//   query_grad_tiled<T, CK, CV>
+//                          the fast path of query_grad<T, kAttention> (stride 1): the keys
+//                          and values of the tile's halo staged in shared memory.
 //   key_grad<T, MODE>      MODE kAttention: dk and dv; kQK: dk; kAV: dv (local_av2d).
 //   av_dattn<T>            d attn of local_av2d (per output pixel and slot).
 //   table_reduce<T>        stage 2 of the dbias/drel reduction.
@@ -67,6 +70,37 @@ __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restr
     const int r = idx / k, t = idx % k;
     if (first + r < total) slot_of_entry[r * entries + tab[(first + r) * k + t]] = t;
   }
+}
+
+
+// Stage 1 of dbias/drel for one block of outputs: part_bias[block][entry] and
+// part_rel[block][d][entry], summed over the tile's (output, slot) pairs in a fixed order.
+// `dlogit` [K][tile] holds every thread's logit gradients (zeros for threads outside the
+// plane). Every thread of the block must call this (it has barriers).
+template <class A, class T>
+__device__ void table_partials(const Window& w, const TilePos& p, const A* __restrict__ dlogit,
+                               A* __restrict__ qs, int* __restrict__ row_slot, int* __restrict__ col_slot,
+                               const T* __restrict__ qc, int dqk, int flags, A scale,
+                               A* __restrict__ part_bias, A* __restrict__ part_rel, int tile) {
+  if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
+  __syncthreads();   // dlogit complete; row_slot/col_slot/qs may alias nothing in use
+  invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
+  invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
+  __syncthreads();
+  const int entries = w.th * w.tw;
+  if (flags & kHasBias)
+    for (int e = p.tid; e < entries; e += tile)
+      part_bias[(size_t)blockIdx.x * entries + e] =
+          tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+  if (flags & kHasRel)
+    for (int d = 0; d < dqk; ++d) {
+      __syncthreads();   // everybody is done reading the previous channel
+      qs[p.tid] = p.inside ? scale * load(qc, d * w.in_plane()) : A(0);
+      __syncthreads();
+      for (int e = p.tid; e < entries; e += tile)
+        part_rel[((size_t)blockIdx.x * dqk + d) * entries + e] =
+            tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+    }
 }
 
 }  // namespace
@@ -151,24 +185,158 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   }
 
   // (3) stage 1 of dbias/drel: this block's sum per table entry.
-  if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block: no barrier skipped by part
-  invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
-  invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
-  __syncthreads();
-  const int entries = w.th * w.tw;
-  if (flags & kHasBias)
-    for (int e = p.tid; e < entries; e += tile)
-      part_bias[(size_t)blockIdx.x * entries + e] =
-          tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
-  if (flags & kHasRel)
-    for (int d = 0; d < dqk; ++d) {
-      __syncthreads();   // everybody is done reading the previous channel
-      qs[p.tid] = p.inside ? scale * load(qc, d * hw) : A(0);
-      __syncthreads();
-      for (int e = p.tid; e < entries; e += tile)
-        part_rel[((size_t)blockIdx.x * dqk + d) * entries + e] =
-            tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
-    }
+  table_partials(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias, part_rel, tile);
+}
+
+// ---------------------------------------------------------------------------------------
+// Query side, fast path (stride 1): query_grad<T, kAttention> with the tile's key and value
+// halo staged in shared memory, chunk by chunk, as in attention_forward_tiled. Shared:
+//   dlogit[K][TILE], dp[K][TILE] (A)    logits then their gradients; grad_out . v per slot
+//   halo[max(CK,CV)][halo_h*halo_w] (A), qs[TILE] (A), row_slot, col_slot (int)
+// Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
+// chunks again, (5) table partials.
+// ---------------------------------------------------------------------------------------
+template <class T, int CK, int CV>
+__global__ void LOCALREL_BOUNDS
+query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
+                 const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ out,
+                 const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
+                 T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+                 acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+                 int halo_h, int halo_w) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Window w(geo);
+  const TilePos p = tile_pos(w.Ho, w.Wo);
+  const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
+  const int halo_area = halo_h * halo_w;
+  const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
+  A* dlogit = reinterpret_cast<A*>(smem_raw);
+  A* dp = dlogit + (size_t)K * tile;
+  A* halo = dp + (size_t)K * tile;
+  A* qs = halo + (size_t)(CK > CV ? CK : CV) * halo_area;
+  int* row_slot = reinterpret_cast<int*>(qs + tile);
+  int* col_slot = row_slot + blockDim.y * w.th;
+  const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
+  const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
+
+  const size_t o = p.inside ? (size_t)p.r * w.Wo + p.c : 0;
+  const size_t qk_off = (size_t)p.plane * dqk * hw;
+  const T* qc = q + qk_off + (p.inside ? w.centre(p.r, p.c) : 0);
+  const T* kb = k + qk_off;
+  const T* vb = v + (size_t)p.plane * dv * hw;
+  const T* g = grad + (size_t)p.plane * dv * ohw + o;
+  const T* rel_h = rel + (size_t)h * dqk * tt;
+  A* my_dl = dlogit + p.tid;
+  A* my_dp = dp + p.tid;
+
+  auto halo_slot = [&](int ty, int tx, int& tab) {   // this output's slot in the halo, or -1
+    const Slot s = slot_of(w, p.r, p.c, ty, tx);
+    tab = s.tab;
+    return s.valid() ? (s.ny - y0) * halo_w + (s.nx - x0) : -1;
+  };
+
+  for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
+
+  // (1) logits q . (k + rel), over key chunks.
+  for (int c0 = 0; c0 < dqk; c0 += CK) {
+    const int nch = min(CK, dqk - c0);
+    __syncthreads();
+    stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A qreg[CK];
+#pragma unroll
+    for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * hw) : A(0);
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        A dot = 0;
+#pragma unroll
+        for (int d = 0; d < CK; ++d)
+          if (d < nch) {
+            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            dot += qreg[d] * key;
+          }
+        my_dl[(size_t)(ty * w.kw + tx) * tile] += dot;
+      }
+  }
+
+  // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
+  for (int e0 = 0; e0 < dv; e0 += CV) {
+    const int ne = min(CV, dv - e0);
+    __syncthreads();
+    stage_halo(halo, vb + (size_t)e0 * hw, w, y0, x0, halo_h, halo_w, ne, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A greg[CV];
+#pragma unroll
+    for (int e = 0; e < CV; ++e) greg[e] = e < ne ? load(g, (size_t)(e0 + e) * ohw) : A(0);
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        if (hs < 0) continue;
+        A dot = 0;
+#pragma unroll
+        for (int e = 0; e < CV; ++e)
+          if (e < ne) dot += greg[e] * halo[e * halo_area + hs];
+        my_dp[(size_t)(ty * w.kw + tx) * tile] += dot;
+      }
+  }
+
+  // (3) dlogit_t = p_t (dp_t - delta), p_t recomputed from lse; delta = grad_out . out.
+  if (p.inside) {
+    const T* ob = out + (size_t)p.plane * dv * ohw + o;
+    A dsum = 0;
+    for (int e = 0; e < dv; ++e) dsum += load(g, e * ohw) * load(ob, e * ohw);
+    delta[(size_t)p.plane * ohw + o] = dsum;
+    const A lse_o = lse[(size_t)p.plane * ohw + o];
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        const size_t t = (size_t)(ty * w.kw + tx) * tile;
+        if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask"
+        const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab) : A(0));
+        const A pt = acc_exp(logit - lse_o);
+        my_dl[t] = pt * (my_dp[t] - dsum);
+      }
+  }
+
+  // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.
+  for (int c0 = 0; c0 < dqk; c0 += CK) {
+    const int nch = min(CK, dqk - c0);
+    __syncthreads();
+    stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A acc[CK];
+#pragma unroll
+    for (int d = 0; d < CK; ++d) acc[d] = 0;
+    for (int ty = 0; ty < w.kh; ++ty)
+      for (int tx = 0; tx < w.kw; ++tx) {
+        int tab;
+        const int hs = halo_slot(ty, tx, tab);
+        const A dl = my_dl[(size_t)(ty * w.kw + tx) * tile];
+#pragma unroll
+        for (int d = 0; d < CK; ++d)
+          if (d < nch) {
+            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            acc[d] += dl * key;
+          }
+      }
+    T* dqc = dq + qk_off + w.centre(p.r, p.c);
+#pragma unroll
+    for (int d = 0; d < CK; ++d)
+      if (d < nch) store(dqc + (size_t)(c0 + d) * hw, scale * acc[d]);
+  }
+
+  // (5) stage 1 of dbias/drel.
+  table_partials(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias, part_rel, tile);
 }
 
 // ---------------------------------------------------------------------------------------

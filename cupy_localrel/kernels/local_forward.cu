@@ -145,37 +145,6 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
 // stay in shared memory: nothing attention-sized is written to global memory.
 // ---------------------------------------------------------------------------------------
-namespace {
-
-// The top-left input position of the halo of this tile: the smallest valid position any
-// slot of any output in the tile looks at, per axis (tables are per axis, so this is cheap).
-__device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int first, int count, int total,
-                                           int k) {
-  int lo = 0x7fffffff;
-  for (int i = first; i < min(first + count, total); ++i)
-    for (int t = 0; t < k; ++t) {
-      const int n = pos[i * k + t];
-      if (n >= 0) lo = min(lo, n);
-    }
-  return lo;
-}
-
-// Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into
-// shared memory; positions past the image edge (halo of the last tiles) become 0.
-template <class T>
-__device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src,
-                                           const Window& w, int y0, int x0, int halo_h, int halo_w,
-                                           int nch, int tid, int nthreads) {
-  const int area = halo_h * halo_w;
-  for (int idx = tid; idx < nch * area; idx += nthreads) {
-    const int ch = idx / area, rem = idx - ch * area;
-    const int y = y0 + rem / halo_w, x = x0 + rem % halo_w;
-    halo[idx] = (y < w.H && x < w.W) ? load(src, ch * w.in_plane() + (size_t)y * w.W + x) : acc_t<T>(0);
-  }
-}
-
-}  // namespace
-
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,

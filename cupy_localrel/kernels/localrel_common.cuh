@@ -172,4 +172,36 @@ __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, c
   return logit;
 }
 
+// ---------------------------------------------------------------------------------------
+// Halo staging of the fast (tiled) paths: the input region the windows of one tile of
+// outputs touch, one chunk of channels at a time, in shared memory as A.
+// ---------------------------------------------------------------------------------------
+// The top-left input position of the halo of this tile: the smallest valid position any
+// slot of any output in the tile looks at, per axis (tables are per axis, so this is cheap).
+__device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int first, int count, int total,
+                                           int k) {
+  int lo = 0x7fffffff;
+  for (int i = first; i < min(first + count, total); ++i)
+    for (int t = 0; t < k; ++t) {
+      const int n = pos[i * k + t];
+      if (n >= 0) lo = min(lo, n);
+    }
+  return lo;
+}
+
+// Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into
+// shared memory; positions past the image edge (halo of the last tiles) become 0.
+template <class T>
+__device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src,
+                                           const Window& w, int y0, int x0, int halo_h, int halo_w,
+                                           int nch, int tid, int nthreads) {
+  const int area = halo_h * halo_w;
+  for (int idx = tid; idx < nch * area; idx += nthreads) {
+    const int ch = idx / area, rem = idx - ch * area;
+    const int y = y0 + rem / halo_w, x = x0 + rem % halo_w;
+    halo[idx] = (y < w.H && x < w.W) ? load(src, ch * w.in_plane() + (size_t)y * w.W + x) : acc_t<T>(0);
+  }
+}
+
+
 }  // namespace localrel

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,7 +137,6 @@ def cuda_include_dir() -> Path | None:
     except ImportError:
         pass
     cands.append(Path("/usr/local/cuda/include"))
-    import shutil
     nvcc = shutil.which("nvcc")
     if nvcc:
         cands.append(Path(nvcc).resolve().parent.parent / "include")

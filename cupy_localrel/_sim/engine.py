@@ -13,6 +13,11 @@ environment, read at each launch):
   ``CUPY_LOCALREL_SIM_WORKERS``.
 - ``stack_kb``: stack of each CUDA thread (fiber), KiB. Default 256 (virtual memory, only
   touched pages cost). Env ``CUPY_LOCALREL_SIM_STACK_KB``.
+
+Build-time environment: ``CUPY_LOCALREL_SIM_ASAN=1`` builds with AddressSanitizer (the
+process must preload libasan, see `asan_env`); ``CUPY_LOCALREL_CACHE`` moves the cache of
+compiled libraries (default ``$XDG_CACHE_HOME/cupy_localrel`` or ``~/.cache/cupy_localrel``);
+``CUPY_LOCALREL_CXX`` picks the compiler (default ``g++``, version 12 or later).
 """
 from __future__ import annotations
 
@@ -66,14 +71,30 @@ def compiler() -> str:
     return os.environ.get(ENV_CXX, "g++")
 
 
+MIN_GCC = 12   # _Float16 on x86-64, -ftrivial-auto-var-init
+
+
 def available() -> tuple[bool, str]:
     """(True, description) when kernels can be compiled and run on this machine."""
     if not sys.platform.startswith("linux"):
         return False, f"the CPU kernel engine needs Linux (ucontext fibers); this is {sys.platform}"
-    cxx = shutil.which(compiler())
-    if cxx is None:
-        return False, f"C++ compiler {compiler()!r} (g++ >= 12) not found on PATH; install g++"
-    return True, f"{cxx}"
+    return _compiler_status(compiler())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_status(cxx: str) -> tuple[bool, str]:
+    path = shutil.which(cxx)
+    if path is None:
+        return False, f"C++ compiler {cxx!r} (g++ >= {MIN_GCC}) not found on PATH; install g++"
+    try:
+        version = subprocess.run([path, "-dumpfullversion", "-dumpversion"], capture_output=True,
+                                 text=True, timeout=60).stdout.strip()
+        major = int(version.split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return False, f"cannot tell the version of the C++ compiler {path}"
+    if "clang" not in _cxx_version(path).lower() and major < MIN_GCC:
+        return False, f"g++ {version} at {path} is too old: the CPU engine needs g++ >= {MIN_GCC}"
+    return True, f"g++ {version} ({path})" if "clang" not in _cxx_version(path).lower() else f"{path}"
 
 
 def cache_dir() -> Path:

@@ -206,6 +206,28 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
+@pytest.mark.slow
+def test_compile_inductor_forward_backward():
+    import shutil
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
+    torch._dynamo.reset()
+    q0 = torch.randn(1, 8, 6, 6)
+
+    def f(q):
+        return (lt.local_attention2d(q.sin(), q, q, 2, 3, border="zeros") * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    grads = []
+    for fn in (compiled, f):
+        q = q0.clone().requires_grad_()
+        loss = fn(q)
+        loss.backward()
+        grads.append((loss.detach(), q.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
 def test_flop_counter_counts_ops():
     from torch.utils.flop_counter import FlopCounterMode
     b, heads, dqk, dv, h, w, k = 2, 2, 4, 3, 6, 5, 3

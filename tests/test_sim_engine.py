@@ -207,6 +207,10 @@ def test_launch_config_errors(barrier_mod):
         k((1,), (2048,), (out,))
     with pytest.raises(RuntimeError, match="invalid grid"):
         k((0,), (32,), (out,))
+    with pytest.raises(TypeError, match="grid must be a tuple"):
+        k(1, (32,), (out,))                       # CuPy takes tuples only
+    with pytest.raises(TypeError, match="block must be a tuple"):
+        k((1,), [32], (out,))
     with pytest.raises(RuntimeError, match="shared_mem"):
         k((1,), (32,), (out,), shared_mem=64 * 1024)
     k.max_dynamic_shared_size_bytes = 64 * 1024

@@ -626,11 +626,12 @@ class SimModule:
 
 
 def _dim3(v, what: str) -> tuple[int, int, int]:
-    t = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
-    if not 1 <= len(t) <= 3:
+    # CuPy's RawKernel takes only tuples here (an int or a list is a TypeError on the GPU)
+    if not isinstance(v, tuple):
+        raise TypeError(f"{what} must be a tuple of 1 to 3 ints, as for cupy.RawKernel; got {type(v).__name__}")
+    if not 1 <= len(v) <= 3:
         raise ValueError(f"{what} must have 1 to 3 dimensions, got {v!r}")
-    t = tuple(int(x) for x in t) + (1,) * (3 - len(t))
-    return t
+    return tuple(int(x) for x in v) + (1,) * (3 - len(v))
 
 
 class SimKernel:

@@ -301,6 +301,19 @@ def model_table(size=224, num_classes=1000) -> str:
         p_params, p_flops = PAPER[name]
         lines.append(f"| {name} | {params:.1f} | {_fmt(p_params)} | {flops:.2f} | "
                      f"{_fmt(p_flops)} | {flops / 2:.2f} |")
+    lines += [
+        "",
+        "Notes:",
+        "- The convolutional baselines match the papers, which checks the counting.",
+        "- SASA's default here is the paper's text: block-diagonal (grouped) q/k/v "
+        "projections. The paper's parameter counts match *dense* 1x1 projections "
+        "(`projection=\"dense\"`), shown for comparison.",
+        "- The attention stem is a simplification (5x5 centred window instead of 4x4, "
+        "4 heads, 4 value mixtures, dense projections), so its FLOPs differ from the paper.",
+        f"- LR-Net widens the bottleneck by {LRNET_WIDTH_FACTOR} (calibrated on LR-Net-50; "
+        "PAPERS.md has no per-stage widths); its stem is a 1x1 conv and a 7x7 local "
+        "relation layer with stride 2. LR-Net-26 then has fewer parameters than the paper's.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -68,9 +68,7 @@ def plan(device: str, quick: bool) -> list[dict]:
     # Quick on CPU: the headline at B=1, 28x28 (rows name their shape), small sweeps.
     head = dict(HEADLINE, B=1, H=28, W=28) if (quick and not gpu) else HEADLINE
     for dt in dtypes:
-        for b in unfold + flex:
-            if quick and b in flex and dt != "float16":
-                continue  # FlexAttention compiles per dtype and shape: quick keeps fp16
+        for b in unfold:
             items.append(dict(suite="headline", baseline=b, dtype=dt, **head))
     # Sweeps: unfold baselines only (FlexAttention compiles per shape: headline only).
     hw = 56
@@ -94,6 +92,12 @@ def plan(device: str, quick: bool) -> list[dict]:
             for c in cs:
                 items.append(dict(suite="channels", baseline=b, dtype=dt, B=B, C=c, H=hw,
                                   W=hw, k=7))
+    # FlexAttention last: it compiles per dtype and shape (about a minute each), so a
+    # --time-budget cut loses it rather than the sweeps. Quick keeps fp16 only.
+    for dt in dtypes:
+        for b in flex:
+            if not (quick and dt != "float16"):
+                items.append(dict(suite="headline", baseline=b, dtype=dt, **head))
     return items
 
 
@@ -197,10 +201,11 @@ def _route_cupy_to_torch() -> bool:
                 pass
 
     def alloc(size):
+        device = torch.cuda.current_device()
         if size == 0:
-            return cm.MemoryPointer(cm.UnownedMemory(0, 0, None), 0)
+            return cm.MemoryPointer(cm.UnownedMemory(0, 0, None, device), 0)
         block = _Block(size)
-        return cm.MemoryPointer(cm.UnownedMemory(block.ptr, size, block), 0)
+        return cm.MemoryPointer(cm.UnownedMemory(block.ptr, size, block, device), 0)
 
     try:
         cupy.cuda.set_allocator(alloc)
@@ -219,6 +224,14 @@ _PEAK_BW_BY_NAME = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 
 
 def peak_bandwidth() -> dict:
     """``{"bytes_per_s", "source"}`` of the current GPU, or ``None`` figures if unknown."""
+    try:  # the kernel benchmarks' query (handles CUDA 13, which dropped memoryClockRate)
+        from benchmarks.bench_kernels import device_info
+        gbps = device_info().get("peak_bandwidth_GBps")
+        if gbps:
+            return dict(bytes_per_s=gbps * 1e9, source="2 x memory clock x bus width "
+                        "(benchmarks.bench_kernels.device_info)")
+    except Exception:
+        pass
     try:
         import cupy
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
@@ -289,22 +302,31 @@ def _ours_fns(case: bl.Case, grad, xp):
     return fwd, fwdbwd
 
 
-def _interleaved(dev, impls: dict, repeats: int) -> dict:
+def _interleaved(dev, impls: dict, repeats: int) -> tuple[dict, dict]:
     """Median times of every implementation, repeats interleaved (A, B, A, B, ...) so that
-    load from other processes on a shared machine hits all of them alike."""
+    load from other processes on a shared machine hits all of them alike.
+
+    Returns ``(figures by name, error note by name)``; an implementation whose warm-up
+    fails is dropped from that measurement (the others still run)."""
     res = {name: {} for name in impls}
+    errors = {}
     for which in ("fwd", "fwdbwd"):
-        for name, fns in impls.items():          # warm-up
-            fns[which]()
+        live = {}
+        for name, fns in impls.items():          # warm-up (and compile, for FlexAttention)
+            try:
+                fns[which]()
+                live[name] = fns[which]
+            except Exception as exc:
+                errors[name] = f"{which} failed: {type(exc).__name__}: {exc}"[:300]
         dev.sync()
-        times = {name: [] for name in impls}
+        times = {name: [] for name in live}
         for _ in range(repeats):
-            for name, fns in impls.items():
-                times[name] += dev.times(fns[which], 1, warmup=0)
-        for name in impls:
+            for name, fn in live.items():
+                times[name] += dev.times(fn, 1, warmup=0)
+        for name in live:
             res[name][f"{which}_times_s"] = times[name]
             res[name][f"{which}_s"] = M.median(times[name])
-    return res
+    return res, errors
 
 
 def _memory(dev, fns, *, numpy_only=False, traced=False) -> dict:
@@ -334,7 +356,11 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
     grad = _grad_out(case)
     xp = np
     if dev.kind == "cuda":
-        import cupy as xp  # noqa: F811
+        try:
+            import cupy as xp  # noqa: F811
+        except Exception as exc:
+            xp = None
+            cupy_missing = f"ours not run: CuPy not importable ({exc})"
 
     rows = {}
     impls = {}
@@ -343,11 +369,13 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
     rows[oname] = dict(base, impl=oname, equal_to=item["baseline"])
     ours_out = None
     try:
+        if xp is None:
+            raise RuntimeError(cupy_missing)
         fwd, fwdbwd = _ours_fns(case, grad, xp)
         ours_out = fwd()
         impls[oname] = dict(fwd=fwd, fwdbwd=fwdbwd)
     except Exception as exc:
-        rows[oname]["note"] = f"ours failed: {type(exc).__name__}: {exc}"
+        rows[oname]["note"] = f"ours failed: {type(exc).__name__}: {exc}"[:300]
 
     # The baseline: checked against our reference before it is timed.
     bname = item["baseline"]
@@ -382,15 +410,18 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
         except Exception as exc:
             rows[aname]["note"] = f"adapter failed: {type(exc).__name__}: {exc}"
 
-    try:
-        for name, r in _interleaved(dev, impls, repeats).items():
-            rows[name].update(r)
-    except Exception as exc:
-        for name in impls:
-            rows[name]["note"] = f"timing failed: {type(exc).__name__}: {exc}"
-        impls = {}
+    figures, errors = _interleaved(dev, impls, repeats)
+    for name, r in figures.items():
+        rows[name].update(r)
+    for name, why in errors.items():
+        rows[name]["note"] = why
     for name, fns in impls.items():
+        if name in errors:
+            continue
         try:
+            if name == oname and dev.kind == "cuda" and not dev.cupy_routed:
+                rows[name]["note"] = "no memory figure: CuPy could not be routed through torch"
+                continue
             rows[name].update(_memory(dev, fns, numpy_only=(name == oname and xp is np),
                                       traced=(name == oname and xp is np
                                               and item["suite"] == "headline"
@@ -625,14 +656,25 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (the rest is listed as not run)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="only rewrite the Markdown and plots from a (partial) results.json")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            doc = json.load(f)
+        out_dir = args.out or os.path.dirname(os.path.abspath(args.render))
+        _render(out_dir, doc["environment"], doc["rows"])
+        return 0
 
     cuda = torch.cuda.is_available()
     if args.gpu and not cuda:
         print("--gpu: no CUDA device visible to torch", file=sys.stderr)
         return 2
     dev = GPU() if (cuda and not args.cpu) else CPU()
-    repeats = args.repeats or (2 if args.quick else (10 if dev.kind == "cuda" else 3))
+    if dev.kind == "cuda":
+        repeats = args.repeats or (5 if args.quick else 10)
+    else:
+        repeats = args.repeats or (2 if args.quick else 3)
     if dev.kind == "cuda":
         try:
             from torch import _dynamo
@@ -691,14 +733,18 @@ def main(argv=None) -> int:
     bar.close()
     env["wall_s"] = round(_time.monotonic() - t_start, 1)
     _write_json(out_dir, env, rows, partial=False)
+    _render(out_dir, env, rows)
+    return 0
+
+
+def _render(out_dir, env, rows):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(rows, env))
     with open(os.path.join(out_dir, "headline.md"), "w") as f:
         f.write(headline_markdown(rows, env))
-    pngs = plots(rows, env, out_dir)
+    pngs = plots([r for r in rows if r.get("heads") is not None], env, out_dir)
     print(headline_markdown(rows, env))
     print(f"wrote {out_dir}: results.json, results.md, headline.md, {len(pngs)} PNG plots")
-    return 0
 
 
 def _write_json(out_dir, env, rows, partial):

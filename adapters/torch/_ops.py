@@ -10,8 +10,8 @@ of the same name in :mod:`cupy_localrel`. Optional tensors that were not given h
 gradient; the backward ops return an empty tensor in their place (a custom op cannot
 return ``None``), which the autograd formulas turn back into ``None``.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch 2.4's custom_op reads the schema
+# from the annotations and does not understand stringified ones.
 from typing import List, Optional, Tuple
 
 import torch

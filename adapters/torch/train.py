@@ -105,6 +105,18 @@ def train_one(name, data, device, *, epochs, batch_size, lr, seed, progress=True
     return accuracy, seconds, params
 
 
+def _cuda_usable() -> bool:
+    """A GPU torch can use and the CuPy backend that runs the ops on it."""
+    if not torch.cuda.is_available():
+        return False
+    from cupy_localrel._backends import backend_status
+    ok, reason = backend_status("cupy")
+    if not ok:
+        print(f"CUDA is present but the CuPy backend is not ({reason}); training on the CPU",
+              flush=True)
+    return ok
+
+
 def backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)}) via the CuPy kernels"
@@ -127,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda" if _cuda_usable() else "cpu"))
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -50,6 +50,7 @@ def test_unfold_baseline_gradients_equal_ours(baseline):
         assert bl.rel_error(t.grad, ours_grads[n]) <= 1e-9, n
 
 
+@pytest.mark.slow  # importing FlexAttention's machinery takes seconds on a small CPU
 @pytest.mark.parametrize("baseline", ["lrnet-flex", "sasa-flex"])
 def test_flex_baseline_equals_ours_eager(baseline):
     """FlexAttention's mask/score mods, run eagerly on the CPU (the benchmark compiles them

@@ -17,7 +17,8 @@ Kernel choice (see the .cu files for what each does):
   8 value channels).
 - fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials; its fast path
   ``query_grad_tiled<T, CK, CV>`` under the same conditions and configurations as the
-  forward's) then ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then
+  forward's) then ``key_grad<T, 0>`` (dk, dv gathered through the users tables; fast path
+  ``key_grad_tiled<T, CK, CV>``), then
   ``table_reduce`` (dbias/drel, fixed order).
 """
 from __future__ import annotations
@@ -310,20 +311,45 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     return dst
 
 
-def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv):
+def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv, *, allow_tiled=True):
     geo = c.geo
-    users = geo.rows.users[0].shape[1] * geo.cols.users[0].shape[1]
-
+    tiled = _tiled_key_config(geo, c) if allow_tiled and mode == MODE_ATTENTION else None
+    common = (c.win, grad, q, k, v)
+    tail = (lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv, c.flags, c.scale)
+    if tiled is not None:
+        ck, cv, smem_bytes, halo_h, halo_w = tiled
+        c.fn(BACKWARD_FILE, "key_grad_tiled", ck, cv)(
+            _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
+            common + tail + (np.int32(halo_h), np.int32(halo_w)), shared_mem=smem_bytes)
+        return
     per_user = (2 if mode == MODE_ATTENTION else 1) * c.acc.itemsize   # weight and/or logit grad
 
     def smem(block):
-        return users * block[0] * block[1] * per_user
+        return _users(geo) * block[0] * block[1] * per_user
 
     block = _shrink_to_fit(geo.height, geo.width, smem)
     c.fn(BACKWARD_FILE, "key_grad", mode)(
-        _grid(c.planes, geo.height, geo.width, block), block,
-        (c.win, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv,
-         c.flags, c.scale), shared_mem=smem(block))
+        _grid(c.planes, geo.height, geo.width, block), block, common + (attn,) + tail, shared_mem=smem(block))
+
+
+def _users(geo: Geometry) -> int:
+    """Most (output, slot) pairs that look at one input pixel: row users x column users."""
+    return geo.rows.users[0].shape[1] * geo.cols.users[0].shape[1]
+
+
+def _tiled_key_config(geo: Geometry, c: _Call):
+    """(CK, CV, shared bytes, halo_h, halo_w) of key_grad_tiled, or None.
+
+    With stride 1 a query sits at its output's position, so the users' queries and output
+    gradients are staged over one rectangle of outputs (spanned by the users tables).
+    """
+    if geo.stride != (1, 1) or geo.dtype == np.float64:
+        return None
+    ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
+    bx, by = TILED_BWD_BLOCK
+    halo_h, halo_w = _halo_extent(geo.rows.users[0], by), _halo_extent(geo.cols.users[0], bx)
+    smem = c.acc.itemsize * (2 * _users(geo) * bx * by + max(ck, cv) * halo_h * halo_w)
+    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
 
 
 def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):
@@ -361,5 +387,6 @@ def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bi
     dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, out, lse, bias, rel, dq, delta,
                               allow_tiled=allow_tiled)
     if geo.dqk or geo.dv:
-        _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv)
+        _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv,
+                  allow_tiled=allow_tiled)
     return dq, dk, dv, dbias, drel

@@ -20,6 +20,9 @@
 //                          the fast path of query_grad<T, kAttention> (stride 1): the keys
 //                          and values of the tile's halo staged in shared memory.
 //   key_grad<T, MODE>      MODE kAttention: dk and dv; kQK: dk; kAV: dv (local_av2d).
+//   key_grad_tiled<T, CK, CV>
+//                          the fast path of key_grad<T, kAttention> (stride 1): queries and
+//                          output gradients of the tile's users staged in shared memory.
 //   av_dattn<T>            d attn of local_av2d (per output pixel and slot).
 //   table_reduce<T>        stage 2 of the dbias/drel reduction.
 #include "localrel_common.cuh"
@@ -449,6 +452,170 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
         }
       store(dv_out + (size_t)p.plane * dv * hw + n + e * hw, sum);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Key side, fast path (stride 1): key_grad<T, kAttention> for a tile of keys with the
+// queries and output gradients of its users staged in shared memory (the "halo" of
+// outputs whose windows reach the tile; with stride 1 a query sits at its output's
+// position, so both are staged over the same output rectangle). Shared:
+//   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
+//   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels
+// Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
+// dlogit, (4) dk over q chunks, (5) dv over grad chunks.
+// ---------------------------------------------------------------------------------------
+template <class T, int CK, int CV>
+__global__ void LOCALREL_BOUNDS
+key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
+               const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse,
+               const acc_t<T>* __restrict__ delta, const T* __restrict__ bias, const T* __restrict__ rel,
+               T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
+               acc_t<T> scale, int halo_h, int halo_w) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Window w(geo);
+  const TilePos p = tile_pos(w.H, w.W);
+  const int tile = blockDim.x * blockDim.y, U = w.mr * w.mc, h = p.plane % heads;
+  const int halo_area = halo_h * halo_w;
+  const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
+  A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
+  A* user_dl = user_p + (size_t)U * tile;
+  A* halo = reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile;
+  // Top-left output of the users of this tile (users tables: -1 padded, like pos tables).
+  const int oy0 = halo_origin(w.ru_out, p.row0, blockDim.y, w.H, w.mr);
+  const int ox0 = halo_origin(w.cu_out, p.col0, blockDim.x, w.W, w.mc);
+
+  const size_t n = p.inside ? (size_t)p.r * w.W + p.c : 0;   // this thread's key pixel
+  const size_t qk_off = (size_t)p.plane * dqk * hw;
+  const T* qb = q + qk_off;
+  const T* kn = k + qk_off + n;
+  const T* vn = v + (size_t)p.plane * dv * hw + n;
+  const T* gb = grad + (size_t)p.plane * dv * ohw;
+  const T* rel_h = rel + (size_t)h * dqk * tt;
+
+  // User (a, b): its slot in shared arrays, its place in the output halo (-1: padding).
+  auto user_at = [&](int a, int b, User& u) {
+    return user_of(w, p.r, p.c, a, b, u) ? (u.i - oy0) * halo_w + (u.j - ox0) : -1;
+  };
+  auto user_tab = [&](const User& u) {
+    return w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
+  };
+
+  for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = user_dl[(size_t)s * tile] = 0;
+
+  // (1) logits q_u . (k + rel_u), over q chunks.
+  for (int c0 = 0; c0 < dqk; c0 += CK) {
+    const int nch = min(CK, dqk - c0);
+    __syncthreads();
+    stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A kreg[CK];
+#pragma unroll
+    for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        const int uh = user_at(a, b, u);
+        if (uh < 0) continue;
+        const int tab = user_tab(u);
+        A dot = 0;
+#pragma unroll
+        for (int d = 0; d < CK; ++d)
+          if (d < nch) {
+            A key = kreg[d];
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            dot += halo[d * halo_area + uh] * key;
+          }
+        user_p[(size_t)(a * w.mc + b) * tile] += dot;
+      }
+  }
+
+  // (2) dp_u = grad_out_u . v, over grad chunks.
+  for (int e0 = 0; e0 < dv; e0 += CV) {
+    const int ne = min(CV, dv - e0);
+    __syncthreads();
+    stage_halo(halo, gb + (size_t)e0 * ohw, w, oy0, ox0, halo_h, halo_w, ne, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A vreg[CV];
+#pragma unroll
+    for (int e = 0; e < CV; ++e) vreg[e] = e < ne ? load(vn, (size_t)(e0 + e) * hw) : A(0);
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        const int uh = user_at(a, b, u);
+        if (uh < 0) continue;
+        A dot = 0;
+#pragma unroll
+        for (int e = 0; e < CV; ++e)
+          if (e < ne) dot += halo[e * halo_area + uh] * vreg[e];
+        user_dl[(size_t)(a * w.mc + b) * tile] += dot;
+      }
+  }
+
+  // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user.
+  if (p.inside)
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        if (user_at(a, b, u) < 0) continue;
+        const size_t s = (size_t)(a * w.mc + b) * tile, o = (size_t)p.plane * ohw + (size_t)u.i * w.Wo + u.j;
+        const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + user_tab(u)) : A(0));
+        const A pt = acc_exp(logit - lse[o]);
+        user_p[s] = pt;
+        user_dl[s] = pt * (user_dl[s] - delta[o]);
+      }
+
+  // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
+  for (int c0 = 0; c0 < dqk; c0 += CK) {
+    const int nch = min(CK, dqk - c0);
+    __syncthreads();
+    stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A acc[CK];
+#pragma unroll
+    for (int d = 0; d < CK; ++d) acc[d] = 0;
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        const int uh = user_at(a, b, u);
+        if (uh < 0) continue;
+        const A dl = user_dl[(size_t)(a * w.mc + b) * tile];
+#pragma unroll
+        for (int d = 0; d < CK; ++d)
+          if (d < nch) acc[d] += dl * halo[d * halo_area + uh];
+      }
+#pragma unroll
+    for (int d = 0; d < CK; ++d)
+      if (d < nch) store(dk + qk_off + n + (size_t)(c0 + d) * hw, scale * acc[d]);
+  }
+
+  // (5) dv = sum_u p_u grad_out_u, over grad chunks.
+  for (int e0 = 0; e0 < dv; e0 += CV) {
+    const int ne = min(CV, dv - e0);
+    __syncthreads();
+    stage_halo(halo, gb + (size_t)e0 * ohw, w, oy0, ox0, halo_h, halo_w, ne, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A acc[CV];
+#pragma unroll
+    for (int e = 0; e < CV; ++e) acc[e] = 0;
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        const int uh = user_at(a, b, u);
+        if (uh < 0) continue;
+        const A pu = user_p[(size_t)(a * w.mc + b) * tile];
+#pragma unroll
+        for (int e = 0; e < CV; ++e)
+          if (e < ne) acc[e] += pu * halo[e * halo_area + uh];
+      }
+#pragma unroll
+    for (int e = 0; e < CV; ++e)
+      if (e < ne) store(dv_out + (size_t)p.plane * dv * hw + n + (size_t)(e0 + e) * hw, acc[e]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -83,3 +83,15 @@ def test_digits_models_build():
     for name in ("lrnet", "sasa"):
         model = build_model(name)
         assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.slow
+def test_training_job_runs(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tqdm")
+    from cupy_localrel.adapters.torch import train
+    rc = train.main(["--epochs", "1", "--no-progress", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc in (0, 1)  # one epoch need not reach 95%
+    assert "lrnet: test accuracy" in out and "sasa: test accuracy" in out
+    assert "NumPy reference" in out

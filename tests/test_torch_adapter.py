@@ -429,3 +429,18 @@ class TestCUDA:
         y = lt.local_attention2d(*(torch.randn(1, 8, 6, 6, device="cuda",
                                                dtype=torch.bfloat16),) * 3, 2, 3)
         assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_sim_backend_through_the_adapter():
+    ok, reason = core._backends.backend_status("sim")
+    if not ok:
+        pytest.skip(f"sim backend unavailable: {reason}")
+    a = _inputs("mask", h=6, w=5)
+    q, k, v, bias = (a[n].detach().requires_grad_() for n in ("q", "k", "v", "bias"))
+    grads = []
+    for backend in ("sim", None):
+        out = lt.local_attention2d(q, k, v, 2, 3, bias=bias, backend=backend)
+        grads.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v, bias)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

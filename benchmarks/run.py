@@ -281,12 +281,16 @@ def _torch_fns(case: bl.Case, grad, run):
         with torch.no_grad():
             return run(case.inputs)
 
-    def fwdbwd():
+    def reset():  # drop the last call's gradients, so a memory baseline excludes them
         for t in leaves.values():
             t.grad = None
+
+    def fwdbwd():
+        reset()
         out = run(leaves)
         out.backward(grad)
         return out, [t.grad for t in leaves.values()]
+    fwdbwd.reset = reset
     return fwd, fwdbwd
 
 
@@ -330,8 +334,15 @@ def _interleaved(dev, impls: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def _memory(dev, fns, *, numpy_only=False, traced=False) -> dict:
-    r = dict(fwd_mem_bytes=dev.memory(fns["fwd"], numpy_only),
-             fwdbwd_mem_bytes=dev.memory(fns["fwdbwd"], numpy_only))
+    """Peak extra memory of one call each; gradients left by earlier calls are dropped
+    first (torch rows), so that every row counts its outputs and gradients."""
+    reset = getattr(fns["fwdbwd"], "reset", None)
+    if reset:
+        reset()
+    r = dict(fwd_mem_bytes=dev.memory(fns["fwd"], numpy_only))
+    if reset:
+        reset()
+    r["fwdbwd_mem_bytes"] = dev.memory(fns["fwdbwd"], numpy_only)
     if traced:
         r["fwdbwd_traced_bytes"] = M.traced_peak(fns["fwdbwd"])[0]
     return r
@@ -397,7 +408,8 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
             rows[bname]["note"] = f"not timed: check failed: {type(exc).__name__}: {exc}"
 
     # Ours through the torch adapter, when there is one.
-    if adapter is not None and not bname.endswith("flex"):
+    if adapter is not None and not bname.endswith("flex") and (
+            item["suite"] in ("headline", "resolution") or dev.kind == "cuda"):
         aname = f"ours-torch[{bname}]"
         rows[aname] = dict(base, impl=aname, equal_to=bname)
         try:

@@ -264,6 +264,38 @@ def test_channels_last_and_non_contiguous():
     assert qq.grad.shape == qq.shape
 
 
+def test_cpu_autocast_runs_in_bfloat16():
+    if not hasattr(torch.library, "register_autocast"):
+        pytest.skip("torch.library.register_autocast needs torch >= 2.5")
+    layer = LocalRelation2d(8, kernel_size=3, m=4)
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)   # the convs give bfloat16, x stays float32: the rule casts both
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_zero_copy_bridge():
+    from cupy_localrel.adapters.torch._convert import Bridge
+    t = torch.randn(2, 3, 4, 5)
+    bridge = Bridge(t, None)
+    a = bridge.array(t)
+    assert np.shares_memory(a, t.numpy())
+    back = bridge.tensor(a)
+    assert back.data_ptr() == t.data_ptr()
+
+
+def test_bfloat16_without_ml_dtypes(monkeypatch):
+    from cupy_localrel.adapters.torch import _convert
+    q = torch.randn(1, 4, 5, 5).to(torch.bfloat16)
+    native = lt.local_attention2d(q, q, q, 2, 3)
+    monkeypatch.setattr(_convert, "_NP_BF16", None)   # as if ml_dtypes were missing
+    via_f32 = lt.local_attention2d(q, q, q, 2, 3)
+    assert via_f32.dtype == torch.bfloat16
+    torch.testing.assert_close(via_f32.float(), native.float(), rtol=0, atol=1e-2)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------

@@ -29,13 +29,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _autocasting(t: torch.Tensor) -> bool:
-    """CUDA autocast is on for this tensor's device (the op will cast its inputs)."""
-    if t.device.type != "cuda":
+    """Autocast is on for this tensor's device (the op's autocast rule casts its inputs)."""
+    if not hasattr(torch.library, "register_autocast") or t.device.type not in ("cpu", "cuda"):
         return False
     try:
-        return torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch < 2.4 spelling
-        return torch.is_autocast_enabled()
+        return torch.is_autocast_enabled(t.device.type)
+    except TypeError:  # older spellings
+        if t.device.type == "cuda":
+            return torch.is_autocast_enabled()
+        return torch.is_autocast_cpu_enabled()
 
 
 def check_tensors(op: str, tensors: dict) -> torch.Tensor:
@@ -43,8 +45,8 @@ def check_tensors(op: str, tensors: dict) -> torch.Tensor:
 
     Raises ``TypeError`` naming the offending arguments (SPEC.md, "Bad input": mixed
     array kinds and mixed dtypes are type errors; mixed devices are the torch analogue).
-    Under CUDA autocast mixed dtypes are allowed here: the autocast rule casts them all to
-    the autocast dtype before the op runs (and the op checks again).
+    Under autocast mixed dtypes are allowed here: the ops' autocast rules cast them all to
+    one dtype before the op runs (and the op checks again).
     """
     given = {n: t for n, t in tensors.items() if t is not None}
     for name, t in given.items():

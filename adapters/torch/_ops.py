@@ -390,11 +390,13 @@ if not _ALREADY_DEFINED:
                                  ("sasa2d", _sasa_grad, _sasa_setup)):
         torch.library.register_autograd(f"{NAMESPACE}::{_name}", _grad, setup_context=_setup)
 
-    # Under CUDA autocast the ops run in float16 (like matmul-class ops). Only torch
-    # versions with torch.library.register_autocast (2.5+) get the rule.
+    # Under autocast the ops run in the usual low-precision dtype of the device (like
+    # matmul-class ops): float16 on CUDA, bfloat16 on the CPU. Only torch versions with
+    # torch.library.register_autocast (2.5+) get the rules.
     if hasattr(torch.library, "register_autocast"):
         for _name in _FORWARD_OPS:
             torch.library.register_autocast(f"{NAMESPACE}::{_name}", "cuda", torch.float16)
+            torch.library.register_autocast(f"{NAMESPACE}::{_name}", "cpu", torch.bfloat16)
 
 
 def _window_work(batch, kernel_size, out_shape_hw):

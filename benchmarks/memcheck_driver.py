@@ -1,6 +1,7 @@
 """Launch every CUDA kernel instantiation once on a small case (for compute-sanitizer).
 
     compute-sanitizer --tool memcheck python -m benchmarks.memcheck_driver
+    python -m benchmarks.memcheck_driver --backend sim     # the same launches on the CPU engine
 
 Every op forward and backward, for every dtype, through the general and the fast path,
 with bias and rel and a border that has invalid slots, plus stride 2 (general path only).
@@ -15,11 +16,31 @@ import traceback
 import numpy as np
 
 
-def main() -> int:
-    import cupy as cp
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("cupy", "sim"), default="cupy")
+    args = ap.parse_args(argv)
     import cupy_localrel as cl
     from cupy_localrel import _geometry as G
-    from cupy_localrel._backends import _cupy as backend, _kernel_ops as K
+    from cupy_localrel._backends import _kernel_ops as K
+    if args.backend == "cupy":
+        import cupy as cp
+        from cupy_localrel._backends import _cupy as backend
+        sync = lambda: cp.cuda.get_current_stream().synchronize()   # noqa: E731
+    else:
+        cp = np
+        from cupy_localrel._backends import _sim as backend
+        sync = lambda: None   # noqa: E731
+    run = dict(backend=args.backend)
+    # Record which instantiations get launched: the point is to cover every one.
+    launched, original = set(), K.Target.function
+
+    def recording(self, filename, name):
+        launched.add((filename, name))
+        return original(self, filename, name)
+
+    K.Target.function = recording
 
     dtypes = [np.float16, np.float32, np.float64]
     try:   # bfloat16 where CuPy can hold it
@@ -43,7 +64,7 @@ def main() -> int:
                 th, tw = G.table_length(kh, border), G.table_length(kw, border)
                 q, k, v = arr(2, heads * dqk, H, W), arr(2, heads * dqk, H, W), arr(2, heads * dv, H, W)
                 bias, rel = arr(heads, th, tw), arr(heads, dqk, th, tw)
-                win = dict(stride=stride, border=border)
+                win = dict(stride=stride, border=border, **run)
                 out, lse = cl.local_attention2d(q, k, v, heads, kernel, bias=bias, rel=rel, return_lse=True, **win)
                 geo = G.qk_geometry(q, k, heads, kernel, 1, stride, border, bias, rel, None, v=v)
                 K.attention_forward(backend.TARGET, geo, q, k, v, bias, rel, allow_tiled=False)
@@ -53,12 +74,16 @@ def main() -> int:
                 cl.local_qk2d_backward(attn, q, k, heads, kernel, bias=bias, rel=rel, **win)
                 cl.local_av2d(attn, v, kernel, **win)
                 cl.local_av2d_backward(out, attn, v, kernel, **win)
-                cp.cuda.get_current_stream().synchronize()
+                sync()
                 print("ok  ", label, flush=True)
             except Exception:
                 failures += 1
                 print("FAIL", label, flush=True)
                 traceback.print_exc()
+    from cupy_localrel._loader import INSTANTIATIONS
+    missing = sorted(f"{f}: {n}" for f, names in INSTANTIATIONS.items() for n in names
+                     if (f, n) not in launched)
+    print(f"{len(launched)} instantiations launched; not launched: {missing or 'none'}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -476,3 +476,16 @@ def test_sim_backend_through_the_adapter():
         grads.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v, bias)))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_compile_dynamic_shapes():
+    torch._dynamo.reset()
+
+    def f(q):
+        logits = lt.local_qk2d(q, q, 2, 3)
+        return lt.local_attention2d(q, q, q, 2, 3, stride=2).sum() + _finite(logits).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for shape in ((1, 4, 5, 5), (2, 4, 7, 6)):
+        q = torch.randn(*shape)
+        torch.testing.assert_close(compiled(q), f(q))

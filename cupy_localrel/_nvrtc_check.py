@@ -127,6 +127,12 @@ def parse_ptxas(log: str) -> dict[str, dict]:
     return out
 
 
+def compiler_warnings(log: str) -> list[str]:
+    """NVRTC's and ptxas's warnings in a compile log (not the -v info lines)."""
+    return [line.strip() for line in log.splitlines()
+            if re.search(r"\bwarning\b", line, re.I) and not line.startswith(("ptxas info", "Remark"))]
+
+
 # ---------------------------------------------------------------------------------------
 # Checking files
 # ---------------------------------------------------------------------------------------
@@ -167,6 +173,8 @@ def check_file(nv: Nvrtc, path: Path, names: Sequence[str], archs: Sequence[str]
             if "cuda_fp16.h" in log and _loader.cuda_include_dir() is None:
                 print("     (no CUDA headers found: pip install nvidia-cuda-runtime-cu12 or set CUDA_PATH)", file=out)
             continue
+        for w in compiler_warnings(log):
+            print(f"warn sm_{arch} {path.name}: {w}", file=out)
         usage = parse_ptxas(log)
         for n in [*names, *plain]:
             u = usage.get(lowered.get(n, n))

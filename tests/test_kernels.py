@@ -397,3 +397,26 @@ def test_non_finite_inputs_propagate(backend, border):
         assert_close(got[finite], want[finite], ATOL["float32"])
     grads = cl.local_attention2d_backward(out, d["q"], d["k"], d["v"], out, lse, 2, backend=backend, **kw)
     assert any(np.isnan(Arrays.get(g)).any() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_query_channels(backend, dtype):
+    """Dqk == 0: logits are the bias alone; the fast and general paths both cope."""
+    rng = np.random.default_rng(2)
+    a = Arrays(backend)
+    q = np.zeros((2, 0, 6, 7), dtype)
+    v = rng.standard_normal((2, 6, 6, 7)).astype(dtype)
+    bias = rng.standard_normal((2, 3, 3)).astype(dtype)
+    out, lse = cl.local_attention2d(a.put(q), a.put(q), a.put(v), 2, 3, bias=a.put(bias), return_lse=True,
+                                    backend=backend)
+    want_out, want_lse = cl.local_attention2d(_f64(q), _f64(q), _f64(v), 2, 3, bias=_f64(bias), return_lse=True,
+                                              backend="numpy")
+    assert_close(Arrays.get(out), want_out, ATOL[dtype])
+    grad = rng.standard_normal(want_out.shape).astype(dtype)
+    got = cl.local_attention2d_backward(a.put(grad), a.put(q), a.put(q), a.put(v), out, lse, 2, 3,
+                                        bias=a.put(bias), backend=backend)
+    want = cl.local_attention2d_backward(_f64(grad), _f64(q), _f64(q), _f64(v), _f64(Arrays.get(out)),
+                                         _f64(Arrays.get(lse)), 2, 3, bias=_f64(bias), backend="numpy")
+    for name in ("v", "bias"):
+        assert_close(Arrays.get(getattr(got, name)), getattr(want, name), ATOL[dtype], name)

@@ -137,6 +137,9 @@ def main(argv=None) -> int:
                         help="torch CPU threads (1: the layers' tensors are tiny, more threads "
                              "only add overhead)")
     parser.add_argument("--no-progress", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # passed through by ``python -m cupy_localrel demo -- ...``
+        argv = argv[1:]
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if _cuda_usable() else "cpu"))

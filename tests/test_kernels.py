@@ -218,6 +218,9 @@ FAST_SHAPES = {
     "lrnet": dict(shape=(1, 2, 1, 8, 19, 21), kernel=7, with_bias=True, with_rel=False, scale=1.0),
     # SASA: Dqk = Dv = 16, relative embeddings, no scaling.
     "sasa": dict(shape=(1, 2, 16, 16, 11, 18), kernel=5, with_bias=False, with_rel=True, scale=1.0),
+    # Dilated, rectangular, several tiles per plane with partial ones at the edges.
+    "dilated": dict(shape=(1, 1, 3, 9, 19, 37), kernel=(5, 3), dilation=(2, 3), with_bias=True,
+                    with_rel=True, scale=0.5),
 }
 
 
@@ -227,7 +230,7 @@ FAST_SHAPES = {
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fast_path_configs(backend, config, border, dtype, sim_seed):
     c = FAST_SHAPES[config]
-    _check_all_ops(backend, border, c["kernel"], 1, 1, dtype, c["with_bias"], c["with_rel"],
+    _check_all_ops(backend, border, c["kernel"], c.get("dilation", 1), 1, dtype, c["with_bias"], c["with_rel"],
                    shape=c["shape"], scale=c["scale"])
 
 

@@ -80,7 +80,12 @@ class Target:
         return module.get_function(name)
 
     def upload(self, host: np.ndarray):
-        return self.xp.asarray(host) if self.name == "cupy" else host
+        if self.name != "cupy":
+            return host
+        device = self.xp.asarray(host)
+        # Cached tables are read later from any stream: let the copy finish first (once).
+        self.xp.cuda.get_current_stream().synchronize()
+        return device
 
     def window(self, geo: Geometry):
         """The geometry buffer of ``geo`` on this target, cached per geometry and device."""

@@ -239,8 +239,14 @@ def _tiled_config(geo: Geometry, c: _Call):
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     bx, by = TILED_BLOCK
     halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
-    smem = c.acc.itemsize * (geo.slots * bx * by + max(ck, cv) * halo_h * halo_w)
+    smem = c.acc.itemsize * (geo.slots * bx * by + max(ck, cv) * halo_h * halo_w) \
+        + _tile_tables(geo.kernel, (bx, by))
     return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+
+
+def _tile_tables(slots: tuple[int, int], block) -> int:
+    """Bytes of a tiled kernel's per-tile tables (offset and table index per slot, per axis)."""
+    return 4 * 2 * (slots[0] * block[1] + slots[1] * block[0])
 
 
 def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_tiled=True):
@@ -302,7 +308,8 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     bx, by = TILED_BWD_BLOCK
     halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
-    smem = c.acc.itemsize * ((2 * geo.slots + 1) * bx * by + max(ck, cv) * halo_h * halo_w) + tables((bx, by))
+    smem = c.acc.itemsize * ((2 * geo.slots + 1) * bx * by + max(ck, cv) * halo_h * halo_w) + tables((bx, by)) \
+        + _tile_tables(geo.kernel, (bx, by))
     return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
 
 
@@ -353,7 +360,8 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     bx, by = TILED_BWD_BLOCK
     halo_h, halo_w = _halo_extent(geo.rows.users[0], by), _halo_extent(geo.cols.users[0], bx)
-    smem = c.acc.itemsize * (2 * _users(geo) * bx * by + max(ck, cv) * halo_h * halo_w)
+    users = (geo.rows.users[0].shape[1], geo.cols.users[0].shape[1])
+    smem = c.acc.itemsize * (2 * _users(geo) * bx * by + max(ck, cv) * halo_h * halo_w) + _tile_tables(users, (bx, by))
     return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
 
 

@@ -195,7 +195,8 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // Query side, fast path (stride 1): query_grad<T, kAttention> with the tile's key and value
 // halo staged in shared memory, chunk by chunk, as in attention_forward_tiled. Shared:
 //   dlogit[K][TILE], dp[K][TILE] (A)    logits then their gradients; grad_out . v per slot
-//   halo[max(CK,CV)][halo_h*halo_w] (A), qs[TILE] (A), row_slot, col_slot (int)
+//   halo[max(CK,CV)][halo_h*halo_w] (A), qs[TILE] (A), row_slot, col_slot (int),
+//   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
 // ---------------------------------------------------------------------------------------
@@ -233,11 +234,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* my_dl = dlogit + p.tid;
   A* my_dp = dp + p.tid;
 
-  auto halo_slot = [&](int ty, int tx, int& tab) {   // this output's slot in the halo, or -1
-    const Slot s = slot_of(w, p.r, p.c, ty, tx);
-    tab = s.tab;
-    return s.valid() ? (s.ny - y0) * halo_w + (s.nx - x0) : -1;
-  };
+  // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
+  // and table index ts.tab, from the tile's tables in shared memory.
+  int* cursor = col_slot + blockDim.x * w.tw;
+  const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
+  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
+  fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
+  __syncthreads();
+  const TileSlots ts(rows, cols);
 
   for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
 
@@ -253,14 +257,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * hw) : A(0);
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
             dot += qreg[d] * key;
           }
         my_dl[(size_t)(ty * w.kw + tx) * tile] += dot;
@@ -279,8 +282,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int e = 0; e < CV; ++e) greg[e] = e < ne ? load(g, (size_t)(e0 + e) * ohw) : A(0);
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         if (hs < 0) continue;
         A dot = 0;
 #pragma unroll
@@ -299,11 +301,10 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         const size_t t = (size_t)(ty * w.kw + tx) * tile;
         if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask"
-        const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab) : A(0));
+        const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
         const A pt = acc_exp(logit - lse_o);
         my_dl[t] = pt * (my_dp[t] - dsum);
       }
@@ -321,14 +322,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int d = 0; d < CK; ++d) acc[d] = 0;
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         const A dl = my_dl[(size_t)(ty * w.kw + tx) * tile];
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
             acc[d] += dl * key;
           }
       }
@@ -461,6 +461,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
 //   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels
+//   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
 // dlogit, (4) dk over q chunks, (5) dv over grad chunks.
 // ---------------------------------------------------------------------------------------
@@ -493,13 +494,15 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
 
-  // User (a, b): its slot in shared arrays, its place in the output halo (-1: padding).
-  auto user_at = [&](int a, int b, User& u) {
-    return user_of(w, p.r, p.c, a, b, u) ? (u.i - oy0) * halo_w + (u.j - ox0) : -1;
-  };
-  auto user_tab = [&](const User& u) {
-    return w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
-  };
+  // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
+  // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
+  int* cursor = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
+  fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
+                  p.tid, tile);
+  fill_users_axis(cols, w.cu_out, w.cu_slot, w.cols_tab, w.kw, w.mc, p.col0, blockDim.x, w.W, ox0, 1, p.tid, tile);
+  __syncthreads();
+  const TileSlots ts(rows, cols);
 
   for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = user_dl[(size_t)s * tile] = 0;
 
@@ -515,10 +518,9 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        User u;
-        const int uh = user_at(a, b, u);
+        const int uh = ts.off(a, b);
         if (uh < 0) continue;
-        const int tab = user_tab(u);
+        const int tab = ts.tab(a, b, w.tw);
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < CK; ++d)
@@ -543,8 +545,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int e = 0; e < CV; ++e) vreg[e] = e < ne ? load(vn, (size_t)(e0 + e) * hw) : A(0);
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        User u;
-        const int uh = user_at(a, b, u);
+        const int uh = ts.off(a, b);
         if (uh < 0) continue;
         A dot = 0;
 #pragma unroll
@@ -558,10 +559,12 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   if (p.inside)
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        User u;
-        if (user_at(a, b, u) < 0) continue;
-        const size_t s = (size_t)(a * w.mc + b) * tile, o = (size_t)p.plane * ohw + (size_t)u.i * w.Wo + u.j;
-        const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + user_tab(u)) : A(0));
+        const int uh = ts.off(a, b);
+        if (uh < 0) continue;
+        // The user's output (i, j) = (oy0 + uh / halo_w, ox0 + uh % halo_w) (stride 1).
+        const size_t s = (size_t)(a * w.mc + b) * tile;
+        const size_t o = (size_t)p.plane * ohw + (size_t)(oy0 + uh / halo_w) * w.Wo + (ox0 + uh % halo_w);
+        const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(a, b, w.tw)) : A(0));
         const A pt = acc_exp(logit - lse[o]);
         user_p[s] = pt;
         user_dl[s] = pt * (user_dl[s] - delta[o]);
@@ -579,8 +582,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int d = 0; d < CK; ++d) acc[d] = 0;
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        User u;
-        const int uh = user_at(a, b, u);
+        const int uh = ts.off(a, b);
         if (uh < 0) continue;
         const A dl = user_dl[(size_t)(a * w.mc + b) * tile];
 #pragma unroll
@@ -604,8 +606,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int e = 0; e < CV; ++e) acc[e] = 0;
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        User u;
-        const int uh = user_at(a, b, u);
+        const int uh = ts.off(a, b);
         if (uh < 0) continue;
         const A pu = user_p[(size_t)(a * w.mc + b) * tile];
 #pragma unroll

@@ -141,6 +141,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 // (computed on the host from the same tables). Dynamic shared memory:
 //   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
 //   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels
+//   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
 // stay in shared memory: nothing attention-sized is written to global memory.
@@ -166,13 +167,14 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const T* kb = k + (size_t)p.plane * dqk * w.in_plane();
   const T* rel_h = rel + (size_t)h * dqk * tt;
 
-  // Where slot t of this thread's output sits in the halo (-1: outside the image), and its
-  // table index; recomputed per phase from the (cached) tables rather than kept in shared.
-  auto halo_slot = [&](int ty, int tx, int& tab) {
-    const Slot s = slot_of(w, p.r, p.c, ty, tx);
-    tab = s.tab;
-    return s.valid() ? (s.ny - y0) * halo_w + (s.nx - x0) : -1;
-  };
+  // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
+  // and table index ts.tab, from the tile's tables in shared memory.
+  int* cursor = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
+  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
+  fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
+  __syncthreads();
+  const TileSlots ts(rows, cols);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
   for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
@@ -187,14 +189,13 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
     for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * w.in_plane()) : A(0);
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < CK; ++d) {   // fully unrolled: qreg stays in registers
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
             dot += qreg[d] * key;
           }
         }
@@ -207,11 +208,10 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
     A m = neg_inf<A>();
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         A& x = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
         if (hs < 0 && !w.zeros) { x = neg_inf<A>(); continue; }   // border="mask"
-        x = scale * x + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab) : A(0));
+        x = scale * x + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
         m = acc_max(m, x);
       }
     A l = 0;
@@ -238,8 +238,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
     for (int e = 0; e < CV; ++e) acc[e] = 0;
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
-        int tab;
-        const int hs = halo_slot(ty, tx, tab);
+        const int hs = ts.off(ty, tx);
         if (hs < 0) continue;   // invalid slots carry value 0
         const A wt = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
 #pragma unroll

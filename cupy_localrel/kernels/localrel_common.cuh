@@ -204,4 +204,66 @@ __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T*
 }
 
 
+// ---------------------------------------------------------------------------------------
+// The window (or users) tables of one tile, re-expressed in shared memory as offsets into
+// the tile's halo, filled once per block. Along each axis, entry [s][l] belongs to slot
+// (or user) s of the tile's l-th row/column: its halo offset (row part: times halo_w), or
+// kOutside when it looks outside the image, and its bias/rel table index. A slot then costs
+// two shared loads and an add, instead of four table loads and their index arithmetic in
+// every phase: the tiled kernels are bound by such integer work more than by their data.
+// ---------------------------------------------------------------------------------------
+constexpr int kOutside = -(1 << 29);   // any sum with a valid offset (< 2^28) stays negative
+
+struct TileAxis {
+  int* off;   // [slots][n]
+  int* tab;   // [slots][n]
+};
+
+// Carve a TileAxis of `slots` x `n` entries from `*cursor` (shared ints), advancing it.
+__device__ __forceinline__ TileAxis carve_axis(int*& cursor, int slots, int n) {
+  TileAxis a;
+  a.off = cursor;
+  a.tab = cursor + slots * n;
+  cursor += 2 * slots * n;
+  return a;
+}
+
+// From a window table pair (pos, tab) of shape (total, k): outputs first .. first+n-1.
+__device__ __forceinline__ void fill_window_axis(TileAxis a, const int* __restrict__ pos,
+                                                 const int* __restrict__ tab, int k, int first, int n,
+                                                 int total, int origin, int step, int tid, int nthreads) {
+  for (int idx = tid; idx < k * n; idx += nthreads) {
+    const int s = idx / n, i = first + idx % n;
+    const int at = i < total ? pos[i * k + s] : -1;
+    a.off[idx] = at >= 0 ? (at - origin) * step : kOutside;
+    a.tab[idx] = i < total ? tab[i * k + s] : 0;
+  }
+}
+
+// From a users table pair (out, slot) of shape (total, m): inputs first .. first+n-1; the
+// offset is that of the user's output, the table index that of its slot (window tab, k).
+__device__ __forceinline__ void fill_users_axis(TileAxis a, const int* __restrict__ users_out,
+                                                const int* __restrict__ users_slot,
+                                                const int* __restrict__ window_tab, int k, int m, int first,
+                                                int n, int total, int origin, int step, int tid,
+                                                int nthreads) {
+  for (int idx = tid; idx < m * n; idx += nthreads) {
+    const int s = idx / n, y = first + idx % n;
+    const int o = y < total ? users_out[y * m + s] : -1;
+    a.off[idx] = o >= 0 ? (o - origin) * step : kOutside;
+    a.tab[idx] = o >= 0 ? window_tab[o * k + users_slot[y * m + s]] : 0;
+  }
+}
+
+// This thread's view: slot (sr, sc) -> halo offset (negative: outside) and table index.
+struct TileSlots {
+  const int *row_off, *row_tab, *col_off, *col_tab;
+  int by, bx;
+  __device__ TileSlots(TileAxis rows, TileAxis cols)
+      : row_off(rows.off + threadIdx.y), row_tab(rows.tab + threadIdx.y), col_off(cols.off + threadIdx.x),
+        col_tab(cols.tab + threadIdx.x), by(blockDim.y), bx(blockDim.x) {}
+  __device__ int off(int sr, int sc) const { return row_off[sr * by] + col_off[sc * bx]; }
+  __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
+};
+
 }  // namespace localrel

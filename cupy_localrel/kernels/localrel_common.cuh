@@ -2,7 +2,7 @@
 //
 // What lives here: the storage/accumulation types (half, bfloat16, float, double stored;
 // float or double accumulated), the view of the int32 window-geometry buffer that
-// cupy_localrel/_backends/_kernel_ops.py uploads, and the mapping of a block to a tile of
+// cupy_localrel/_backends/_kernel_ops.py uploads (_window_table), and the mapping of a block to a tile of
 // one (batch, head) plane.
 //
 // What does NOT live here, nor in any kernel: border logic. Which input a window slot looks

@@ -60,7 +60,7 @@ template <> __device__ __forceinline__ double neg_inf<double>() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The geometry buffer (int32), written by _kernel_ops.window_buffer in this order.
+// The geometry buffer (int32), written by _kernel_ops._window_table in this order.
 // ---------------------------------------------------------------------------------------
 enum WindowField {
   kH, kW, kHo, kWo, kKh, kKw,

@@ -232,16 +232,27 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_config(geo: Geometry, c: _Call):
-    """(CK, CV, shared bytes, halo_h, halo_w) of the fast path, or None when it does not apply."""
+def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_bytes: int):
+    """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
+
+    Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
+    float64 (twice the shared memory for little use) and must fit SMEM_LIMIT. The halo is
+    the largest span of the (-1 padded) tables over ``block`` consecutive rows/columns;
+    ``other_bytes`` is the kernel's shared memory besides the halo.
+    """
     if geo.stride != (1, 1) or geo.dtype == np.float64:
         return None
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
-    bx, by = TILED_BLOCK
-    halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
-    smem = c.acc.itemsize * (geo.slots * bx * by + max(ck, cv) * halo_h * halo_w) \
-        + _tile_tables(geo.kernel, (bx, by))
+    halo_h, halo_w = _halo_extent(rows_table, block[1]), _halo_extent(cols_table, block[0])
+    smem = c.acc.itemsize * max(ck, cv) * halo_h * halo_w + other_bytes
     return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+
+
+def _tiled_config(geo: Geometry, c: _Call):
+    """Plan of attention_forward_tiled: logits/weights [K][tile] and the per-tile tables."""
+    bx, by = TILED_BLOCK
+    return _tiled_plan(geo, c, TILED_BLOCK, geo.rows.pos, geo.cols.pos,
+                       c.acc.itemsize * geo.slots * bx * by + _tile_tables(geo.kernel, TILED_BLOCK))
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -302,15 +313,11 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, del
 
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
-    """(CK, CV, shared bytes, halo_h, halo_w) of query_grad_tiled, or None."""
-    if geo.stride != (1, 1) or geo.dtype == np.float64:
-        return None
-    ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
+    """Plan of query_grad_tiled: dlogit and dp [K][tile], qs[tile], inverse and per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    halo_h, halo_w = _halo_extent(geo.rows.pos, by), _halo_extent(geo.cols.pos, bx)
-    smem = c.acc.itemsize * ((2 * geo.slots + 1) * bx * by + max(ck, cv) * halo_h * halo_w) + tables((bx, by)) \
-        + _tile_tables(geo.kernel, (bx, by))
-    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+    other = c.acc.itemsize * (2 * geo.slots + 1) * bx * by + tables(TILED_BWD_BLOCK) \
+        + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, geo.rows.pos, geo.cols.pos, other)
 
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
@@ -350,19 +357,16 @@ def _users(geo: Geometry) -> int:
 
 
 def _tiled_key_config(geo: Geometry, c: _Call):
-    """(CK, CV, shared bytes, halo_h, halo_w) of key_grad_tiled, or None.
+    """Plan of key_grad_tiled: weights and logit gradients [U][tile], per-tile users tables.
 
-    With stride 1 a query sits at its output's position, so the users' queries and output
-    gradients are staged over one rectangle of outputs (spanned by the users tables).
+    The halo is the rectangle of outputs using the tile's keys (spanned by the users tables);
+    with stride 1 their queries sit at the same positions, so one rectangle serves both.
     """
-    if geo.stride != (1, 1) or geo.dtype == np.float64:
-        return None
-    ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     bx, by = TILED_BWD_BLOCK
-    halo_h, halo_w = _halo_extent(geo.rows.users[0], by), _halo_extent(geo.cols.users[0], bx)
-    users = (geo.rows.users[0].shape[1], geo.cols.users[0].shape[1])
-    smem = c.acc.itemsize * (2 * _users(geo) * bx * by + max(ck, cv) * halo_h * halo_w) + _tile_tables(users, (bx, by))
-    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+    (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
+    other = c.acc.itemsize * 2 * _users(geo) * bx * by \
+        + _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, rows_users, cols_users, other)
 
 
 def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):

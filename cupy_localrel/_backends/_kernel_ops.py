@@ -15,11 +15,12 @@ Kernel choice (see the .cu files for what each does):
   stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
   16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).
-- fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials; its fast path
-  ``query_grad_tiled<T, CK, CV>`` under the same conditions and configurations as the
-  forward's) then ``key_grad<T, 0>`` (dk, dv gathered through the users tables; fast path
-  ``key_grad_tiled<T, CK, CV>``), then
-  ``table_reduce`` (dbias/drel, fixed order).
+- fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
+  ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``
+  (dbias/drel in a fixed order). Fast paths ``query_grad_tiled<T, CK, CV>`` and
+  ``key_grad_tiled<T, CK, CV>`` under the forward's conditions and configurations.
+- ``local_qk2d``/``local_av2d``: one general kernel each way (``qk_forward``, ``av_forward``;
+  ``query_grad<T, 1>`` + ``key_grad<T, 1>``; ``av_dattn`` + ``key_grad<T, 2>``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
 VPT = 8                         # value channels per thread of the general kernels
-TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of attention_forward_tiled
+TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
 HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags

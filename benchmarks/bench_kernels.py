@@ -93,7 +93,15 @@ def bench_lrnet(info: dict, quick: bool) -> dict:
     general = cuda_time(lambda: K.attention_forward(backend.TARGET, geo, q, key, v, bias, None, allow_tiled=False))
     nbytes = (q.nbytes + key.nbytes + v.nbytes) + v.nbytes   # out has v's size (stride 1)
     result = dict(shape=dict(B=B, C=C, H=H, W=W, k=k, m=m, heads=heads, dtype="float32", border="mask"),
-                  bytes_moved_min=nbytes, fast_path_ms=fast, general_path_ms=general)
+                  bytes_moved_min=nbytes, fast_path_ms=fast, general_path_ms=general,
+                  fast_path_kernel=f"attention_forward_tiled<float, {', '.join(map(str, K.TILED_CONFIGS['lrnet']))}>")
+    # Backward too (not asked for the LR-Net shape, but the same layer trains).
+    out, lse = cl.local_attention2d(q, key, v, heads, k, bias=bias, scale=1.0, return_lse=True)
+    grad = cp.ones_like(out)
+    result["backward_ms"] = cuda_time(lambda: cl.local_attention2d_backward(
+        grad, q, key, v, out, lse, heads, k, bias=bias, scale=1.0), repeat=10)
+    result["backward_general_path_ms"] = cuda_time(lambda: K.attention_backward(
+        backend.TARGET, geo, grad, q, key, v, out, lse, bias, None, allow_tiled=False), repeat=10)
     for label, ms in (("fast_path", fast), ("general_path", general)):
         gbps = nbytes / (ms * 1e-3) / 1e9
         result[f"{label}_GBps"] = gbps
@@ -138,6 +146,11 @@ def bench_sasa(info: dict, quick: bool) -> dict:
 
     result = dict(shape=dict(B=B, C=C, H=H, W=W, k=k, heads=heads, dqk=d, dv=d, dtype="float16", border="mask"))
     result["ours_fwd_ms"] = cuda_time(lambda: cl.local_attention2d(q, key, v, heads, k, **kw), repeat=10)
+    from cupy_localrel import _geometry as G
+    from cupy_localrel._backends import _cupy as backend, _kernel_ops as K
+    geo = G.qk_geometry(q, key, heads, k, 1, 1, "mask", None, rel, 1.0, v=v)
+    result["ours_fwd_general_path_ms"] = cuda_time(
+        lambda: K.attention_forward(backend.TARGET, geo, q, key, v, None, rel, allow_tiled=False), repeat=10)
     result["ours_fwd_bwd_ms"] = cuda_time(ours, repeat=10)
     _, result["ours_fwd_bwd_peak_bytes"] = _peak_bytes(ours)
     result["inputs_bytes"] = q.nbytes * 3 + grad.nbytes

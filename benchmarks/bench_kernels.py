@@ -154,6 +154,8 @@ def bench_sasa(info: dict, quick: bool) -> dict:
     result["ours_fwd_bwd_ms"] = cuda_time(ours, repeat=10)
     _, result["ours_fwd_bwd_peak_bytes"] = _peak_bytes(ours)
     result["inputs_bytes"] = q.nbytes * 3 + grad.nbytes
+    result["memory_note"] = ("peak bytes beyond the inputs: ours = high-water of a fresh CuPy pool over "
+                             "one fwd+bwd; torch = max_memory_allocated minus what was allocated before")
     result["unfold"] = _sasa_unfold(q, key, v, rel, grad, heads, k)
     return result
 

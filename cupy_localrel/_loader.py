@@ -60,13 +60,14 @@ def include_dirs_for(path: Path) -> list[Path]:
 
 
 def load_module(filename: str, name_expressions: Sequence[str] = (), *, target: str,
-                options: Sequence[str] = (), sanitize: bool | None = None):
+                options: Sequence[str] = (), sanitize: bool | str | None = None):
     """Compile (cached) and return the module of one kernel source file.
 
     target "cupy": a ``cupy.RawModule``, cached per (device, file, names, options).
     target "sim": a CPU ``SimModule`` (g++ build cached on disk by content hash; a fresh
     module object per call, so its `seed`/`workers` settings are the caller's own).
-    `sanitize` (sim only): build with AddressSanitizer; default from CUPY_LOCALREL_SIM_ASAN.
+    `sanitize` (sim only): True/"address" (AddressSanitizer) or "thread" (ThreadSanitizer race
+    check); default from CUPY_LOCALREL_SIM_ASAN / CUPY_LOCALREL_SIM_TSAN.
     """
     names = tuple(str(n) for n in name_expressions)
     options = tuple(str(o) for o in options)
@@ -85,7 +86,7 @@ def sim_available() -> tuple[bool, str]:
     return _engine.available()
 
 
-def _load_sim(path: Path, names: tuple, options: tuple, sanitize: bool | None):
+def _load_sim(path: Path, names: tuple, options: tuple, sanitize: bool | str | None):
     ok, why = sim_available()
     if not ok:
         raise RuntimeError(f"sim backend unavailable: {why}")

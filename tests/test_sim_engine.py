@@ -665,6 +665,44 @@ def test_asan_reports_out_of_bounds_write_with_file_and_line(tmp_path):
     assert "happened in CUDA block (3,0,0) thread (232,0,0)" in r.stderr, r.stderr[-3000:]
 
 
+def test_tsan_racecheck_reports_missing_barrier_only(tmp_path):
+    """ThreadSanitizer mode: the unsynchronised neighbour read is reported with both source
+    lines and CUDA threads; the same exchange with a barrier, warp exchanges ordered by
+    __syncwarp and atomics are not."""
+    if not Path(engine.runtime_path("thread")).is_file():
+        pytest.skip("libtsan not found next to g++")
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from cupy_localrel import _loader
+        k = {str(KDIR)!r}
+        bar = _loader.load_module(k + "/sim_barrier.cu", target="sim", sanitize="thread")
+        warp = _loader.load_module(k + "/sim_warp.cu", target="sim", sanitize="thread")
+        atom = _loader.load_module(k + "/sim_atomics.cu", target="sim", sanitize="thread")
+        x = np.arange(2 * 256, dtype=np.float32)
+        bar.get_function("shift_barrier")((2,), (256,), (x, np.zeros_like(x)))
+        warp.get_function("syncwarp_rotate")((2,), (128,), (np.arange(256, dtype=np.int32),
+                                                            np.zeros(256, np.int32)))
+        atom.get_function("histogram")((4,), (64,), (np.arange(999, dtype=np.int32), np.int32(999),
+                                                     np.zeros(16, np.uint32)))
+        sys.stderr.write("CLEAN PART DONE\\n"); sys.stderr.flush()
+        bar.get_function("shift_no_barrier")((2,), (256,), (x, np.zeros_like(x)))
+    """)
+    env = engine.sanitizer_env("thread")
+    env[engine.ENV_CACHE] = os.environ.get(engine.ENV_CACHE, str(engine.cache_dir().parent))
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    clean, marker, racy = r.stderr.partition("CLEAN PART DONE")
+    assert marker, r.stderr[-3000:]
+    assert "WARNING: ThreadSanitizer" not in clean, clean[-6000:]
+    assert racy.count("WARNING: ThreadSanitizer: data race") == 1, racy[-6000:]
+    src = (KDIR / "sim_barrier.cu").read_text().splitlines()
+    start = next(i for i, t in enumerate(src, 1) if "void shift_no_barrier" in t)
+    assert f"shift_no_barrier {KDIR / 'sim_barrier.cu'}:{start + 4}" in racy    # the read
+    assert f"shift_no_barrier {KDIR / 'sim_barrier.cu'}:{start + 3}" in racy    # the write
+    assert "'CUDA block (" in racy
+
+
 def test_asan_mode_without_runtime_says_how(monkeypatch):
     if "libasan" in open("/proc/self/maps").read():
         pytest.skip("this process already runs under ASan")

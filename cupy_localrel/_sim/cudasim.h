@@ -62,6 +62,34 @@
 #define CUDASIM 1
 #define CUPY_LOCALREL_SIM 1
 
+// ThreadSanitizer mode ("racecheck"): every CUDA thread is a TSan fiber, and the points
+// where CUDA orders threads (barriers, warp collectives, block boundaries) are told to TSan
+// as release/acquire pairs, so TSan reports accesses from two CUDA threads that nothing
+// orders: shared-memory races within a block and global-memory races between blocks.
+#if defined(__SANITIZE_THREAD__)
+#define CUDASIM_TSAN 1
+extern "C" void* __tsan_get_current_fiber(void);
+extern "C" void* __tsan_create_fiber(unsigned flags);
+extern "C" void __tsan_destroy_fiber(void* fiber);
+extern "C" void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+extern "C" void __tsan_ignore_thread_begin(void);
+extern "C" void __tsan_ignore_thread_end(void);
+extern "C" void __tsan_set_fiber_name(void* fiber, const char* name);
+#define CUDASIM_TSAN_RELEASE(p) __tsan_release((void*)(p))
+#define CUDASIM_TSAN_ACQUIRE(p) __tsan_acquire((void*)(p))
+// The engine's own bookkeeping (barrier counters, exchange buffers, scheduler state) is
+// sequential by construction; only the kernel's accesses are checked.
+#define CUDASIM_ENGINE_BEGIN() __tsan_ignore_thread_begin()
+#define CUDASIM_ENGINE_END() __tsan_ignore_thread_end()
+#else
+#define CUDASIM_TSAN_RELEASE(p) ((void)0)
+#define CUDASIM_TSAN_ACQUIRE(p) ((void)0)
+#define CUDASIM_ENGINE_BEGIN() ((void)0)
+#define CUDASIM_ENGINE_END() ((void)0)
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #define CUDASIM_ASAN 1
 extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
@@ -149,6 +177,8 @@ struct Fiber {
   char* stack = nullptr;
   size_t stack_size = 0;
   void* asan_fake = nullptr;
+  void* tsan_fiber = nullptr;
+  char tsan_name[64];
   uint3 tid{};
   unsigned lin = 0;      // linear thread index in the block
   Wait wait = RUNNING;
@@ -165,6 +195,7 @@ struct Warp {
   unsigned mask = 0, count = 0, need = 0, pending = 0, gen = 0;
   unsigned exited = 0;   // lanes whose thread has returned from the kernel
   uint64_t slot[32];
+  char tsan_sync[2];     // release/acquire addresses of even and odd collectives (TSan mode)
 };
 
 struct Block {
@@ -186,6 +217,11 @@ struct Block {
   int bar_acc = 0, bar_result[2] = {0, 0};
   const char* bar_file = nullptr;  // call site of the first thread waiting at the barrier
   int bar_line = 0;
+  char tsan_bar[2];      // release/acquire addresses of even and odd barriers (TSan mode)
+  char tsan_block[2];    // orders one block's threads before the next block's on this worker
+  char tsan_parked;      // every switch-out releases here: the launch's end comes after all
+  unsigned blocks_run = 0;  // blocks this worker has started; its parity picks tsan_block
+  void* tsan_sched = nullptr;
   uint64_t progress = 0;   // bumped whenever some fiber gets past a wait
   uint64_t epoch = 0;      // distinct per block run by this worker: shared memory re-poisoning
   std::string error;
@@ -215,7 +251,17 @@ inline void yield_() {
   __sanitizer_start_switch_fiber(&f->asan_fake, tb->sched_bottom, tb->sched_size);
 #endif
 #ifdef CUDASIM_ASM_SWITCH
-  cudasim_switch_x86_64(&f->sp, tb->sched_sp);
+  void* const sched_sp = tb->sched_sp;
+#endif
+#ifdef CUDASIM_TSAN
+  // Everything this fiber did so far happens before the end of the launch (the scheduler
+  // acquires tsan_parked then); so no memory is read between this release and the switch.
+  void* const sched = tb->tsan_sched;
+  __tsan_release(&tb->tsan_parked);
+  __tsan_switch_to_fiber(sched, 1 /* no synchronisation: only ours counts */);
+#endif
+#ifdef CUDASIM_ASM_SWITCH
+  cudasim_switch_x86_64(&f->sp, sched_sp);
 #else
   if (_setjmp(f->jb) == 0) _longjmp(tb->sched, 1);
 #endif
@@ -241,14 +287,22 @@ struct SharedSlot {
   ~SharedSlot() { free(p); }
 };
 template <class T, int Site>
-inline T& shared_var() {
+inline SharedSlot& shared_slot() {
   static thread_local SharedSlot slot;
+  return slot;
+}
+template <class T, int Site>
+inline T& shared_var() {
+  CUDASIM_ENGINE_BEGIN();
+  SharedSlot& slot = shared_slot<T, Site>();
   if (slot.epoch != tb->epoch) {
     if (!slot.p && posix_memalign(&slot.p, 128, sizeof(T))) fail("out of memory for __shared__");
     memset(slot.p, kPoison, sizeof(T));
     slot.epoch = tb->epoch;
   }
-  return *static_cast<T*>(slot.p);
+  T* p = static_cast<T*>(slot.p);
+  CUDASIM_ENGINE_END();
+  return *p;
 }
 inline void* dyn_smem() { return tb->dyn; }
 
@@ -259,6 +313,7 @@ inline void* dyn_smem() { return tb->dyn; }
 // must reach the same __syncthreads call (CUDA: the barrier may sit in conditional code only
 // if the condition is uniform over the block), so the call site is checked too.
 inline int barrier(int pred, const char* file, int line) {
+  CUDASIM_ENGINE_BEGIN();
   Block& b = *tb;
   if (b.nfinished)
     fail("divergent __syncthreads: " + where() + " reached a barrier at " + file + ":" + std::to_string(line) +
@@ -272,6 +327,7 @@ inline int barrier(int pred, const char* file, int line) {
   }
   const unsigned g = b.bar_gen;
   b.bar_acc += pred != 0;
+  CUDASIM_TSAN_RELEASE(&b.tsan_bar[g & 1]);
   if (++b.bar_count == b.nthreads) {
     b.bar_result[g & 1] = b.bar_acc;
     b.bar_acc = 0; b.bar_count = 0; b.bar_gen++; b.progress++;
@@ -280,7 +336,10 @@ inline int barrier(int pred, const char* file, int line) {
     while (b.bar_gen == g) yield_();
     b.cur->wait = RUNNING;
   }
-  return b.bar_result[g & 1];
+  CUDASIM_TSAN_ACQUIRE(&b.tsan_bar[g & 1]);
+  const int r = b.bar_result[g & 1];
+  CUDASIM_ENGINE_END();
+  return r;
 }
 
 inline unsigned lane_id() { return tb->cur->lin & 31; }
@@ -295,6 +354,7 @@ inline unsigned warp_exists_mask() {
 // before the exchange buffer is released.
 template <class F>
 inline auto warp_collective(unsigned mask, uint64_t mine, F read) {
+  CUDASIM_ENGINE_BEGIN();
   Block& b = *tb;
   const unsigned lin = b.cur->lin, lane = lin & 31;
   Warp& w = b.w[lin >> 5];
@@ -320,18 +380,24 @@ inline auto warp_collective(unsigned mask, uint64_t mine, F read) {
   }
   const unsigned g = w.gen;
   w.slot[lane] = mine;
+  CUDASIM_TSAN_RELEASE(&w.tsan_sync[g & 1]);
   if (++w.count == w.need) {
     w.gen++; b.progress++;
     w.pending = w.need - 1;
     w.state = w.pending ? Warp::DRAINING : Warp::IDLE;
     b.cur->wait = RUNNING;
-    return read(w.slot);
+    CUDASIM_TSAN_ACQUIRE(&w.tsan_sync[g & 1]);
+    auto r = read(w.slot);
+    CUDASIM_ENGINE_END();
+    return r;
   }
   while (w.gen == g) yield_();
   b.cur->wait = RUNNING;
+  CUDASIM_TSAN_ACQUIRE(&w.tsan_sync[g & 1]);
   auto r = read(w.slot);
   if (--w.pending == 0) w.state = Warp::IDLE;
   b.progress++;
+  CUDASIM_ENGINE_END();
   return r;
 }
 
@@ -394,8 +460,20 @@ inline void fiber_entry() {
   __sanitizer_finish_switch_fiber(nullptr, &tb->sched_bottom, &tb->sched_size);
 #endif
   for (;;) {
+    // TSan: this block's threads come after the previous block's on this worker (they reuse
+    // its shared memory), but not after each other: two alternating sync addresses.
+    CUDASIM_ENGINE_BEGIN();
+    CUDASIM_TSAN_ACQUIRE(&tb->tsan_block[(tb->blocks_run + 1) & 1]);
+#ifdef CUDASIM_TSAN
+    snprintf(tb->cur->tsan_name, sizeof tb->cur->tsan_name, "CUDA %s", where().c_str());
+    __tsan_set_fiber_name(tb->cur->tsan_fiber, tb->cur->tsan_name);
+#endif
+    CUDASIM_ENGINE_END();
     tb->body(tb->ctx);
+    CUDASIM_ENGINE_BEGIN();
+    CUDASIM_TSAN_RELEASE(&tb->tsan_block[tb->blocks_run & 1]);
     tb->cur->wait = FINISHED;
+    CUDASIM_ENGINE_END();
     yield_();
   }
 }
@@ -443,6 +521,9 @@ inline void resume(Block& b, Fiber& f) {
 #ifdef CUDASIM_ASAN
   __sanitizer_start_switch_fiber(&b.sched_fake, f.stack, f.stack_size);
 #endif
+#ifdef CUDASIM_TSAN
+  __tsan_switch_to_fiber(f.tsan_fiber, 1);
+#endif
 #ifdef CUDASIM_ASM_SWITCH
   f.started = true;
   cudasim_switch_x86_64(&b.sched_sp, f.sp);
@@ -471,6 +552,7 @@ inline std::string deadlock_report(const Block& b) {
 inline void run_block(Block& b, const LaunchConfig& c, unsigned linear_block, std::vector<unsigned>& order) {
   const unsigned nt = b.nthreads;
   memset(b.dyn, kPoison, c.dyn_smem);
+  b.blocks_run++;
   b.epoch = g_epoch.fetch_add(1) + 1;  // unique across launches: SharedSlots outlive a Block
   b.nfinished = 0; b.bar_count = 0; b.bar_acc = 0;
   for (Warp& w : b.w) w = Warp{};
@@ -512,7 +594,11 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
                         std::atomic<bool>& stop, std::string& err, std::mutex& err_mu) {
   const unsigned nt = c.block[0] * c.block[1] * c.block[2];
   const unsigned nb = c.grid[0] * c.grid[1] * c.grid[2];
+  CUDASIM_ENGINE_BEGIN();
   Block b; tb = &b;
+#ifdef CUDASIM_TSAN
+  b.tsan_sched = __tsan_get_current_fiber();
+#endif
   b.body = body; b.ctx = ctx; b.nthreads = nt;
   b.f.resize(nt); b.w.resize((nt + 31) / 32);
   t_blockDim = dim3(c.block[0], c.block[1], c.block[2]);
@@ -524,7 +610,9 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
     if (err.empty()) err = m;
     stop = true;
   };
-  if (!acquire_stacks(stacks, c.stack_size, nt)) { report("cannot allocate fiber stacks"); tb = nullptr; return; }
+  if (!acquire_stacks(stacks, c.stack_size, nt)) {
+    report("cannot allocate fiber stacks"); tb = nullptr; CUDASIM_ENGINE_END(); return;
+  }
   if (posix_memalign(&dyn, 128, c.dyn_smem ? c.dyn_smem : 1)) { report("cannot allocate dynamic shared memory"); }
   b.dyn = static_cast<char*>(dyn);
   const size_t page = (size_t)sysconf(_SC_PAGESIZE);
@@ -534,6 +622,9 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
     f.tid = {t % c.block[0], t / c.block[0] % c.block[1], t / (c.block[0] * c.block[1])};
     f.stack = stacks.base + t * (c.stack_size + page) + page;
     f.stack_size = c.stack_size;
+#ifdef CUDASIM_TSAN
+    f.tsan_fiber = __tsan_create_fiber(0);   // inherits this thread's clock: the launch's setup
+#endif
     prepare_fiber(b, f);
   }
   std::vector<unsigned> order(nt);
@@ -544,9 +635,18 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
     if (!b.error.empty()) report(b.error);
   }
   // Fibers that failed are parked mid-kernel; their stacks are simply reused later.
+  // the fibers' work happens before the launch returns (and their stacks are reused)
+  CUDASIM_TSAN_ACQUIRE(&b.tsan_parked);
+#ifdef CUDASIM_TSAN
+  // A fiber parked mid-kernel by an error may sit inside an engine (ignored) region, and
+  // TSan dies when such a fiber is destroyed: those few are leaked instead.
+  for (Fiber& f : b.f)
+    if (f.tsan_fiber && (f.wait == FINISHED || !f.started)) __tsan_destroy_fiber(f.tsan_fiber);
+#endif
   free(dyn);
   release_stacks(stacks);
   tb = nullptr;
+  CUDASIM_ENGINE_END();
 }
 
 #ifdef CUDASIM_ASAN

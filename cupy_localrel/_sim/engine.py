@@ -14,8 +14,9 @@ environment, read at each launch):
 - ``stack_kb``: stack of each CUDA thread (fiber), KiB. Default 256 (virtual memory, only
   touched pages cost). Env ``CUPY_LOCALREL_SIM_STACK_KB``.
 
-Build-time environment: ``CUPY_LOCALREL_SIM_ASAN=1`` builds with AddressSanitizer (the
-process must preload libasan, see `asan_env`); ``CUPY_LOCALREL_CACHE`` moves the cache of
+Build-time environment: ``CUPY_LOCALREL_SIM_ASAN=1`` builds with AddressSanitizer and
+``CUPY_LOCALREL_SIM_TSAN=1`` with ThreadSanitizer (the process must preload the runtime,
+see `sanitizer_env`); ``CUPY_LOCALREL_CACHE`` moves the cache of
 compiled libraries (default ``$XDG_CACHE_HOME/cupy_localrel`` or ``~/.cache/cupy_localrel``);
 ``CUPY_LOCALREL_CXX`` picks the compiler (default ``g++``, version 12 or later).
 """
@@ -45,6 +46,7 @@ ENV_SEED = "CUPY_LOCALREL_SIM_SEED"
 ENV_WORKERS = "CUPY_LOCALREL_SIM_WORKERS"
 ENV_STACK_KB = "CUPY_LOCALREL_SIM_STACK_KB"
 ENV_ASAN = "CUPY_LOCALREL_SIM_ASAN"
+ENV_TSAN = "CUPY_LOCALREL_SIM_TSAN"
 ENV_CACHE = "CUPY_LOCALREL_CACHE"
 ENV_CXX = "CUPY_LOCALREL_CXX"
 
@@ -61,7 +63,7 @@ _BASE_FLAGS = ("-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-
 # The x86-64 fiber switch returns to another fiber's address: mark the library as not
 # shadow-stack (CET) compatible, whatever the compiler's default.
 _ARCH_FLAGS = ("-fcf-protection=none",) if platform.machine() in ("x86_64", "AMD64") else ()
-_ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-O1")
+_SANITIZER_FLAGS = ("-fno-omit-frame-pointer", "-O1")
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,33 +108,70 @@ def cache_dir() -> Path:
     return base / "sim"
 
 
+# Sanitizer modes: the compiler flag, the runtime library, its options for a child process.
+SANITIZERS = {
+    "address": ("-fsanitize=address", "libasan", "ASAN_OPTIONS", "detect_leaks=0"),
+    "thread": ("-fsanitize=thread", "libtsan", "TSAN_OPTIONS", "report_signal_unsafe=0"),
+}
+
+
+def requested_sanitizer() -> str | None:
+    """The sanitizer the environment asks for: CUPY_LOCALREL_SIM_ASAN / _TSAN."""
+    for env, name in ((ENV_ASAN, "address"), (ENV_TSAN, "thread")):
+        if os.environ.get(env, "").strip().lower() not in ("", "0", "false", "no"):
+            return name
+    return None
+
+
 def asan_requested() -> bool:
-    return os.environ.get(ENV_ASAN, "").strip().lower() not in ("", "0", "false", "no")
+    return requested_sanitizer() == "address"
 
 
-def libasan_path() -> str:
-    """Path of the AddressSanitizer runtime that g++ links against."""
-    r = subprocess.run([compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True)
+def _sanitizer_name(sanitize) -> str | None:
+    if sanitize is None:
+        return requested_sanitizer()
+    if sanitize is True:
+        return "address"
+    if not sanitize:
+        return None
+    if sanitize not in SANITIZERS:
+        raise ValueError(f"sanitize must be True/False, 'address' or 'thread', got {sanitize!r}")
+    return sanitize
+
+
+def runtime_path(sanitizer: str = "address") -> str:
+    """Path of the sanitizer runtime (libasan.so / libtsan.so) that g++ links against."""
+    lib = SANITIZERS[sanitizer][1]
+    r = subprocess.run([compiler(), f"-print-file-name={lib}.so"], capture_output=True, text=True)
     return r.stdout.strip()
 
 
-def asan_env(base: dict | None = None) -> dict:
-    """Environment for a child process that loads ASan-instrumented kernels.
+def libasan_path() -> str:
+    return runtime_path("address")
 
-    The ASan runtime must be the first library of the process, hence LD_PRELOAD; leak
-    checking is off because the Python interpreter itself never frees everything.
+
+def sanitizer_env(sanitizer: str = "address", base: dict | None = None) -> dict:
+    """Environment for a child process that loads sanitizer-instrumented kernels.
+
+    The runtime must be the first library of the process, hence LD_PRELOAD. ASan's leak
+    check is off because the Python interpreter itself never frees everything.
     """
+    _flag, _lib, opt_var, opts = SANITIZERS[sanitizer]
     env = dict(os.environ if base is None else base)
-    env["LD_PRELOAD"] = libasan_path()
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
-    env[ENV_ASAN] = "1"
+    env["LD_PRELOAD"] = runtime_path(sanitizer)
+    env.setdefault(opt_var, opts)
+    env[ENV_ASAN if sanitizer == "address" else ENV_TSAN] = "1"
     return env
 
 
-def _asan_loaded() -> bool:
+def asan_env(base: dict | None = None) -> dict:
+    return sanitizer_env("address", base)
+
+
+def _runtime_loaded(sanitizer: str) -> bool:
     try:
         with open("/proc/self/maps") as f:
-            return "libasan" in f.read()
+            return SANITIZERS[sanitizer][1] in f.read()
     except OSError:
         return False
 
@@ -492,23 +531,30 @@ def _passthrough_options(options: Sequence[str]) -> list[str]:
 
 
 def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: Sequence[str] = (),
-          include_dirs: Sequence[str | Path] = (), sanitize: bool | None = None) -> SimModule:
-    """Compile a kernel source file for the CPU (cached) and return a SimModule."""
+          include_dirs: Sequence[str | Path] = (), sanitize: bool | str | None = None) -> SimModule:
+    """Compile a kernel source file for the CPU (cached) and return a SimModule.
+
+    sanitize: True or "address" (AddressSanitizer: out-of-bounds accesses), "thread"
+    (ThreadSanitizer: races between CUDA threads that no barrier/collective orders), False,
+    or None to follow CUPY_LOCALREL_SIM_ASAN / CUPY_LOCALREL_SIM_TSAN.
+    """
     ok, why = available()
     if not ok:
         raise RuntimeError(f"sim backend unavailable: {why}")
     path = Path(source).resolve()
     include_dirs = [Path(d).resolve() for d in include_dirs]
-    sanitize = asan_requested() if sanitize is None else bool(sanitize)
-    if sanitize and not _asan_loaded():
+    sanitizer = _sanitizer_name(sanitize)
+    if sanitizer and not _runtime_loaded(sanitizer):
+        flag, lib, opt_var, opts = SANITIZERS[sanitizer]
         raise RuntimeError(
-            "sim ASan mode needs the AddressSanitizer runtime loaded first in the process: run Python as "
-            f"LD_PRELOAD={libasan_path()} ASAN_OPTIONS=detect_leaks=0 python ... "
-            "(cupy_localrel._sim.engine.asan_env() builds that environment for a subprocess)")
+            f"sim {flag} mode needs the {lib} runtime loaded first in the process: run Python as "
+            f"LD_PRELOAD={runtime_path(sanitizer)} {opt_var}={opts} python ... "
+            f"(cupy_localrel._sim.engine.sanitizer_env({sanitizer!r}) builds that environment for a subprocess)")
     code = inline_includes(path, include_dirs)
     names = find_extern_c_kernels(code)
     names += [n for n in name_expressions if n not in names]
-    flags = [*_BASE_FLAGS, *_ARCH_FLAGS, *(_ASAN_FLAGS if sanitize else ()), "-I", str(HEADER_DIR),
+    sanitizer_flags = (SANITIZERS[sanitizer][0], *_SANITIZER_FLAGS) if sanitizer else ()
+    flags = [*_BASE_FLAGS, *_ARCH_FLAGS, *sanitizer_flags, "-I", str(HEADER_DIR),
              *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
     try:
         so = _compile_cached(translation_unit(code, names), flags)

@@ -17,7 +17,7 @@ extern "C" __global__ void atomics_contention(int* i_sum, float* f_sum, double* 
 // swapped, so the outputs must be a permutation of 0..n-1.
 extern "C" __global__ void cas_counter(int* counter, int* ticket) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  int old = *((volatile int*)counter);
+  int old = atomicOr(counter, 0);   // an atomic read: a plain one would race with the CAS
   for (;;) {
     const int seen = atomicCAS(counter, old, old + 1);
     if (seen == old) break;

@@ -423,3 +423,20 @@ def test_zero_query_channels(backend, dtype):
                                          _f64(Arrays.get(lse)), 2, 3, bias=_f64(bias), backend="numpy")
     for name in ("v", "bias"):
         assert_close(Arrays.get(getattr(got, name)), getattr(want, name), ATOL[dtype], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_backward_takes_delta_from_the_weights_not_from_out(backend, dtype):
+    """Like the reference, the backward does not read `out` (it arrives rounded)."""
+    x = _inputs(1, 2, 4, 8, 9, 18, 3, "zeros", True, True, np.dtype(dtype), 8)
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    kw = dict(kernel_size=3, border="zeros", bias=d["bias"], rel=d["rel"], backend=backend)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], 2, return_lse=True, **kw)
+    grad = a.put(np.random.default_rng(0).standard_normal(out.shape).astype(dtype))
+    wrong_out = a.put(np.zeros(out.shape, dtype))
+    first = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], out, lse, 2, **kw)
+    second = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], wrong_out, lse, 2, **kw)
+    for f, s in zip(first, second):
+        np.testing.assert_array_equal(Arrays.get(f), Arrays.get(s))

@@ -282,7 +282,7 @@ def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_til
     return out, lse
 
 
-def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, delta, *, allow_tiled=True):
+def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *, allow_tiled=True):
     """Launch query_grad (or its fast path); returns (dbias, drel) after the table reduction."""
     geo, xp = c.geo, c.t.xp
     th, tw = geo.table_shape
@@ -295,8 +295,10 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, del
         kernel = c.fn(BACKWARD_FILE, "query_grad_tiled", ck, cv)
         extra = (np.int32(halo_h), np.int32(halo_w))
     else:
-        def smem(block):   # dlogit[K][tile] and qs[tile] (A), row_slot and col_slot (int)
-            return acc * (geo.slots + 1) * block[0] * block[1] + tables(block)
+        arrays = 2 * geo.slots if mode == MODE_ATTENTION else geo.slots   # dlogit (and weight)
+
+        def smem(block):   # [K][tile] arrays and qs[tile] (A), row_slot and col_slot (int)
+            return acc * (arrays + 1) * block[0] * block[1] + tables(block)
 
         block = _shrink_to_fit(geo.out_h, geo.out_w, smem)
         smem_bytes, kernel, extra = smem(block), c.fn(BACKWARD_FILE, "query_grad", mode), ()
@@ -305,7 +307,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, out, lse, bias, rel, dq, del
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
     part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
     kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block,
-           (c.win, grad, q, k, _or(v, q), _or(out, grad), _or(lse, c.acc_dummy), _or(bias, q),
+           (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q),
             _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
             c.flags, c.scale) + extra, shared_mem=smem_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
@@ -375,7 +377,7 @@ def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):
     c = _Call(t, geo, bias, rel)
     dq = t.xp.zeros(q.shape, geo.dtype)     # only window centres have a query (stride > 1)
     dk = t.xp.empty(k.shape, geo.dtype)     # every key pixel is written
-    dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, None, bias, rel, dq, None)
+    dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, bias, rel, dq, None)
     if geo.dqk:
         _key_grad(c, MODE_QK, grad_logits, q, k, q, q, c.acc_dummy, c.acc_dummy, _or(bias, q),
                   _or(rel, q), dk, q)
@@ -397,12 +399,14 @@ def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
 
 def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, *,
                        allow_tiled=True):
-    grad_out, q, k, v, out, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, out, lse, bias, rel))
+    # `out` is not read: delta = sum_t p_t dp_t comes from the recomputed weights (as in the
+    # reference), not from grad_out . out with `out` rounded to the input dtype.
+    grad_out, q, k, v, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, lse, bias, rel))
     c = _Call(t, geo, bias, rel)
     dq = t.xp.zeros(q.shape, geo.dtype)
     dk, dv = t.xp.empty(k.shape, geo.dtype), t.xp.empty(v.shape, geo.dtype)
-    delta = t.xp.empty(geo.lse_shape, c.acc)   # grad_out . out per query (lse-sized)
-    dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, out, lse, bias, rel, dq, delta,
+    delta = t.xp.empty(geo.lse_shape, c.acc)   # sum_t p_t dp_t per query (lse-sized)
+    dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, lse, bias, rel, dq, delta,
                               allow_tiled=allow_tiled)
     if geo.dqk or geo.dv:
         _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv,

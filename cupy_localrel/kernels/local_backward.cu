@@ -11,7 +11,10 @@
 // The fused backward never stores anything attention-sized: query_grad recomputes the
 // weights from lse and keeps their gradients (K per query) in shared memory; key_grad
 // recomputes the weight and its gradient of each (query, slot) that uses its key, helped by
-// delta = sum_e grad_out * out per query (the softmax-backward term, lse-sized).
+// delta = sum_t p_t dp_t per query (the softmax-backward term, lse-sized, written by
+// query_grad). delta is computed from the recomputed weights, not as grad_out . out: the
+// same value in exact arithmetic, but `out` arrives rounded to the input dtype (and the
+// reference ignores it), so the kernels do not read `out` at all.
 //
 // Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
 //   query_grad<T, MODE>    MODE kAttention: delta, dq, table partials of the fused op.
@@ -34,6 +37,7 @@ enum Mode { kAttention = 0, kQK = 1, kAV = 2 };
 // ---------------------------------------------------------------------------------------
 // Query side. Block: a tile of output pixels of one (batch, head). Dynamic shared memory:
 //   dlogit[K][TILE] (A)     gradient of each slot's logit, each thread on its own column
+//   weight[K][TILE] (A)     kAttention only: each slot's weight, until dlogit is known
 //   qs[TILE] (A)            one query channel of the tile, for drel
 //   row_slot[blockDim.y][th], col_slot[blockDim.x][tw] (int)
 //                           which slot row (column) of output row r (column c) uses table
@@ -86,7 +90,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
                                const T* __restrict__ qc, int dqk, int flags, A scale,
                                A* __restrict__ part_bias, A* __restrict__ part_rel, int tile) {
   if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
-  __syncthreads();   // dlogit complete; row_slot/col_slot/qs may alias nothing in use
+  __syncthreads();   // every thread has written its dlogit column before others read it
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
   invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
   __syncthreads();
@@ -111,8 +115,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
 template <class T, int MODE>
 __global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
-           const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ out,
-           const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
+           const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
            T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
            acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
@@ -122,7 +125,8 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
-  A* qs = dlogit + (size_t)K * tile;
+  A* weight = dlogit + (size_t)K * tile;                          // kAttention only
+  A* qs = weight + (MODE == kAttention ? (size_t)K * tile : 0);
   int* row_slot = reinterpret_cast<int*>(qs + tile);
   int* col_slot = row_slot + blockDim.y * w.th;
 
@@ -147,28 +151,29 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
         my[(size_t)t * tile] = takes_part(w, s) ? load(g, t * ohw) : A(0);
       }
   } else {
-    // Softmax backward: dlogit_t = p_t (dp_t - delta), dp_t = grad_out . v_t,
-    // delta = sum_t p_t dp_t = grad_out . out (the forward's output).
+    // Softmax backward: dlogit_t = p_t (dp_t - delta), dp_t = grad_out . v_t (0 for an
+    // invalid slot), delta = sum_t p_t dp_t; p_t recomputed from lse (0 for masked slots).
     const T* g = grad + (size_t)p.plane * dv * ohw + o;
-    const T* ob = out + (size_t)p.plane * dv * ohw + o;
     const T* vb = v + (size_t)p.plane * dv * hw;
-    A dsum = 0;
-    for (int e = 0; e < dv; ++e) dsum += load(g, e * ohw) * load(ob, e * ohw);
-    delta[(size_t)p.plane * ohw + o] = dsum;
+    A* my_p = weight + p.tid;
     const A lse_o = lse[(size_t)p.plane * ohw + o];
+    A dsum = 0;
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const Slot s = slot_of(w, p.r, p.c, ty, tx);
-        A dl = 0;
+        const size_t t = (size_t)(ty * w.kw + tx) * tile;
+        A pt = 0, dp = 0;
         if (takes_part(w, s)) {
-          const A pt = acc_exp(slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale) - lse_o);
-          A dp = 0;
+          pt = acc_exp(slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale) - lse_o);
           if (s.valid())
             for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in(w.W));
-          dl = pt * (dp - dsum);
         }
-        my[(size_t)(ty * w.kw + tx) * tile] = dl;
+        my_p[t] = pt;
+        my[t] = dp;
+        dsum += pt * dp;
       }
+    delta[(size_t)p.plane * ohw + o] = dsum;
+    for (int t = 0; t < K; ++t) my[(size_t)t * tile] = my_p[(size_t)t * tile] * (my[(size_t)t * tile] - dsum);
   }
 
   // (2) dq at the centre: scale * sum_t dlogit_t (k_t + rel_t); an invalid slot has key 0.
@@ -203,8 +208,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
-                 const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ out,
-                 const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
+                 const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
                  T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
                  acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
                  int halo_h, int halo_w) {
@@ -292,22 +296,22 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
       }
   }
 
-  // (3) dlogit_t = p_t (dp_t - delta), p_t recomputed from lse; delta = grad_out . out.
+  // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
+  // dlogit_t = p_t (dp_t - delta).
   if (p.inside) {
-    const T* ob = out + (size_t)p.plane * dv * ohw + o;
-    A dsum = 0;
-    for (int e = 0; e < dv; ++e) dsum += load(g, e * ohw) * load(ob, e * ohw);
-    delta[(size_t)p.plane * ohw + o] = dsum;
     const A lse_o = lse[(size_t)p.plane * ohw + o];
+    A dsum = 0;
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
         const size_t t = (size_t)(ty * w.kw + tx) * tile;
-        if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask"
+        if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask": p_t = dp_t = 0
         const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
-        const A pt = acc_exp(logit - lse_o);
-        my_dl[t] = pt * (my_dp[t] - dsum);
+        my_dl[t] = acc_exp(logit - lse_o);
+        dsum += my_dl[t] * my_dp[t];
       }
+    delta[(size_t)p.plane * ohw + o] = dsum;
+    for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] *= my_dp[(size_t)t * tile] - dsum;
   }
 
   // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.

@@ -11,7 +11,6 @@ Comparisons follow SPEC.md: the float64 reference run on the same (rounded) inpu
 error relative to max(1, max|reference|).
 """
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -268,7 +267,7 @@ def test_general_path_where_fast_path_would_run(backend, dtype, border):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("border", ["zeros", "shift"])
-def test_backward_is_bitwise_deterministic(backend, border):
+def test_backward_is_bitwise_deterministic(backend, border, monkeypatch):
     x = _inputs(2, 2, 4, 8, 13, 17, 5, border, True, True, np.float32, 9)
     a = Arrays(backend)
     d = {n: a.put(v) for n, v in x.items()}
@@ -277,12 +276,9 @@ def test_backward_is_bitwise_deterministic(backend, border):
     grad = a.put(np.random.default_rng(1).standard_normal(out.shape).astype(np.float32))
     runs = []
     for seed in ("0", "777"):   # a different thread order must not change a bit either
-        os.environ["CUPY_LOCALREL_SIM_SEED"] = seed
-        try:
-            g1 = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], out, lse, 2, **kw)
-            g2 = cl.local_qk2d_backward(a.put(np.ones((2, 2, 25, 13, 17), np.float32)), d["q"], d["k"], 2, **kw)
-        finally:
-            del os.environ["CUPY_LOCALREL_SIM_SEED"]
+        monkeypatch.setenv("CUPY_LOCALREL_SIM_SEED", seed)
+        g1 = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], out, lse, 2, **kw)
+        g2 = cl.local_qk2d_backward(a.put(np.ones((2, 2, 25, 13, 17), np.float32)), d["q"], d["k"], 2, **kw)
         runs.append([Arrays.get(g) for g in (*g1, *g2)])
     for first, second in zip(*runs):
         np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,torch,nvrtc]"
+	$(PY) -m pip install -q -e ".[test,torch,nvrtc,demo]"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -742,3 +742,11 @@ def test_nvrtc_check_main_reports_errors(tmp_path, capsys):
     assert _nvrtc_check.main([str(good), "-n", "good<3>"]) == 0
     out = capsys.readouterr().out
     assert "ok   sm_80 good.cu good<3>: regs=" in out and "ok   sm_90 good.cu good<3>" in out
+
+
+def test_nvrtc_check_without_nvrtc_fails_clearly(monkeypatch, capsys):
+    from cupy_localrel import _nvrtc_check
+    monkeypatch.setattr(_nvrtc_check, "_nvrtc_candidates", lambda: ["/nonexistent/libnvrtc.so.12"])
+    assert _nvrtc_check.main([str(KDIR / "sim_oob.cu")]) == 2
+    err = capsys.readouterr().err
+    assert "NVRTC could not be loaded" in err and "nvidia-cuda-nvrtc-cu12" in err

@@ -568,7 +568,12 @@ def headline_markdown(rows, env) -> str:
             f"{M.fmt_bytes(ours.get('fwdbwd_mem_bytes'))} ({_fmt_ratio(mr)}) | "
             f"{_fmt_ratio(ftr)} | {_fmt_ratio(fmr)} | "
             f"{_fmt_ratio(_ratio((via_torch or {}).get('fwdbwd_s'), base.get('fwdbwd_s')))} |")
-    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}.",
+    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
+    shared = (f" 1-minute load average during the run {min(loads):.1f}-{max(loads):.1f} on "
+              f"{env['cpu_count']} CPUs (ours and the baseline of a row are timed with "
+              f"interleaved repeats, so the load hits both)." if loads and env["device"] == "cpu"
+              else "")
+    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}.{shared}",
               "Ours on CPU is the NumPy reference (single-threaded NumPy); torch baselines use "
               f"{env['torch_threads']} threads." if env["device"] == "cpu" else
               "Ours on GPU is the CuPy backend."]

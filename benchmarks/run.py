@@ -1,6 +1,13 @@
 """Ours against the baselines, side by side: time, peak memory, (GPU) bandwidth.
 
     python -m benchmarks.run [--quick] [--gpu | --cpu] [--out DIR] [--repeats N]
+                             [--time-budget S] [--render RESULTS_JSON]
+
+GPU check (about 3-5 minutes on an H100, FlexAttention compiles included):
+
+    python -m benchmarks.run --gpu --quick --time-budget 150 --no-progress --out DIR
+
+A SIGTERM (e.g. ``timeout``) stops it early and still writes the figures measured so far.
 
 Writes ``results.json`` (device, versions, commit, date, every figure), ``results.md``,
 ``headline.md`` (ours vs each baseline at B=8, C=64, 56x56, k=7, both shapes) and PNG
@@ -39,6 +46,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import traceback
@@ -724,34 +732,53 @@ def main(argv=None) -> int:
     t_start = _time.monotonic()
     rows = []
     bar = tqdm(items, disable=args.no_progress, desc=f"benchmarks ({dev.kind})", unit="case")
-    for item in bar:
-        if args.time_budget is not None and _time.monotonic() - t_start > args.time_budget:
-            heads, dqk, dv = bl.shape_of(item["baseline"], item["C"])
-            rows.append(dict(device=dev.kind, suite=item["suite"], impl=item["baseline"],
-                             dtype=item["dtype"], B=item["B"], C=item["C"], H=item["H"],
-                             W=item["W"], k=item["k"], family=bl.FAMILY[item["baseline"]],
-                             heads=heads, dqk=dqk, dv=dv, border=None,
-                             note=f"not run: --time-budget {args.time_budget:g} s spent"))
-            continue
-        bar.set_postfix_str(f"{item['suite']} {item['baseline']} {item['dtype']} "
-                            f"{item['H']}x{item['W']} k={item['k']} C={item['C']}")
-        try:
-            rows.extend(measure_item(item, dev, repeats, max_bytes, adapter, args.quick))
-        except Exception as exc:  # keep going: one broken case must not lose the run
-            traceback.print_exc()
-            rows.append(dict(device=dev.kind, suite=item["suite"], impl=item["baseline"],
-                             dtype=item["dtype"], B=item["B"], C=item["C"], H=item["H"],
-                             W=item["W"], k=item["k"], family=bl.FAMILY[item["baseline"]],
-                             heads=None, dqk=None, dv=None, border=None,
-                             note=f"error: {type(exc).__name__}: {exc}"))
-        if dev.kind == "cuda":
-            torch.cuda.empty_cache()
-        _write_json(out_dir, env, rows, partial=True)  # a killed run still leaves figures
-    bar.close()
+    # SIGTERM (a step timeout) ends the loop like Ctrl-C: the figures so far are written.
+    signal.signal(signal.SIGTERM, _terminate)
+    interrupted = None
+    try:
+        for item in bar:
+            # FlexAttention compiles (about two minutes for forward and backward): start it
+            # only if that still fits the budget.
+            cost = FLEX_COMPILE_S if item["baseline"].endswith("flex") and dev.kind == "cuda" else 0
+            if args.time_budget is not None and \
+                    _time.monotonic() - t_start + cost > args.time_budget:
+                heads, dqk, dv = bl.shape_of(item["baseline"], item["C"])
+                rows.append(dict(device=dev.kind, suite=item["suite"], impl=item["baseline"],
+                                 dtype=item["dtype"], B=item["B"], C=item["C"], H=item["H"],
+                                 W=item["W"], k=item["k"], family=bl.FAMILY[item["baseline"]],
+                                 heads=heads, dqk=dqk, dv=dv, border=None,
+                                 note=f"not run: --time-budget {args.time_budget:g} s"))
+                continue
+            bar.set_postfix_str(f"{item['suite']} {item['baseline']} {item['dtype']} "
+                                f"{item['H']}x{item['W']} k={item['k']} C={item['C']}")
+            try:
+                rows.extend(measure_item(item, dev, repeats, max_bytes, adapter, args.quick))
+            except Exception as exc:  # keep going: one broken case must not lose the run
+                traceback.print_exc()
+                rows.append(dict(device=dev.kind, suite=item["suite"], impl=item["baseline"],
+                                 dtype=item["dtype"], B=item["B"], C=item["C"], H=item["H"],
+                                 W=item["W"], k=item["k"], family=bl.FAMILY[item["baseline"]],
+                                 heads=None, dqk=None, dv=None, border=None,
+                                 note=f"error: {type(exc).__name__}: {exc}"[:300]))
+            if dev.kind == "cuda":
+                torch.cuda.empty_cache()
+            _write_json(out_dir, env, rows, partial=True)  # a killed run still leaves figures
+    except KeyboardInterrupt as exc:
+        interrupted = str(exc) or "interrupted"
+        env["interrupted"] = interrupted
+    finally:
+        bar.close()
     env["wall_s"] = round(_time.monotonic() - t_start, 1)
-    _write_json(out_dir, env, rows, partial=False)
+    _write_json(out_dir, env, rows, partial=interrupted is not None)
     _render(out_dir, env, rows)
-    return 0
+    return 1 if interrupted else 0
+
+
+FLEX_COMPILE_S = 120
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}: stopped early")
 
 
 def _render(out_dir, env, rows):

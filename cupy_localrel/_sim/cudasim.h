@@ -511,7 +511,7 @@ struct LaunchConfig {            // must match engine.py's _LaunchConfig
   unsigned grid[3], block[3];
   uint64_t dyn_smem;
   uint64_t stack_size;
-  int64_t seed;                  // 0 forward, 1 reversed, >= 2 shuffled by this seed
+  int64_t seed;                  // 0 forward, 1 reversed, any other value: shuffled by it
   unsigned workers;
 };
 
@@ -561,7 +561,7 @@ inline void run_block(Block& b, const LaunchConfig& c, unsigned linear_block, st
   uint64_t rng = (uint64_t)c.seed * 0x100000001b3ull ^ linear_block;
   while (b.nfinished < nt && b.error.empty()) {
     const uint64_t before = b.progress;
-    if (c.seed >= 2)
+    if (c.seed != 0 && c.seed != 1)
       for (unsigned i = nt - 1; i > 0; i--) std::swap(order[i], order[splitmix(rng) % (i + 1)]);
     for (unsigned t : order) {
       Fiber& f = b.f[t];

@@ -278,6 +278,12 @@ _SHARED_RE = re.compile(r"\b(extern\s+)?__shared__\b([^;]*);")
 _ALIGN_RE = re.compile(r"\b(?:__align__|alignas)\s*\(\s*[^()]*\)")
 
 
+def _blank_directives(blank: str) -> str:
+    """`blank` with preprocessor lines (and their continuations) replaced by spaces."""
+    return re.sub(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", lambda m: re.sub(r"[^\n]", " ", m.group(0)), blank,
+                  flags=re.M)
+
+
 def _split_top(s: str, sep: str = ",") -> list[str]:
     parts, depth, cur = [], 0, []
     for ch in s:
@@ -323,10 +329,10 @@ def rewrite_shared(src: str) -> str:
       (a ``#line`` keeps the line numbers);
     * ``__shared__ T a[N], b;`` inside functions ->
       ``auto& a = ::cudasim::shared_var<T[N], site>(); auto& b = ...;``: storage that is
-      re-poisoned at each block start. File-scope declarations are left to the
-      `thread_local` fallback of cudasim.h.
+      re-poisoned at each block start. File-scope declarations, and declarations made by
+      macros, are left to the `thread_local` fallback of cudasim.h.
     """
-    blank = _blank_comments(src)
+    blank = _blank_directives(_blank_comments(src))
     scopes = _scope_kinds(blank)
     offsets = [o for o, _ in scopes]
     out, pos, site = [], 0, 0

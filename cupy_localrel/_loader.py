@@ -147,6 +147,16 @@ def cuda_include_dir() -> Path | None:
     return None
 
 
+def _cupy_finds_cuda_headers(cupy) -> bool:
+    """True when CuPy compiles against a CUDA toolkit of its own: then its headers are the
+    ones to use, and adding another CUDA version's include folder could shadow them."""
+    try:
+        root = cupy.cuda.get_cuda_path()
+    except Exception:
+        return False
+    return bool(root) and (Path(root) / "include" / "cuda_fp16.h").is_file()
+
+
 def _deps_hash(path: Path) -> str:
     """Hash of the file and the local headers it includes: CuPy's own kernel cache keys on the
     code text only, so an edited common.cuh must change the code text too."""
@@ -170,9 +180,10 @@ def _load_cupy(path: Path, names: tuple, options: tuple):
             return mod
     code = path.read_text() + f"\n// cupy_localrel deps {_deps_hash(path)}\n"
     opts = list(options) + [f"-I{d}" for d in include_dirs_for(path)]
-    inc = cuda_include_dir()
-    if inc is not None:
-        opts.append(f"-I{inc}")
+    if not _cupy_finds_cuda_headers(cupy):
+        inc = cuda_include_dir()   # e.g. the nvidia-cuda-runtime wheel's, for <cuda_fp16.h>
+        if inc is not None:
+            opts.append(f"-I{inc}")
     mod = cupy.RawModule(code=code, options=tuple(opts), name_expressions=names or None)
     with _lock:
         _cache.setdefault(key, mod)

@@ -100,6 +100,16 @@ class Nvrtc:
             L.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def nvrtc_available() -> tuple[bool, str]:
+    """(ok, description) for the compile check, e.g. for an `info` command."""
+    try:
+        nv = Nvrtc()
+    except NvrtcUnavailable as e:
+        return False, str(e)
+    inc = _loader.cuda_include_dir()
+    return True, f"NVRTC {nv.version[0]}.{nv.version[1]} ({nv.path}); CUDA headers: {inc or 'not found'}"
+
+
 # ---------------------------------------------------------------------------------------
 # ptxas report
 # ---------------------------------------------------------------------------------------

@@ -614,7 +614,7 @@ def test_loader_cupy_target_with_stand_in_cupy(monkeypatch):
 
     fake = types.SimpleNamespace(
         RawModule=RawModule, __version__="0-test",
-        cuda=types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(
+        cuda=types.SimpleNamespace(Device=Device, get_cuda_path=lambda: None, runtime=types.SimpleNamespace(
             getDeviceProperties=lambda d: {"name": b"fake"}, getDeviceCount=lambda: 1)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(_loader, "_cache", {})
@@ -750,3 +750,5 @@ def test_nvrtc_check_without_nvrtc_fails_clearly(monkeypatch, capsys):
     assert _nvrtc_check.main([str(KDIR / "sim_oob.cu")]) == 2
     err = capsys.readouterr().err
     assert "NVRTC could not be loaded" in err and "nvidia-cuda-nvrtc-cu12" in err
+    ok, why = _nvrtc_check.nvrtc_available()
+    assert not ok and "NVRTC could not be loaded" in why

@@ -24,7 +24,8 @@ import numpy as np
 
 from cupy_localrel._backends import _numpy as ref
 
-_ORIGINAL = {"_gather": ref._gather, "_scatter_add": ref._scatter_add}
+_ORIGINAL = {"_gather": ref._gather, "_scatter_add": ref._scatter_add,
+             "_table": ref._table, "_table_add": ref._table_add}
 
 
 _SLICES: dict = {}
@@ -92,9 +93,40 @@ def _scatter_add(dst_rows, src, s):
     return None
 
 
-def install():
+def _constant(a: np.ndarray):
+    """The single value of ``a`` if all its entries are equal, else None."""
+    if a.size == 0:
+        return None
+    first = int(a.flat[0])
+    return first if bool((a == first).all()) else None
+
+
+def _table(t, s):
+    """``t[..., ay, ax]`` per output: for centred windows the table index of a slot is the
+    same for every output, so return a broadcastable ``(..., 1, 1)`` view, not a copy of
+    ``rows x Wo``."""
+    ay, ax = _constant(s.ay), _constant(s.ax)
+    if ay is None or ax is None:
+        return _ORIGINAL["_table"](t, s)
+    return t[..., ay, ax, None, None]
+
+
+def _table_add(dst, src, s):
+    """``dst[..., ay, ax] += src`` summed over outputs; one reduction when the index is
+    constant (centred windows), the one-hot product otherwise."""
+    ay, ax = _constant(s.ay), _constant(s.ax)
+    if ay is None or ax is None:
+        return _ORIGINAL["_table_add"](dst, src, s)
+    dst[..., ay, ax] += src.sum(axis=(-2, -1))
+    return None
+
+
+def install(tables: bool = True):
     ref._gather, ref._scatter_add = _gather, _scatter_add
+    if tables:
+        ref._table, ref._table_add = _table, _table_add
 
 
 def uninstall():
-    ref._gather, ref._scatter_add = _ORIGINAL["_gather"], _ORIGINAL["_scatter_add"]
+    for name, fn in _ORIGINAL.items():
+        setattr(ref, name, fn)

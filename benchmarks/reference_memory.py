@@ -186,7 +186,7 @@ def table(ours: dict, unfold: dict, errs: dict, proposal: dict | None = None) ->
     if proposal:
         pm = proposal["rss_peak_bytes"] / unfold["rss_peak_bytes"]
         pt = proposal["median_s"] / unfold["median_s"]
-        lines[6:6] = [f"| ours + proposed slice gather/scatter | "
+        lines[6:6] = [f"| ours + proposed _numpy.py fast paths | "
                       f"{fmt_bytes(proposal['rss_peak_bytes'])} | "
                       f"{fmt_bytes(proposal.get('traced_peak_bytes'))} | "
                       f"{fmt_time(proposal['median_s'])} |"]

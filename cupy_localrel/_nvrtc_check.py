@@ -203,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Compile CUDA kernels with NVRTC for each arch (no GPU needed).")
     ap.add_argument("files", nargs="*", help=".cu files (default: every file of the package's kernel registry)")
     ap.add_argument("-n", "--name-expression", action="append", default=[], dest="names",
-                    help="template instantiation to compile, for the files given (repeatable)")
+                    help="template instantiation to compile, for every file given (repeatable)")
+    ap.add_argument("--registry", metavar="JSON",
+                    help="JSON {file name: [name expression, ...]} for the files given "
+                         "(default: the package's kernels/instantiations.json)")
     ap.add_argument("--arch", action="append", default=None,
                     help="compute capability like 80 or sm_90 (repeatable; default 80 and 90)")
     args = ap.parse_args(argv)
@@ -213,8 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NvrtcUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    registry = _loader.INSTANTIATIONS
+    if args.registry:
+        import json
+        registry = json.loads(Path(args.registry).read_text())
     if args.files:
-        jobs = [(Path(f).resolve(), args.names or _loader.INSTANTIATIONS.get(Path(f).name, [])) for f in args.files]
+        jobs = [(Path(f).resolve(), args.names or list(registry.get(Path(f).name, []))) for f in args.files]
     else:
         jobs = registry_jobs()
     print(f"NVRTC {nv.version[0]}.{nv.version[1]} ({nv.path}); CUDA headers: {_loader.cuda_include_dir()}")

@@ -23,15 +23,10 @@ KDIR = HERE / "kernels"
 
 pytestmark = pytest.mark.skipif(not _loader.sim_available()[0], reason=_loader.sim_available()[1])
 
-SHUFFLES = [f"shuffle<{k},{w}>" for k in range(4) for w in (32, 16, 8)]
-NAMES = {
-    "sim_barrier.cu": ["block_sum<128>", "block_sum<64>"],
-    "sim_warp.cu": SHUFFLES,
-    "sim_atomics.cu": [],
-    "sim_types.cu": ["scale_t<float>", "scale_t<double>", "scale_t<__half>", "scale_t<__nv_bfloat16>"],
-    "sim_oob.cu": [],
-    "sim_filescope.cu": [],
-}
+# every test kernel file, with its template instantiations (tests/kernels/instantiations.json,
+# which `python -m cupy_localrel._nvrtc_check --registry` also reads)
+NAMES = {f.name: [] for f in sorted(KDIR.glob("*.cu"))}
+NAMES.update(json.loads((KDIR / "instantiations.json").read_text()))
 ORDERS = [0, 1, 12345]  # forward, reversed, shuffled
 
 
@@ -742,6 +737,11 @@ def test_nvrtc_check_main_reports_errors(tmp_path, capsys):
     assert _nvrtc_check.main([str(good), "-n", "good<3>"]) == 0
     out = capsys.readouterr().out
     assert "ok   sm_80 good.cu good<3>: regs=" in out and "ok   sm_90 good.cu good<3>" in out
+    reg = tmp_path / "reg.json"
+    reg.write_text(json.dumps({"good.cu": ["good<4>", "good<5>"]}))
+    assert _nvrtc_check.main([str(good), "--registry", str(reg), "--arch", "sm_90"]) == 0
+    out = capsys.readouterr().out
+    assert "ok   sm_90 good.cu good<4>" in out and "ok   sm_90 good.cu good<5>" in out
 
 
 def test_nvrtc_check_without_nvrtc_fails_clearly(monkeypatch, capsys):

@@ -458,6 +458,20 @@ def test_bfloat16_round_to_nearest_even(types_mod):
     np.testing.assert_array_equal(back, x.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+def test_double_to_16_bit_single_rounding(types_mod):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    # just above a float32-rounding tie: rounding via float32 first would go the wrong way
+    one = 1.0
+    x = np.array([one + 2**-8 + 2**-40, one + 2**-8 - 2**-40, one + 2**-11 + 2**-40, -(one + 3 * 2**-8),
+                  1e300, -1e-300, np.nan, 3.0], np.float64)
+    h, b = np.zeros(x.size, np.float16), np.zeros(x.size, ml_dtypes.bfloat16)
+    kernel(types_mod, "from_double")((1,), (32,), (x, h, b, np.int32(x.size)))
+    with np.errstate(over="ignore"):
+        assert_same_bits(h, x.astype(np.float16))          # NumPy rounds float64 -> float16 once
+    exact = [1 + 2**-7, 1.0, 1.0, -(1 + 4 * 2**-8), np.inf, -0.0, np.nan, 3.0]
+    assert_same_bits(b, np.array(exact).astype(np.float32).astype(ml_dtypes.bfloat16))
+
+
 def test_half_and_bfloat16_arithmetic(types_mod):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(2)

@@ -15,6 +15,19 @@ inline unsigned short float_to_bf16_rne(float f) {
   return (unsigned short)(u >> 16);
 }
 inline float bf16_to_float(unsigned short b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+// double -> bfloat16 with one rounding: to float with round-to-odd (truncate, then set the
+// lowest bit if anything was lost), then to bfloat16 with ties-to-even; float keeps more
+// than two extra bits, so the result equals a direct correctly rounded conversion.
+inline unsigned short double_to_bf16_rne(double d) {
+  float f = (float)d;
+  if (!std::isnan(d) && (double)f != d) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if (std::fabs((double)f) > std::fabs(d)) u -= 1;  // round toward zero instead
+    u |= 1;
+    memcpy(&f, &u, 4);
+  }
+  return float_to_bf16_rne(f);
+}
 }  // namespace cudasim
 
 struct __nv_bfloat16 {
@@ -22,8 +35,7 @@ struct __nv_bfloat16 {
   __nv_bfloat16() = default;
   __nv_bfloat16(__nv_bfloat16_raw r) : __x(r.x) {}
   __nv_bfloat16(float f) : __x(cudasim::float_to_bf16_rne(f)) {}
-  // double -> bfloat16 in one rounding step would need care; CUDA rounds via float too.
-  __nv_bfloat16(double d) : __x(cudasim::float_to_bf16_rne((float)d)) {}
+  __nv_bfloat16(double d) : __x(cudasim::double_to_bf16_rne(d)) {}
   template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
   __nv_bfloat16(I i) : __nv_bfloat16((float)i) {}
   operator float() const { return cudasim::bf16_to_float(__x); }

@@ -15,13 +15,18 @@
 //     floats, -1 for ints) at the start of every block, so stale values cannot hide bugs.
 //     The Python side rewrites the declarations (see engine.py); file-scope `__shared__`
 //     variables stay plain thread_local storage and are not re-poisoned.
-//   * Errors (divergent barrier, deadlock, bad warp mask, __trap) stop the launch and come
-//     back to Python as a message, raised there as RuntimeError.
+//   * Errors stop the launch and come back to Python as a message, raised there as
+//     RuntimeError: __syncthreads reached by only part of the block or at different call
+//     sites, deadlocks, warp collectives with a bad mask or an exited lane, __trap().
+//   * Sanitizer builds: AddressSanitizer (out-of-bounds global/shared/local accesses, with
+//     the CUDA thread named) and ThreadSanitizer, where each CUDA thread is a TSan fiber and
+//     barriers/collectives/block order are release-acquire pairs, so TSan reports accesses
+//     of two CUDA threads that nothing orders (a "racecheck").
 //
 // Known limits: no inline PTX, mma/wmma/ldmatrix/cp.async, cooperative groups, textures,
 // __constant__ upload (get_global); fast-math intrinsics are the accurate libm functions;
-// data races between barriers are not detected (only exposed by thread order); x86-64 /
-// aarch64 Linux with glibc.
+// a thread spinning on a flag that another thread of its block sets never yields (hangs);
+// x86-64 (fast path) or other glibc Linux (ucontext path).
 #pragma once
 #include <ucontext.h>
 #include <setjmp.h>

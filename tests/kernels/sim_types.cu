@@ -68,3 +68,11 @@ extern "C" __global__ void scalars(const int a, const long long b, const float c
                                    const unsigned u, const size_t z, double* out) {
   out[0] = a; out[1] = (double)b; out[2] = c; out[3] = d; out[4] = u; out[5] = (double)z;
 }
+
+// double -> 16-bit floats in one rounding step.
+extern "C" __global__ void from_double(const double* x, __half* h, __nv_bfloat16* b, const int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  h[i] = __double2half(x[i]);
+  b[i] = __double2bfloat16(x[i]);
+}

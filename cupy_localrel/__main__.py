@@ -37,6 +37,9 @@ def info(_args=None) -> int:
     for name in BACKENDS:
         ok, reason = backend_status(name)
         print(f"  {name:8s} {'available' if ok else 'unavailable'}: {reason}")
+    from ._nvrtc_check import nvrtc_available
+    ok, reason = nvrtc_available()
+    print(f"compile check (python -m cupy_localrel kernels): {'available' if ok else 'unavailable'}: {reason}")
     return 0
 
 

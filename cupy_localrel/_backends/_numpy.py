@@ -10,6 +10,7 @@ and table index per axis. Here they are only applied.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,14 @@ class _Slot:
         """``(rows, Wo)`` bool."""
         return (self.ys >= 0)[:, None] & (self.xs >= 0)[None, :]
 
+    @functools.cached_property
+    def row_slices(self):
+        return _axis_slices(self.ys)
+
+    @functools.cached_property
+    def col_slices(self):
+        return _axis_slices(self.xs)
+
     def injective(self) -> bool:
         """No two outputs of this slot look at the same input (true for centred windows)."""
         y, x = self.ys[self.ys >= 0], self.xs[self.xs >= 0]
@@ -140,14 +149,53 @@ def _slots(geo: Geometry, c: _Chunk):
                                                   rows.table[c.i, ty], cols.table[:, tx])
 
 
+def _axis_slices(pos: np.ndarray):
+    """``(out_slice, in_slice)`` when the valid entries of ``pos`` (``-1``: invalid) are a
+    contiguous run of outputs reading an increasing arithmetic progression of inputs (true
+    of every centred window, any stride/dilation); ``()`` when none is valid; ``None``
+    otherwise (shift windows at the borders). Basic slices let NumPy copy and add through
+    strided views instead of building index arrays."""
+    idx = np.flatnonzero(pos >= 0)
+    if idx.size == 0:
+        return ()
+    i0, i1 = int(idx[0]), int(idx[-1]) + 1
+    if i1 - i0 != idx.size:
+        return None
+    vals = pos[i0:i1]
+    first = int(vals[0])
+    step = int(vals[1]) - first if vals.size > 1 else 1
+    if step <= 0 or np.any(np.diff(vals) != step):
+        return None
+    return slice(i0, i1), slice(first, first + step * (vals.size - 1) + 1, step)
+
+
 def _gather(x_rows, s: _Slot):
     """``x`` at the slot's inputs, ``(..., rows, Wo)``, exactly 0 where invalid."""
-    picked = x_rows[..., np.maximum(s.ys, 0)[:, None], np.maximum(s.xs, 0)[None, :]]
-    return np.where(s.valid, picked, 0)
+    ry, rx = s.row_slices, s.col_slices
+    if ry is None or rx is None:  # shift windows: fancy indexing
+        picked = x_rows[..., np.maximum(s.ys, 0)[:, None], np.maximum(s.xs, 0)[None, :]]
+        return np.where(s.valid, picked, 0)
+    out = np.empty(x_rows.shape[:-2] + (s.ys.size, s.xs.size), x_rows.dtype)
+    if ry == () or rx == ():
+        out[...] = 0
+        return out
+    (oi, ii), (oj, ij) = ry, rx
+    out[..., oi, oj] = x_rows[..., ii, ij]      # one strided copy, no index arrays
+    out[..., :oi.start, :] = 0                  # zero only the border strips
+    out[..., oi.stop:, :] = 0
+    out[..., oi, :oj.start] = 0
+    out[..., oi, oj.stop:] = 0
+    return out
 
 
 def _scatter_add(dst_rows, src, s: _Slot):
     """``dst[..., y, x] += src[..., i, j]`` for every valid output ``(i, j)`` of the slot."""
+    ry, rx = s.row_slices, s.col_slices
+    if ry is not None and rx is not None:
+        if ry != () and rx != ():               # in place on a strided view: one pass
+            (oi, ii), (oj, ij) = ry, rx
+            dst_rows[..., ii, ij] += src[..., oi, oj]
+        return
     vy, vx = s.ys >= 0, s.xs >= 0
     index = (Ellipsis, s.ys[vy][:, None], s.xs[vx][None, :])
     values = src[..., vy, :][..., vx]
@@ -157,13 +205,30 @@ def _scatter_add(dst_rows, src, s: _Slot):
         np.add.at(dst_rows, index, values)
 
 
+def _constant(a: np.ndarray):
+    """The single value of ``a`` if all its entries are equal, else None."""
+    if a.size == 0:
+        return None
+    first = int(a.flat[0])
+    return first if bool((a == first).all()) else None
+
+
 def _table(t, s: _Slot):
-    """``t[..., ay, ax]`` per output of the slot: ``(..., rows, Wo)``."""
+    """``t[..., ay, ax]`` per output of the slot: ``(..., rows, Wo)``, or a broadcastable
+    ``(..., 1, 1)`` view when the index is the same for every output (centred windows)."""
+    ay, ax = _constant(s.ay), _constant(s.ax)
+    if ay is not None and ax is not None:
+        return t[..., ay, ax, None, None]
     return t[..., s.ay[:, None], s.ax[None, :]]
 
 
 def _table_add(dst, src, s: _Slot):
-    """``dst[..., ay, ax] += src[..., i, j]`` summed over outputs: a tiny one-hot product."""
+    """``dst[..., ay, ax] += src[..., i, j]`` summed over outputs: one reduction when the
+    index is constant (centred windows), else a tiny one-hot product."""
+    ay, ax = _constant(s.ay), _constant(s.ax)
+    if ay is not None and ax is not None:
+        dst[..., ay, ax] += src.sum(axis=(-2, -1))
+        return
     one_y = np.eye(dst.shape[-2], dtype=src.dtype)[s.ay]  # (rows, Ty)
     one_x = np.eye(dst.shape[-1], dtype=src.dtype)[s.ax]  # (Wo, Tx)
     dst += np.einsum("...ij,ia,jb->...ab", src, one_y, one_x, optimize=True)

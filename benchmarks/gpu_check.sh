@@ -4,7 +4,11 @@
 #   2. the GPU test suite: pytest on the cupy backend               -> pytest.log
 #   3. compute-sanitizer memcheck on a small case of every kernel  -> memcheck.log
 #   4. kernel benchmarks (LR-Net fp32 forward, SASA fp16 fwd+bwd)   -> bench.json, bench.log
+#   5. side-by-side suite vs unfold/FlexAttention (quick GPU sweep) -> suite/ (JSON, Markdown, PNG)
+# Worst case (every step at its limit) is 8 minutes.
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu-<UTC date>)
+# On a lent device machine (at most 8 files come back from $OUT), pack the folder:
+#   bash benchmarks/gpu_check.sh /tmp/gpu_check; tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
 # Every step runs under its own timeout; a failing step does not stop the others. The exit
 # codes of all steps are in steps.tsv and summary.json; the script exits non-zero if any
 # step failed.
@@ -79,7 +83,7 @@ print(json.dumps(out, indent=2, default=str))
 EOF
 
 # 2. GPU test suite (the first test compiles the kernels with NVRTC: up to a minute) ---------
-step pytest 200 pytest.log "$PY" -m pytest tests/test_kernels.py -k cupy -q -rs -p no:cacheprovider \
+step pytest 170 pytest.log "$PY" -m pytest tests/test_kernels.py -k cupy -q -rs -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml"
 
 # All-skipped is not a pass here: the point of this script is the GPU.
@@ -94,7 +98,7 @@ EOF
 
 # 3. memcheck on every kernel --------------------------------------------------------------
 if [ -n "$SANITIZER" ]; then
-  step memcheck 110 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 99 --leak-check no \
+  step memcheck 100 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 99 --leak-check no \
     "$PY" -m benchmarks.memcheck_driver
 else
   echo "compute-sanitizer not found" > "$OUT/memcheck.log"
@@ -103,7 +107,10 @@ else
 fi
 
 # 4. benchmarks ----------------------------------------------------------------------------
-step bench 130 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json"
+step bench 100 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json"
+
+# 5. side-by-side suite (issue 6), needs torch with CUDA ----------------------------------
+step suite 70 suite.log "$PY" -m benchmarks.run --gpu --quick --time-budget 55 --no-progress --out "$OUT/suite"
 
 # summary ----------------------------------------------------------------------------------
 "$PY" - "$OUT" <<'EOF' || true

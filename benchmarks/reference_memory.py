@@ -31,9 +31,6 @@ SHAPE = dict(B=8, C=64, H=56, W=56, k=7)
 
 
 def _setup(side: str, threads: int | None):
-    if side == "ours+proposal":  # the slice gather/scatter proposed for _numpy.py
-        from benchmarks import _numpy_fastpath_proposal
-        _numpy_fastpath_proposal.install()
     import numpy as np
     import torch
 
@@ -87,27 +84,16 @@ def child(side: str, what: str, repeats: int, threads: int | None) -> dict:
     return res
 
 
-def time_all(repeats: int, threads: int | None, proposal: bool) -> dict:
+def time_all(repeats: int, threads: int | None) -> dict:
     """Median forward+backward time of every side, measured in one process with the
-    repeats interleaved (ours, unfold, ours+proposal, ours, ...): on a shared machine the
+    repeats interleaved (ours, unfold, ours, ...): on a shared machine the
     load then hits every side alike, and the ratios stay meaningful."""
     import time
 
     import torch
 
     from benchmarks import _measure as M
-    from benchmarks import _numpy_fastpath_proposal as P
     runs = {"ours": _setup("ours", threads), "unfold": _setup("unfold", threads)}
-    if proposal:
-        plain = _setup("ours", threads)
-
-        def with_proposal():
-            P.install()
-            try:
-                return plain()
-            finally:
-                P.uninstall()
-        runs["ours+proposal"] = with_proposal
     for fn in runs.values():  # warm-up
         fn()
     times = {name: [] for name in runs}
@@ -147,18 +133,17 @@ def _spawn(side: str, what: str, repeats: int, threads: int | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _spawn_time_all(repeats: int, threads: int | None, proposal: bool) -> dict:
+def _spawn_time_all(repeats: int, threads: int | None) -> dict:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "benchmarks.reference_memory", "--time-all",
-           "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else []) \
-        + (["--proposal"] if proposal else [])
+           "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(ours: dict, unfold: dict, errs: dict, proposal: dict | None = None) -> str:
+def table(ours: dict, unfold: dict, errs: dict) -> str:
     from benchmarks._measure import fmt_bytes, fmt_time
     mem_ratio = ours["rss_peak_bytes"] / unfold["rss_peak_bytes"]
     time_ratio = ours["median_s"] / unfold["median_s"]
@@ -183,14 +168,6 @@ def table(ours: dict, unfold: dict, errs: dict, proposal: dict | None = None) ->
         "agreement (max |diff| / max(1, max|ours|)): "
         + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
     ]
-    if proposal:
-        pm = proposal["rss_peak_bytes"] / unfold["rss_peak_bytes"]
-        pt = proposal["median_s"] / unfold["median_s"]
-        lines[6:6] = [f"| ours + proposed _numpy.py fast paths | "
-                      f"{fmt_bytes(proposal['rss_peak_bytes'])} | "
-                      f"{fmt_bytes(proposal.get('traced_peak_bytes'))} | "
-                      f"{fmt_time(proposal['median_s'])} |"]
-        lines += [f"with the proposal: memory ratio {pm:.3f}, time ratio {pt:.2f}x"]
     return "\n".join(lines)
 
 
@@ -199,15 +176,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures here")
-    p.add_argument("--child", choices=("ours", "ours+proposal", "unfold"),
-                   help=argparse.SUPPRESS)
-    p.add_argument("--proposal", action="store_true",
-                   help="also measure ours with benchmarks/_numpy_fastpath_proposal.py installed")
+    p.add_argument("--child", choices=("ours", "unfold"), help=argparse.SUPPRESS)
     p.add_argument("--what", choices=("mem", "time"), default="mem", help=argparse.SUPPRESS)
     p.add_argument("--time-all", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.time_all:
-        print(json.dumps(time_all(args.repeats, args.threads, args.proposal)))
+        print(json.dumps(time_all(args.repeats, args.threads)))
         return 0
     if args.child:
         print(json.dumps(child(args.child, args.what, args.repeats, args.threads)))
@@ -216,18 +190,14 @@ def main(argv=None):
     bad = {k: v for k, v in errs.items() if not v <= 4e-5}
     if bad:
         raise SystemExit(f"ours and unfold disagree: {bad}")
-    times = _spawn_time_all(args.repeats, args.threads, args.proposal)
+    times = _spawn_time_all(args.repeats, args.threads)
     ours, unfold = ({**_spawn(side, "mem", args.repeats, args.threads), **times[side]}
                     for side in ("ours", "unfold"))
-    proposal = None
-    if args.proposal:
-        proposal = {**_spawn("ours+proposal", "mem", args.repeats, args.threads),
-                    **times["ours+proposal"]}
-    text = table(ours, unfold, errs, proposal)
+    text = table(ours, unfold, errs)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(shape=SHAPE, ours=ours, unfold=unfold, ours_proposal=proposal,
+            json.dump(dict(shape=SHAPE, ours=ours, unfold=unfold,
                            agreement=errs,
                            memory_ratio=ours["rss_peak_bytes"] / unfold["rss_peak_bytes"],
                            time_ratio=ours["median_s"] / unfold["median_s"]), f, indent=1)

@@ -250,51 +250,11 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
-  for (int c0 = 0; c0 < dqk; c0 += CK) {
-    const int nch = min(CK, dqk - c0);
-    __syncthreads();
-    stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A qreg[CK];
-#pragma unroll
-    for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * hw) : A(0);
-    for (int ty = 0; ty < w.kh; ++ty)
-      for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
-        A dot = 0;
-#pragma unroll
-        for (int d = 0; d < CK; ++d)
-          if (d < nch) {
-            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
-            dot += qreg[d] * key;
-          }
-        my_dl[(size_t)(ty * w.kw + tx) * tile] += dot;
-      }
-  }
+  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
+                          halo_w, tile);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
-  for (int e0 = 0; e0 < dv; e0 += CV) {
-    const int ne = min(CV, dv - e0);
-    __syncthreads();
-    stage_halo(halo, vb + (size_t)e0 * hw, w, y0, x0, halo_h, halo_w, ne, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A greg[CV];
-#pragma unroll
-    for (int e = 0; e < CV; ++e) greg[e] = e < ne ? load(g, (size_t)(e0 + e) * ohw) : A(0);
-    for (int ty = 0; ty < w.kh; ++ty)
-      for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
-        if (hs < 0) continue;
-        A dot = 0;
-#pragma unroll
-        for (int e = 0; e < CV; ++e)
-          if (e < ne) dot += greg[e] * halo[e * halo_area + hs];
-        my_dp[(size_t)(ty * w.kw + tx) * tile] += dot;
-      }
-  }
+  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta).
@@ -538,26 +498,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.
-  for (int e0 = 0; e0 < dv; e0 += CV) {
-    const int ne = min(CV, dv - e0);
-    __syncthreads();
-    stage_halo(halo, gb + (size_t)e0 * ohw, w, oy0, ox0, halo_h, halo_w, ne, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A vreg[CV];
-#pragma unroll
-    for (int e = 0; e < CV; ++e) vreg[e] = e < ne ? load(vn, (size_t)(e0 + e) * hw) : A(0);
-    for (int a = 0; a < w.mr; ++a)
-      for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);
-        if (uh < 0) continue;
-        A dot = 0;
-#pragma unroll
-        for (int e = 0; e < CV; ++e)
-          if (e < ne) dot += halo[e * halo_area + uh] * vreg[e];
-        user_dl[(size_t)(a * w.mc + b) * tile] += dot;
-      }
-  }
+  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
 
   // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user.
   if (p.inside)
@@ -575,52 +516,11 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
       }
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
-  for (int c0 = 0; c0 < dqk; c0 += CK) {
-    const int nch = min(CK, dqk - c0);
-    __syncthreads();
-    stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A acc[CK];
-#pragma unroll
-    for (int d = 0; d < CK; ++d) acc[d] = 0;
-    for (int a = 0; a < w.mr; ++a)
-      for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);
-        if (uh < 0) continue;
-        const A dl = user_dl[(size_t)(a * w.mc + b) * tile];
-#pragma unroll
-        for (int d = 0; d < CK; ++d)
-          if (d < nch) acc[d] += dl * halo[d * halo_area + uh];
-      }
-#pragma unroll
-    for (int d = 0; d < CK; ++d)
-      if (d < nch) store(dk + qk_off + n + (size_t)(c0 + d) * hw, scale * acc[d]);
-  }
-
+  chunked_weighted_sums<CK>(dk + qk_off + n, hw, scale, user_dl, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0, ox0,
+                            halo_h, halo_w, tile);
   // (5) dv = sum_u p_u grad_out_u, over grad chunks.
-  for (int e0 = 0; e0 < dv; e0 += CV) {
-    const int ne = min(CV, dv - e0);
-    __syncthreads();
-    stage_halo(halo, gb + (size_t)e0 * ohw, w, oy0, ox0, halo_h, halo_w, ne, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A acc[CV];
-#pragma unroll
-    for (int e = 0; e < CV; ++e) acc[e] = 0;
-    for (int a = 0; a < w.mr; ++a)
-      for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);
-        if (uh < 0) continue;
-        const A pu = user_p[(size_t)(a * w.mc + b) * tile];
-#pragma unroll
-        for (int e = 0; e < CV; ++e)
-          if (e < ne) acc[e] += pu * halo[e * halo_area + uh];
-      }
-#pragma unroll
-    for (int e = 0; e < CV; ++e)
-      if (e < ne) store(dv_out + (size_t)p.plane * dv * hw + n + (size_t)(e0 + e) * hw, acc[e]);
-  }
+  chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw + n, hw, A(1), user_p, halo, gb, ohw, dv, w, p, ts,
+                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
 }
 
 // ---------------------------------------------------------------------------------------

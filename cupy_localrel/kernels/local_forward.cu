@@ -178,30 +178,8 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
   for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
-  for (int c0 = 0; c0 < dqk; c0 += CK) {
-    const int nch = min(CK, dqk - c0);
-    __syncthreads();   // the previous chunk's readers are done with the halo
-    stage_halo(halo, kb + (size_t)c0 * w.in_plane(), w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A qreg[CK];
-#pragma unroll
-    for (int d = 0; d < CK; ++d) qreg[d] = d < nch ? load(qc, (size_t)(c0 + d) * w.in_plane()) : A(0);
-    for (int ty = 0; ty < w.kh; ++ty)
-      for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
-        A dot = 0;
-#pragma unroll
-        for (int d = 0; d < CK; ++d) {   // fully unrolled: qreg stays in registers
-          if (d < nch) {
-            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
-            dot += qreg[d] * key;
-          }
-        }
-        logit[(size_t)(ty * w.kw + tx) * tile + p.tid] += dot;
-      }
-  }
+  chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, flags, dqk, w, p, ts,
+                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
 
   // (2) weights and lse, each thread on its own column.
   if (p.inside) {
@@ -224,29 +202,10 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
     lse[(size_t)p.plane * w.out_plane() + (size_t)p.r * w.Wo + p.c] = lse_v;
   }
 
-  // (3) out = sum_t weight_t * v_t, one value-channel chunk at a time.
+  // (3) out = sum_t weight_t * v_t, one value-channel chunk at a time (invalid slots
+  // carry value 0).
   const T* vb = v + (size_t)p.plane * dv * w.in_plane();
   T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
-  for (int e0 = 0; e0 < dv; e0 += CV) {
-    const int ne = min(CV, dv - e0);
-    __syncthreads();
-    stage_halo(halo, vb + (size_t)e0 * w.in_plane(), w, y0, x0, halo_h, halo_w, ne, p.tid, tile);
-    __syncthreads();
-    if (!p.inside) continue;
-    A acc[CV];
-#pragma unroll
-    for (int e = 0; e < CV; ++e) acc[e] = 0;
-    for (int ty = 0; ty < w.kh; ++ty)
-      for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
-        if (hs < 0) continue;   // invalid slots carry value 0
-        const A wt = logit[(size_t)(ty * w.kw + tx) * tile + p.tid];
-#pragma unroll
-        for (int e = 0; e < CV; ++e)
-          if (e < ne) acc[e] += wt * halo[e * halo_area + hs];
-      }
-#pragma unroll
-    for (int e = 0; e < CV; ++e)
-      if (e < ne) store(dst + (size_t)(e0 + e) * w.out_plane(), acc[e]);
-  }
+  chunked_weighted_sums<CV>(dst, w.out_plane(), A(1), logit + p.tid, halo, vb, w.in_plane(), dv, w, p, ts, w.kh,
+                            w.kw, y0, x0, halo_h, halo_w, tile);
 }

@@ -266,4 +266,121 @@ struct TileSlots {
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
 };
 
+// ---------------------------------------------------------------------------------------
+// Chunked phases of the tiled kernels. Each thread owns one column of a per-slot array in
+// shared memory (`mine`: entry s at mine[s * tile]) over an nr x nc grid of slots (window
+// slots, or users) listed by `ts`. Every channel chunk is staged over the tile's halo (from
+// `src`, channel stride `src_stride`) between two barriers, so every thread of the block
+// must call these (threads outside the plane only help staging). Sums run over the slots
+// in (row, column) order, then over the channels of a chunk in order, chunk after chunk.
+// ---------------------------------------------------------------------------------------
+// mine[s] += sum_d x[d] * (halo_d[s] + rel_d[s]) over nch channels, where x (this thread's
+// own vector, channel stride x_stride) multiplies each slot's halo entry, or 0 where the
+// slot lies outside (ts.off < 0), plus its rel entry (flags & kHasRel). The logits of the
+// query-side tiled kernels: x = the query, halo = the keys.
+template <int C, class T>
+__device__ __forceinline__ void chunked_slot_logits(
+    acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
+    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, int flags, int nch_total,
+    const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
+    int halo_w, int tile) {
+  using A = acc_t<T>;
+  const int halo_area = halo_h * halo_w;
+  const size_t tt = (size_t)w.th * w.tw;
+  for (int c0 = 0; c0 < nch_total; c0 += C) {
+    const int nch = min(C, nch_total - c0);
+    __syncthreads();   // the previous chunk's readers are done with the halo
+    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A xreg[C];
+#pragma unroll
+    for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
+    for (int sr = 0; sr < nr; ++sr)
+      for (int sc = 0; sc < nc; ++sc) {
+        const int hs = ts.off(sr, sc);
+        A dot = 0;
+#pragma unroll
+        for (int d = 0; d < C; ++d) {   // fully unrolled: xreg stays in registers
+          if (d < nch) {
+            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(sr, sc, w.tw));
+            dot += xreg[d] * key;
+          }
+        }
+        mine[(size_t)(sr * nc + sc) * tile] += dot;
+      }
+  }
+}
+
+// mine[s] += sum_e x[e] * halo_e[s] over nch channels, for the slots inside (ts.off >= 0)
+// only: grad_out . v of each slot (query side) or each user (key side).
+template <int C, class T>
+__device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
+                                                  const T* __restrict__ src, size_t src_stride,
+                                                  const T* __restrict__ x, size_t x_stride, int nch_total,
+                                                  const Window& w, const TilePos& p, const TileSlots& ts,
+                                                  int nr, int nc, int y0, int x0, int halo_h, int halo_w,
+                                                  int tile) {
+  using A = acc_t<T>;
+  const int halo_area = halo_h * halo_w;
+  for (int c0 = 0; c0 < nch_total; c0 += C) {
+    const int nch = min(C, nch_total - c0);
+    __syncthreads();
+    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A xreg[C];
+#pragma unroll
+    for (int e = 0; e < C; ++e) xreg[e] = e < nch ? load(x, (size_t)(c0 + e) * x_stride) : A(0);
+    for (int sr = 0; sr < nr; ++sr)
+      for (int sc = 0; sc < nc; ++sc) {
+        const int hs = ts.off(sr, sc);
+        if (hs < 0) continue;
+        A dot = 0;
+#pragma unroll
+        for (int e = 0; e < C; ++e)
+          if (e < nch) dot += xreg[e] * halo[e * halo_area + hs];
+        mine[(size_t)(sr * nc + sc) * tile] += dot;
+      }
+  }
+}
+
+// dst[c] = out_scale * sum_s mine[s] * halo_c[s] over the slots inside (ts.off >= 0), for
+// every channel c of src (dst: this thread's channel 0, channel stride dst_stride). The
+// weighted sums of the tiled kernels: out = sum_t p_t v_t (forward), dk = scale * sum_u
+// dlogit_u q_u and dv = sum_u p_u grad_out_u (key side; out_scale 1 stores the sum as is).
+template <int C, class T>
+__device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_t dst_stride, acc_t<T> out_scale,
+                                                      const acc_t<T>* __restrict__ mine,
+                                                      acc_t<T>* __restrict__ halo, const T* __restrict__ src,
+                                                      size_t src_stride, int nch_total, const Window& w,
+                                                      const TilePos& p, const TileSlots& ts, int nr, int nc,
+                                                      int y0, int x0, int halo_h, int halo_w, int tile) {
+  using A = acc_t<T>;
+  const int halo_area = halo_h * halo_w;
+  for (int c0 = 0; c0 < nch_total; c0 += C) {
+    const int nch = min(C, nch_total - c0);
+    __syncthreads();
+    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    __syncthreads();
+    if (!p.inside) continue;
+    A acc[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[c] = 0;
+    for (int sr = 0; sr < nr; ++sr)
+      for (int sc = 0; sc < nc; ++sc) {
+        const int hs = ts.off(sr, sc);
+        if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
+        const A wt = mine[(size_t)(sr * nc + sc) * tile];
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+          if (c < nch) acc[c] += wt * halo[c * halo_area + hs];
+      }
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+      if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+  }
+}
+
 }  // namespace localrel

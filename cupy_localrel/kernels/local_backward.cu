@@ -240,12 +240,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
-  int* cursor = col_slot + blockDim.x * w.tw;
-  const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
-  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
-  fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
-  __syncthreads();
-  const TileSlots ts(rows, cols);
+  const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
   for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
 

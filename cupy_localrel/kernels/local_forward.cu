@@ -169,12 +169,8 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
 
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
-  int* cursor = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
-  const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
-  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
-  fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
-  __syncthreads();
-  const TileSlots ts(rows, cols);
+  int* tables = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
   for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;

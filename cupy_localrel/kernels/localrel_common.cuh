@@ -266,6 +266,18 @@ struct TileSlots {
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
 };
 
+// The tile's window tables (fill_window_axis, rows then columns) carved from `cursor`
+// (shared ints), and this thread's view of them, for a halo whose top-left input is (y0, x0).
+// Every thread of the block must call this: it ends in a barrier.
+__device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window& w, const TilePos& p, int y0,
+                                                       int x0, int halo_w, int tile) {
+  const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
+  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
+  fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
+  __syncthreads();
+  return TileSlots(rows, cols);
+}
+
 // ---------------------------------------------------------------------------------------
 // Chunked phases of the tiled kernels. Each thread owns one column of a per-slot array in
 // shared memory (`mine`: entry s at mine[s * tile]) over an nr x nc grid of slots (window

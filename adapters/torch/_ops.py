@@ -56,6 +56,13 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fake_out_lse(x: Tensor, channels: int, heads: int, stride) -> tuple[Tensor, Tensor]:
+    """Meta outputs of a fused forward op: out (B, channels, Ho, Wo) like x, lse (B, heads, Ho, Wo)."""
+    ho, wo = _out_hw(x, stride)
+    return (x.new_empty((x.shape[0], channels, ho, wo)),
+            x.new_empty((x.shape[0], heads, ho, wo), dtype=_lse_dtype(x.dtype)))
+
+
 def _grad_or_empty(g, like: Tensor):
     """A gradient tensor for an output slot of a backward op (empty for a missing input)."""
     return like.new_empty((0,)) if g is None else g
@@ -106,9 +113,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, heads: int, kernel_size: Lis
 
 @_register_fake("local_attention2d")
 def _(q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend):
-    ho, wo = _out_hw(q, stride)
-    return (q.new_empty((q.shape[0], v.shape[1], ho, wo)),
-            q.new_empty((q.shape[0], heads, ho, wo), dtype=_lse_dtype(q.dtype)))
+    return _fake_out_lse(q, v.shape[1], heads, stride)
 
 
 @_custom_op("local_attention2d_backward")
@@ -272,9 +277,7 @@ def _relation_fwd(x: Tensor, key: Tensor, query: Tensor, geometry: Optional[Tens
 
 @_register_fake("local_relation2d")
 def _(x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend):
-    ho, wo = _out_hw(x, stride)
-    return (x.new_empty((x.shape[0], x.shape[1], ho, wo)),
-            x.new_empty((x.shape[0], key.shape[1], ho, wo), dtype=_lse_dtype(x.dtype)))
+    return _fake_out_lse(x, x.shape[1], key.shape[1], stride)
 
 
 @_custom_op("local_relation2d_backward")
@@ -331,9 +334,7 @@ def _sasa_fwd(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, hea
 
 @_register_fake("sasa2d")
 def _(q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend):
-    ho, wo = _out_hw(q, stride)
-    return (q.new_empty((q.shape[0], v.shape[1], ho, wo)),
-            q.new_empty((q.shape[0], heads, ho, wo), dtype=_lse_dtype(q.dtype)))
+    return _fake_out_lse(q, v.shape[1], heads, stride)
 
 
 @_custom_op("sasa2d_backward")

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                                                  "scikit-learn's 8x8 digits.")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="comma-separated, from: " + ", ".join(MODELS))
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,18 @@ def table_length(kernel: int, border: str) -> int:
     return 2 * kernel - 1 if border == "shift" else kernel
 
 
+def table_offsets(kernel: int, border: str) -> np.ndarray:
+    """Relative offset, in dilated steps, of each ``bias``/``rel`` table entry on one axis.
+
+    Entry ``a`` of a table row stands for the slots whose input lies ``offset[a] * d``
+    from the window centre: ``a - k//2`` for centred borders (``k`` entries),
+    ``a - (k-1)`` for ``shift`` (``2k-1`` entries). Geometry priors (LR-Net's MLP) take
+    these as their input.
+    """
+    centre = kernel - 1 if border == "shift" else kernel // 2
+    return np.arange(table_length(kernel, border), dtype=np.int64) - centre
+
+
 @dataclass(frozen=True)
 class AxisWindow:
     """The window along one axis, for every output index and slot.

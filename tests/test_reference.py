@@ -298,6 +298,17 @@ def test_non_finite_inputs_propagate():
     assert np.isfinite(out[0, 0, 0, :]).all() and np.isfinite(out[0, 1]).all()
 
 
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("length,kernel,dilation,stride", [(9, 3, 1, 1), (11, 5, 2, 1), (10, 3, 3, 2), (7, 1, 1, 3)])
+def test_table_offsets_are_the_slots_relative_positions(border, length, kernel, dilation, stride):
+    from cupy_localrel._geometry import axis_window, table_offsets
+    w = axis_window(length, kernel, dilation, stride, border)
+    centre = np.arange(w.pos.shape[0])[:, None] * stride
+    offsets = table_offsets(kernel, border)
+    assert offsets.shape == (table_shape(kernel, border)[0],)
+    np.testing.assert_array_equal((w.pos - centre)[w.valid], dilation * offsets[w.table][w.valid])
+
+
 def test_table_shape_helper_matches_spec():
     assert table_shape((3, 5), "mask") == (3, 5)
     assert table_shape((3, 5), "shift") == (5, 9)

@@ -33,13 +33,8 @@ def relative_offsets(kernel_size, border: str = "mask") -> torch.Tensor:
     kh, kw = G.to_pair(kernel_size, "kernel_size")
 
     def axis(k):
-        if border == "shift":
-            half = k - 1
-            steps = torch.arange(2 * k - 1, dtype=torch.float32) - half
-        else:
-            half = k // 2
-            steps = torch.arange(k, dtype=torch.float32) - half
-        return steps / max(half, 1)
+        steps = torch.from_numpy(G.table_offsets(k, G.check_border(border))).to(torch.float32)
+        return steps / max(float(steps.abs().max()), 1.0)
 
     dy, dx = torch.meshgrid(axis(kh), axis(kw), indexing="ij")
     return torch.stack([dy, dx])[None]

@@ -1,6 +1,5 @@
 """One DistributedDataParallel step (gloo, 2 CPU processes) equals a single-process step."""
 import os
-import socket
 
 import pytest
 
@@ -13,12 +12,6 @@ import torch.multiprocessing as mp  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 60
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -41,11 +34,14 @@ def _loss(model, x, y):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, out_dir):
     import datetime
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+    # A file store rather than a TCP store: with TCP, rank 0 hosts the store server, and
+    # when it exited while rank 1 was still tearing down, rank 1 aborted (seen once in CI:
+    # "terminate called without an active exception", exit code -6).
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
+                            rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
@@ -55,14 +51,14 @@ def _worker(rank, port, out_dir):
         grads = [p.grad.detach().clone() for p in model.parameters()]
         if rank == 0:
             torch.save(grads, os.path.join(out_dir, "ddp_grads.pt"))
+        dist.barrier()  # nobody tears down while the other rank still communicates
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, str(tmp_path)), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(rank, str(tmp_path)), daemon=True)
              for rank in range(WORLD)]
     for p in procs:
         p.start()

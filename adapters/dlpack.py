@@ -41,9 +41,9 @@ def _is_bf16(x) -> bool:
     return "bfloat16" in str(getattr(x, "dtype", ""))
 
 
-def _device_type(x) -> int:
+def _device_type(x, name: str) -> int:
     if not hasattr(x, "__dlpack__"):
-        raise TypeError(f"expected an array with __dlpack__, got {type(x).__name__}")
+        raise TypeError(f"{name} must be an array with __dlpack__, got {type(x).__name__}")
     if hasattr(x, "__dlpack_device__"):
         return int(x.__dlpack_device__()[0])
     return _CPU
@@ -55,7 +55,7 @@ def _to_core(x, name):
         return x
     if type(x).__module__.startswith("cupy"):
         return x
-    device = _device_type(x)
+    device = _device_type(x, name)
     if device in (_CPU, _CUDA_HOST):
         if _is_torch(x):
             x = x.detach()

@@ -370,7 +370,9 @@ def av_geometry(attn, v, kernel_size, dilation, stride, border) -> Geometry:
     batch, heads = int(attn.shape[0]), int(attn.shape[1])
     if heads < 1:
         raise ValueError(f"attn must have at least one head, got shape {tuple(attn.shape)}")
-    _, channels, height, width = (int(s) for s in v.shape)
+    v_batch, channels, height, width = (int(s) for s in v.shape)
+    if v_batch != batch:
+        raise ValueError(f"v must have the batch of attn ({batch}), got shape {tuple(v.shape)}")
     dv = _split_heads(channels, heads, "v")
     check_window(height, width, kernel, dilation, border)
     geo = Geometry(batch, heads, 0, dv, height, width, kernel, dilation, stride, border,

@@ -195,9 +195,15 @@ def local_av2d_backward(grad_out, attn, v, kernel_size, *, dilation=1, stride=1,
 # The two papers' layers, as compositions of local_attention2d
 # ---------------------------------------------------------------------------------------
 
-def _relation_heads(key, query):
+def _relation_heads(arrays: dict) -> int:
+    """``heads`` of LR-Net: one per channel of ``key`` ``(B, C/m, H, W)``."""
+    G.check_arrays(arrays)
+    key, query = arrays["key"], arrays["query"]
     G.check_ndim(key, "key", 4, "(B, C/m, H, W)")
     G.check_ndim(query, "query", 4, "(B, C/m, H, W)")
+    if key.shape[1] < 1:
+        raise ValueError(f"key must have at least one channel (one per head), got shape "
+                         f"{tuple(key.shape)}")
     return int(key.shape[1])
 
 
@@ -209,12 +215,13 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
         x: ``(B, C, H, W)`` values; ``C/m`` channels share each weight map.
         key, query: ``(B, C/m, H, W)``, one channel per head (``heads = key.shape[1]``).
         geometry: ``(heads, kh, kw)`` geometry-prior logits (the ``bias``).
-        scale: appearance-composability scale, default 1.
+        scale: appearance-composability scale, default (and ``None``) 1.
 
     Returns: ``out`` ``(B, C, Ho, Wo)``, or ``(out, lse)`` with ``return_lse=True``.
     """
-    heads = _relation_heads(key, query)
-    return local_attention2d(query, key, x, heads, kernel_size, bias=geometry, scale=scale,
+    heads = _relation_heads(dict(x=x, key=key, query=query, geometry=geometry))
+    return local_attention2d(query, key, x, heads, kernel_size, bias=geometry,
+                             scale=G.check_scale(scale, 1.0),
                              return_lse=return_lse, dilation=dilation, stride=stride,
                              border=border, backend=backend)
 
@@ -223,9 +230,11 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
                               scale=1.0, dilation=1, stride=1, border="mask",
                               backend=None) -> LocalRelationGrads:
     """Gradients of :func:`local_relation2d`: ``LocalRelationGrads(x, key, query, geometry)``."""
-    heads = _relation_heads(key, query)
+    heads = _relation_heads(dict(grad_out=grad_out, x=x, key=key, query=query,
+                                 geometry=geometry, out=out))
     g = local_attention2d_backward(grad_out, query, key, x, out, lse, heads, kernel_size,
-                                   bias=geometry, scale=scale, dilation=dilation,
+                                   bias=geometry, scale=G.check_scale(scale, 1.0),
+                                   dilation=dilation,
                                    stride=stride, border=border, backend=backend)
     return LocalRelationGrads(x=g.v, key=g.k, query=g.q, geometry=g.bias)
 
@@ -259,14 +268,15 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
         q, k: ``(B, heads*Dqk, H, W)``, ``Dqk`` even. v: ``(B, heads*Dv, H, W)``.
         rel_h: ``(heads, Dqk/2, kh)`` row-offset embedding (first half of the channels).
         rel_w: ``(heads, Dqk/2, kw)`` column-offset embedding (second half).
-        scale: default 1 (the paper has no ``1/sqrt(d)``). border: ``"mask"``/``"zeros"``.
+        scale: default (and ``None``) 1: the paper has no ``1/sqrt(d)``.
+        border: ``"mask"`` or ``"zeros"``.
 
     Returns: ``out`` ``(B, heads*Dv, Ho, Wo)``, or ``(out, lse)``.
     """
     rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
-    return local_attention2d(q, k, v, heads, kernel_size, rel=rel, scale=scale,
-                             return_lse=return_lse, dilation=dilation, stride=stride,
-                             border=border, backend=backend)
+    return local_attention2d(q, k, v, heads, kernel_size, rel=rel,
+                             scale=G.check_scale(scale, 1.0), return_lse=return_lse,
+                             dilation=dilation, stride=stride, border=border, backend=backend)
 
 
 def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, *,
@@ -274,8 +284,8 @@ def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_siz
     """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w)``."""
     rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
     g = local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, rel=rel,
-                                   scale=scale, dilation=dilation, stride=stride,
-                                   border=border, backend=backend)
+                                   scale=G.check_scale(scale, 1.0), dilation=dilation,
+                                   stride=stride, border=border, backend=backend)
     half = rel.shape[1] // 2
     # rel_h[h, :, a] feeds every column b of row a: its gradient sums over b (and vice versa).
     return SASAGrads(q=g.q, k=g.k, v=g.v, rel_h=g.rel[:, :half].sum(axis=3),

@@ -133,6 +133,43 @@ def test_backward_checks_saved_tensors():
         cl.local_qk2d_backward(np.ones((1, 2, 9, 6, 5)), x.q, x.k, 2, 3)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "sim"])
+def test_av_checks_the_batch_of_v(backend):
+    """A v with another batch than attn is rejected before any work (NumPy would broadcast
+    it, the kernels would read and write past its end)."""
+    attn, v = np.ones((4, 2, 9, 5, 6), np.float32), np.ones((1, 6, 5, 6), np.float32)
+    with pytest.raises(ValueError, match=r"v must have the batch of attn \(4\)"):
+        cl.local_av2d(attn, v, 3, backend=backend)
+    with pytest.raises(ValueError, match=r"v must have the batch of attn \(4\)"):
+        cl.local_av2d_backward(np.ones((4, 6, 5, 6), np.float32), attn, v, 3, backend=backend)
+
+
+def test_papers_ops_check_their_own_arguments():
+    x = _good()
+    key, geometry = x.q[:, :2], np.zeros((2, 3, 3))
+    for call in (lambda key, query: cl.local_relation2d(x.v, key, query, geometry, 3),
+                 lambda key, query: cl.local_relation2d_backward(
+                     x.v, x.v, key, query, geometry, x.v, np.zeros((1, 2, 6, 6)), 3)):
+        with pytest.raises(TypeError, match="key must be a NumPy or CuPy array"):
+            call(key.tolist(), key)
+        with pytest.raises(TypeError, match="query must be a NumPy or CuPy array"):
+            call(key, key.tolist())
+        with pytest.raises(ValueError, match="key must have at least one channel"):
+            call(key[:, :0], key[:, :0])
+        with pytest.raises(ValueError, match="scale must be a real number"):
+            cl.local_relation2d(x.v, key, key, geometry, 3, scale="1")
+
+
+def test_papers_ops_take_none_as_their_default_scale_of_one():
+    x = _good()
+    key, geometry = x.q[:, :2], np.random.default_rng(3).standard_normal((2, 3, 3))
+    np.testing.assert_array_equal(cl.local_relation2d(x.v, key, key, geometry, 3, scale=None),
+                                  cl.local_relation2d(x.v, key, key, geometry, 3))
+    rel_h = rel_w = np.random.default_rng(4).standard_normal((2, 1, 3))
+    np.testing.assert_array_equal(cl.sasa2d(x.q, x.k, x.v, rel_h, rel_w, 2, 3, scale=None),
+                                  cl.sasa2d(x.q, x.k, x.v, rel_h, rel_w, 2, 3, scale=1.0))
+
+
 def test_unavailable_backend_raises_runtime_error_naming_it():
     ok, reason = backend_status("cupy")
     if ok:

@@ -29,8 +29,11 @@ def test_numpy_passthrough_equals_core():
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match="__dlpack__"):
+    with pytest.raises(TypeError, match="attn must be an array with __dlpack__, got list"):
         dl.local_av2d([[1.0]], np.zeros((1, 2, 3, 3)), 3)
+    a = _arrays()
+    with pytest.raises(TypeError, match="k must be an array with __dlpack__"):
+        dl.local_attention2d(a["q"], a["k"].tolist(), a["v"], 2, 3)
 
 
 class TestTorch:

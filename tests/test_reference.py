@@ -312,3 +312,21 @@ def test_table_offsets_are_the_slots_relative_positions(border, length, kernel, 
 def test_table_shape_helper_matches_spec():
     assert table_shape((3, 5), "mask") == (3, 5)
     assert table_shape((3, 5), "shift") == (5, 9)
+
+
+@pytest.mark.parametrize("border", ["mask", "zeros", "shift"])
+def test_av_invalid_slots_add_nothing_whatever_their_weight(border):
+    """SPEC: invalid slots add 0; an inf or NaN weight there must not turn into NaN."""
+    rng = np.random.default_rng(21)
+    v = rng.standard_normal((1, 4, 5, 6))
+    # SPEC "Geometry", k = 3, stride = dilation = 1: slot (ty, tx) of output (i, j) looks at
+    # (i + ty - 1, j + tx - 1); every slot of a shift window is valid.
+    t, i, j = np.meshgrid(np.arange(9), np.arange(5), np.arange(6), indexing="ij")
+    y, x = i + t // 3 - 1, j + t % 3 - 1
+    valid = (0 <= y) & (y < 5) & (0 <= x) & (x < 6) | (border == "shift")   # (K, Ho, Wo)
+    attn = rng.random((1, 2, 9, 5, 6))
+    poisoned = attn.copy()
+    poisoned[:, 0, ~valid] = np.inf
+    poisoned[:, 1, ~valid] = np.nan
+    np.testing.assert_array_equal(cl.local_av2d(poisoned, v, 3, border=border),
+                                  cl.local_av2d(np.where(valid, attn, 0), v, 3, border=border))

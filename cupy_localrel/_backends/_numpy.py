@@ -258,10 +258,20 @@ def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool):
 
 
 def _chunk_weighted_sum(geo, c, weights, v_rows):
-    """``sum_t weights[:, :, t] * v at slot t``: ``(nb, nh, Dv, rows, Wo)``."""
-    out = 0
+    """``sum_t weights[:, :, t] * v at slot t``: ``(nb, nh, Dv, rows, Wo)``.
+
+    Invalid slots add nothing whatever their weight (an ``inf`` weight times a zero value
+    would be NaN), as in the kernels.
+    """
+    out = np.zeros(weights.shape[:2] + (v_rows.shape[2],) + weights.shape[3:], geo.acc_dtype)
     for t, s in _slots(geo, c):
-        out = out + weights[:, :, t, None] * _gather(v_rows, s)
+        w = weights[:, :, t, None]
+        ry, rx = s.row_slices, s.col_slices
+        if ry is None or rx is None:  # shift windows: gather, then drop the invalid outputs
+            out += np.where(s.valid, w * _gather(v_rows, s), 0)
+        elif ry != () and rx != ():   # valid outputs only, through strided views
+            (oi, ii), (oj, ij) = ry, rx
+            out[..., oi, oj] += w[..., oi, oj] * v_rows[..., ii, ij]
     return out
 
 

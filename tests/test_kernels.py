@@ -346,6 +346,59 @@ def test_large_window(backend, dtype, border):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_huge_window_work_arrays_in_global_scratch(backend, dtype, monkeypatch):
+    """A window whose backward work arrays leave shared memory no room for a warp runs from
+    global scratch; a small scratch limit splits the grid into several launches, which
+    changes no bit."""
+    from cupy_localrel._backends import _kernel_ops
+    kernel, shape = (17, 15), (2, 2, 2, 3, 9, 10)
+    geo = G.qk_geometry(np.zeros((2, 4, 9, 10)), np.zeros((2, 4, 9, 10)), 2, kernel, 1, 1,
+                        "mask", None, None, None)
+    per_thread = 8 * (2 * geo.slots + 1)      # query_grad's arrays in float64
+    assert _kernel_ops._work_arrays_plan(9, 10, lambda b: per_thread * b[0] * b[1])[2] > 0
+    _check_all_ops(backend, "mask", kernel, 1, 1, dtype, True, True, shape=shape)
+
+    x = _inputs(*shape[:4], *shape[4:], kernel, "mask", True, True, np.dtype(dtype), 3)
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    kw = dict(kernel_size=kernel, bias=d["bias"], rel=d["rel"], backend=backend)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], 2, return_lse=True, **kw)
+    runs = []
+    for limit in (_kernel_ops.SCRATCH_LIMIT, 20_000):
+        monkeypatch.setattr(_kernel_ops, "SCRATCH_LIMIT", limit)
+        runs.append([Arrays.get(g) for g in cl.local_attention2d_backward(
+            out, d["q"], d["k"], d["v"], out, lse, 2, **kw)])
+    for whole, split in zip(*runs):
+        np.testing.assert_array_equal(whole, split)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the reference's own -inf - -inf
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,stride", [("float32", 1), ("float32", 2), ("float64", 1)])
+def test_minus_inf_logits_weigh_zero(backend, dtype, stride):
+    """A -inf bias entry gives its slot weight 0 on every path (the online softmax of the
+    general kernel must not compute -inf - -inf); a head whose logits are all -inf gives
+    NaN, as the reference's softmax does."""
+    dt = np.dtype(dtype)
+    x = _inputs(1, 2, 2, 3, 7, 8, 3, "mask", True, False, dt, 12)
+    x["bias"][0, 0, :] = -np.inf       # head 0: the top row of every window
+    x["bias"][1] = -np.inf             # head 1: every slot
+    a = Arrays(backend)
+    kw = dict(kernel_size=3, stride=stride, return_lse=True)
+    out, lse = cl.local_attention2d(*(a.put(x[n]) for n in "qkv"), 2, bias=a.put(x["bias"]),
+                                    backend=backend, **kw)
+    r = {n: _f64(v) for n, v in x.items() if v is not None}
+    want_out, want_lse = cl.local_attention2d(r["q"], r["k"], r["v"], 2, bias=r["bias"],
+                                              backend="numpy", **kw)
+    out, lse = _f64(Arrays.get(out)), _f64(Arrays.get(lse))
+    assert np.isfinite(want_out[:, :3]).all() and np.isnan(want_out[:, 3:]).all()
+    assert_close(out[:, :3], want_out[:, :3], ATOL[dtype], "out, head 0")
+    assert_close(lse[:, 0], want_lse[:, 0], ATOL[dtype], "lse, head 0")
+    assert np.isnan(out[:, 3:]).all() and np.isnan(lse[:, 1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_papers_layers(backend):
     rng = np.random.default_rng(11)
     a = Arrays(backend)

@@ -18,7 +18,9 @@ Kernel choice (see the .cu files for what each does):
 - fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
   ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``
   (dbias/drel in a fixed order). Fast paths ``query_grad_tiled<T, CK, CV>`` and
-  ``key_grad_tiled<T, CK, CV>`` under the forward's conditions and configurations.
+  ``key_grad_tiled<T, CK, CV>`` under the forward's conditions and configurations. For
+  windows so large that not even a warp's work arrays fit shared memory, ``query_grad``
+  and ``key_grad`` keep them in a global scratch buffer (at most SCRATCH_LIMIT per launch).
 - ``local_qk2d``/``local_av2d``: one general kernel each way (``qk_forward``, ``av_forward``;
   ``query_grad<T, 1>`` + ``key_grad<T, 1>``; ``av_dattn`` + ``key_grad<T, 2>``).
 """
@@ -33,6 +35,8 @@ from .._geometry import Geometry, lse_dtype
 
 FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
+SCRATCH_LIMIT = 256 * 2**20     # global scratch of one launch, for windows too large for it
+WARP = 32
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
 VPT = 8                         # value channels per thread of the general kernels
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
@@ -151,19 +155,40 @@ def _grid(planes: int, rows: int, cols: int, block) -> tuple[int, int, int]:
     return (blocks, 1, 1)
 
 
-def _shrink_to_fit(rows: int, cols: int, bytes_for) -> tuple[int, int]:
-    """The largest power-of-two block (<= MAX_THREADS) whose shared memory fits the limit."""
+def _work_arrays_plan(rows: int, cols: int, bytes_for) -> tuple[tuple[int, int], int, int]:
+    """Block shape of query_grad/key_grad and where their per-block work arrays live.
+
+    Returns ``(block, shared_bytes, scratch_bytes_per_block)``: the largest power-of-two
+    block (<= MAX_THREADS, >= a warp) whose arrays fit SMEM_LIMIT of shared memory; or, for
+    windows so large (K of hundreds) that not even a warp fits, a warp-sized block with its
+    arrays in global scratch (``block_scratch`` in local_backward.cu). Any window size runs.
+    """
     threads = MAX_THREADS
-    while threads > 1:
+    while threads >= WARP:
         block = _plane_block(rows, cols, threads)
         if bytes_for(block) <= SMEM_LIMIT:
-            return block
+            return block, bytes_for(block), 0
         threads //= 2
-    block = (1, 1)
-    if bytes_for(block) > SMEM_LIMIT:
-        raise ValueError("window too large for the CUDA kernels' shared memory "
-                         f"({bytes_for(block)} bytes for one thread)")
-    return block
+    block = _plane_block(rows, cols, WARP)
+    return block, 0, bytes_for(block)
+
+
+def _launch_work(c: "_Call", kernel, rows: int, cols: int, block, args: tuple,
+                 shared_bytes: int, scratch_bytes: int) -> None:
+    """Launch query_grad/key_grad over ``c.planes`` planes of ``rows x cols``: once with the
+    work arrays in shared memory, or in as many launches (``first_block``) as keep the global
+    scratch under SCRATCH_LIMIT."""
+    blocks = _grid(c.planes, rows, cols, block)[0]
+    if not scratch_bytes:
+        kernel((blocks, 1, 1), block, args + (c.acc_dummy, np.int64(0), np.int32(0)),
+               shared_mem=shared_bytes)
+        return
+    per_block = -(-scratch_bytes // c.acc.itemsize)          # in accumulator elements
+    group = max(1, min(blocks, SCRATCH_LIMIT // (per_block * c.acc.itemsize)))
+    scratch = c.t.xp.empty(group * per_block, c.acc)
+    for first in range(0, blocks, group):
+        kernel((min(group, blocks - first), 1, 1), block,
+               args + (scratch, np.int64(per_block), np.int32(first)))
 
 
 def _halo_extent(pos: np.ndarray, tile: int) -> int:
@@ -300,16 +325,20 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *
         def smem(block):   # [K][tile] arrays and qs[tile] (A), row_slot and col_slot (int)
             return acc * (arrays + 1) * block[0] * block[1] + tables(block)
 
-        block = _shrink_to_fit(geo.out_h, geo.out_w, smem)
-        smem_bytes, kernel, extra = smem(block), c.fn(BACKWARD_FILE, "query_grad", mode), ()
+        block, smem_bytes, scratch_bytes = _work_arrays_plan(geo.out_h, geo.out_w, smem)
+        kernel = c.fn(BACKWARD_FILE, "query_grad", mode)
     tiles = _tiles(geo.out_h, geo.out_w, block)
     blocks = c.planes * tiles
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
     part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
-    kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block,
-           (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q),
+    args = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q),
             _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
-            c.flags, c.scale) + extra, shared_mem=smem_bytes)
+            c.flags, c.scale)
+    if tiled is not None:
+        kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block, args + extra,
+               shared_mem=smem_bytes)
+    else:
+        _launch_work(c, kernel, geo.out_h, geo.out_w, block, args, smem_bytes, scratch_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
     drel = None if rel is None else _table_reduce(c, part_rel, rel.shape, tiles, geo.dqk * th * tw)
     return dbias, drel
@@ -349,9 +378,9 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     def smem(block):
         return _users(geo) * block[0] * block[1] * per_user
 
-    block = _shrink_to_fit(geo.height, geo.width, smem)
-    c.fn(BACKWARD_FILE, "key_grad", mode)(
-        _grid(c.planes, geo.height, geo.width, block), block, common + (attn,) + tail, shared_mem=smem(block))
+    block, smem_bytes, scratch_bytes = _work_arrays_plan(geo.height, geo.width, smem)
+    _launch_work(c, c.fn(BACKWARD_FILE, "key_grad", mode), geo.height, geo.width, block,
+                 common + (attn,) + tail, smem_bytes, scratch_bytes)
 
 
 def _users(geo: Geometry) -> int:

@@ -9,7 +9,8 @@
 //     each block's contributions per table entry in a fixed order into a per-block partials
 //     buffer; stage 2 (table_reduce) sums the partials of each entry in block order.
 // The fused backward never stores anything attention-sized: query_grad recomputes the
-// weights from lse and keeps their gradients (K per query) in shared memory; key_grad
+// weights from lse and keeps their gradients (K per query) in shared memory (in a bounded
+// global scratch for windows too large for it, see block_scratch); key_grad
 // recomputes the weight and its gradient of each (query, slot) that uses its key, helped by
 // delta = sum_t p_t dp_t per query (the softmax-backward term, lse-sized, written by
 // query_grad). delta is computed from the recomputed weights, not as grad_out . out: the
@@ -33,6 +34,17 @@
 using namespace localrel;
 
 enum Mode { kAttention = 0, kQK = 1, kAV = 2 };
+
+// The per-block work arrays of query_grad and key_grad: dynamic shared memory, or, when a
+// large window leaves room in shared memory for less than a warp (per_block > 0), this
+// block's slice of a global scratch buffer of per_block elements per block; the host then
+// splits the grid into launches (first_block) that bound the buffer.
+template <class A>
+__device__ __forceinline__ unsigned char* block_scratch(unsigned char* smem, A* scratch,
+                                                        long long per_block) {
+  if (per_block == 0) return smem;
+  return reinterpret_cast<unsigned char*>(scratch + (size_t)blockIdx.x * (size_t)per_block);
+}
 
 // ---------------------------------------------------------------------------------------
 // Query side. Block: a tile of output pixels of one (batch, head). Dynamic shared memory:
@@ -97,7 +109,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
   const int entries = w.th * w.tw;
   if (flags & kHasBias)
     for (int e = p.tid; e < entries; e += tile)
-      part_bias[(size_t)blockIdx.x * entries + e] =
+      part_bias[(size_t)p.block * entries + e] =
           tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
   if (flags & kHasRel)
     for (int d = 0; d < dqk; ++d) {
@@ -105,7 +117,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
       qs[p.tid] = p.inside ? scale * load(qc, d * w.in_plane()) : A(0);
       __syncthreads();
       for (int e = p.tid; e < entries; e += tile)
-        part_rel[((size_t)blockIdx.x * dqk + d) * entries + e] =
+        part_rel[((size_t)p.block * dqk + d) * entries + e] =
             tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
     }
 }
@@ -117,14 +129,15 @@ __global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
            const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
            T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
-           acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale) {
+           acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+           acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
-  const TilePos p = tile_pos(w.Ho, w.Wo);
+  const TilePos p = tile_pos(w.Ho, w.Wo, first_block);
   const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
-  A* dlogit = reinterpret_cast<A*>(smem_raw);
+  A* dlogit = reinterpret_cast<A*>(block_scratch(smem_raw, scratch, scratch_per_block));
   A* weight = dlogit + (size_t)K * tile;                          // kAttention only
   A* qs = weight + (MODE == kAttention ? (size_t)K * tile : 0);
   int* row_slot = reinterpret_cast<int*>(qs + tile);
@@ -335,16 +348,17 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
          const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ dk,
-         T* __restrict__ dv_out, int heads, int dqk, int dv, int flags, acc_t<T> scale) {
+         T* __restrict__ dv_out, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+         acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
-  const TilePos p = tile_pos(w.H, w.W);
+  const TilePos p = tile_pos(w.H, w.W, first_block);
   if (!p.inside) return;   // no barriers in this kernel
   const int tile = blockDim.x * blockDim.y, U = w.mr * w.mc, K = w.slots();
   const int h = p.plane % heads;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
-  A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
+  A* user_p = reinterpret_cast<A*>(block_scratch(smem_raw, scratch, scratch_per_block)) + p.tid;
   A* user_dl = MODE == kAttention ? user_p + (size_t)U * tile : user_p;
 
   const size_t n = (size_t)p.r * w.W + p.c;   // this thread's input pixel

@@ -116,6 +116,9 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
       if (!takes_part(w, s)) continue;
       const A x = slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale);
+      // A -inf logit (a -inf bias) weighs exactly 0. Skipping it also keeps
+      // exp(-inf - -inf) = NaN out of the sums while every logit so far is -inf.
+      if (x == neg_inf<A>()) continue;
       const A m_new = acc_max(m, x);
       // m = -inf before the first slot: exp(-inf) = 0 drops the empty history.
       const A rescale = acc_exp(m - m_new), pt = acc_exp(x - m_new);
@@ -132,7 +135,9 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 #pragma unroll
   for (int e = 0; e < VPT; ++e)
     if (e < ne) store(dst + e * w.out_plane(), acc[e] * inv_l);
-  if (e0 == 0) lse[(size_t)bh * w.out_plane() + o] = m + acc_log(l);
+  // Every logit -inf: out is 0/0 = NaN above, and lse NaN too, as the softmax of the
+  // reference and of the tiled kernel (-inf - -inf) give.
+  if (e0 == 0) lse[(size_t)bh * w.out_plane() + o] = (l > A(0)) ? m + acc_log(l) : quiet_nan<A>();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_
 template <> __device__ __forceinline__ double neg_inf<double>() {
   return __longlong_as_double(0xfff0000000000000ull);
 }
+template <class A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7ff8000000000000ull);
+}
 
 // ---------------------------------------------------------------------------------------
 // The geometry buffer (int32), written by _kernel_ops._window_table in this order.
@@ -126,6 +131,7 @@ __device__ __forceinline__ bool takes_part(const Window& w, const Slot& s) { ret
 // Everything is flattened into grid x (2^31-1 blocks) because grid y/z stop at 65535.
 // ---------------------------------------------------------------------------------------
 struct TilePos {
+  int block;         // block index in the whole grid (blockIdx.x + the launch's first block)
   int plane;         // which (batch, head[, chunk]) plane
   int row0, col0;    // first row/column of the tile
   int r, c;          // this thread's row/column
@@ -133,13 +139,16 @@ struct TilePos {
   int tid;           // linear thread index in the block
 };
 
-// 32-bit index math is enough here: blockIdx.x < 2^31 (the host checks the grid size).
-__device__ __forceinline__ TilePos tile_pos(int rows, int cols) {
+// 32-bit index math is enough here: the grid has < 2^31 blocks (the host checks its size).
+// `first_block` > 0 when the host splits one grid into several launches (global scratch).
+__device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block = 0) {
   const unsigned tiles_x = (cols + blockDim.x - 1) / blockDim.x;
   const unsigned tiles_y = (rows + blockDim.y - 1) / blockDim.y;
-  const unsigned tiles = tiles_x * tiles_y, tile = blockIdx.x % tiles;
+  const unsigned block = blockIdx.x + (unsigned)first_block;
+  const unsigned tiles = tiles_x * tiles_y, tile = block % tiles;
   TilePos p;
-  p.plane = (int)(blockIdx.x / tiles);
+  p.block = (int)block;
+  p.plane = (int)(block / tiles);
   p.row0 = (int)((tile / tiles_x) * blockDim.y);
   p.col0 = (int)((tile % tiles_x) * blockDim.x);
   p.r = p.row0 + (int)threadIdx.y;

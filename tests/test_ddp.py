@@ -71,7 +71,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     assert not alive, "DDP workers timed out"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
-    ddp_grads = torch.load(tmp_path / "ddp_grads.pt")
+    ddp_grads = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
     model = _model()
     x, y = _batch()
     _loss(model, x, y).backward()  # mean over the global batch = DDP's average of shard means

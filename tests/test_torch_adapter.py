@@ -328,6 +328,22 @@ def test_bad_arguments():
         lt.local_attention2d(q, q, q, 3, 3)
     with pytest.raises(TypeError, match="cupy"):
         lt.local_attention2d(q, q, q, 2, 3, backend="cupy")
+    with pytest.raises(ValueError, match="scale must be a real number"):
+        lt.local_attention2d(q, q, q, 2, 3, scale="0.5")
+    with pytest.raises(ValueError, match="scale must be a real number"):
+        lt.local_qk2d(q, q, 2, 3, scale=[1.0])
+    with pytest.raises(ValueError, match="v must have the batch of attn"):
+        lt.local_av2d(torch.rand(2, 2, 9, 5, 5), q, 3)
+
+
+def test_papers_ops_take_none_as_their_default_scale_of_one():
+    q = torch.randn(1, 4, 5, 5, dtype=F64)
+    rel = torch.randn(2, 1, 3, dtype=F64)
+    torch.testing.assert_close(lt.sasa2d(q, q, q, rel, rel, 2, 3, scale=None),
+                               lt.sasa2d(q, q, q, rel, rel, 2, 3), rtol=0, atol=0)
+    key, geometry = q[:, :2], torch.randn(2, 3, 3, dtype=F64)
+    torch.testing.assert_close(lt.local_relation2d(q, key, key, geometry, 3, scale=None),
+                               lt.local_relation2d(q, key, key, geometry, 3), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------

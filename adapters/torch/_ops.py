@@ -414,7 +414,17 @@ def _register_flops():
     ``2 * B * K * Ho * Wo * (3 C_qk + 2 C_v)``, about twice the forward.
     Softmax, bias and ``rel`` additions are lower-order terms and not counted.
     """
-    from torch.utils.flop_counter import register_flop_formula
+    from torch.utils import flop_counter
+
+    def register_flop_formula(packet):
+        def register(formula):
+            flop_counter.register_flop_formula(packet)(formula)
+            # torch 2.4 files the formula under each overload (localrel.op.default) while
+            # FlopCounterMode looks ops up by packet (torch.ops.localrel.op): file it there too.
+            if packet not in flop_counter.flop_registry:
+                flop_counter.flop_registry[packet] = flop_counter.flop_registry[packet.default]
+            return formula
+        return register
 
     ops = torch.ops.localrel
 
@@ -494,7 +504,7 @@ def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale
     check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel))
     _check_common("local_attention2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    scale = None if scale is None else float(scale)
+    scale = None if scale is None else G.check_scale(scale, None)  # None: 1/sqrt(Dqk)
     out, lse = torch.ops.localrel.local_attention2d(q, k, v, int(heads), ks, bias, rel, scale,
                                                     dil, st, border, backend)
     return (out, lse) if return_lse else out
@@ -506,7 +516,7 @@ def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dil
     check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel))
     _check_common("local_qk2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    scale = None if scale is None else float(scale)
+    scale = None if scale is None else G.check_scale(scale, None)  # None: 1/sqrt(Dqk)
     return torch.ops.localrel.local_qk2d(q, k, int(heads), ks, bias, rel, scale, dil, st,
                                          border, backend)
 
@@ -525,7 +535,8 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
     check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry))
     _check_common("local_relation2d", border, backend)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    out, lse = torch.ops.localrel.local_relation2d(x, key, query, geometry, ks, float(scale),
+    scale = G.check_scale(scale, 1.0)
+    out, lse = torch.ops.localrel.local_relation2d(x, key, query, geometry, ks, scale,
                                                    dil, st, border, backend)
     return (out, lse) if return_lse else out
 
@@ -536,6 +547,7 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
     check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w))
     _check_common("sasa2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    out, lse = torch.ops.localrel.sasa2d(q, k, v, rel_h, rel_w, int(heads), ks, float(scale),
+    scale = G.check_scale(scale, 1.0)
+    out, lse = torch.ops.localrel.sasa2d(q, k, v, rel_h, rel_w, int(heads), ks, scale,
                                          dil, st, border, backend)
     return (out, lse) if return_lse else out

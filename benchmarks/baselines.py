@@ -400,6 +400,14 @@ def check_forward(case: Case, ours_out=None, tol: float | None = None) -> float:
     """
     with torch.no_grad():
         got = case.run_baseline()
+    return check_output(case, got, case.baseline, ours_out, tol)
+
+
+def check_output(case: Case, got: torch.Tensor, what: str, ours_out=None,
+                 tol: float | None = None) -> float:
+    """Max relative error of ``got`` (``what``'s output on ``case``) against our reference;
+    raises if over ``tol`` (default twice SPEC's tolerance of the dtype). ``ours_out`` as
+    in :func:`check_forward`."""
     if ours_out is None:
         a = ours_arrays(Case(**{**case.__dict__, "inputs": {
             n: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -410,6 +418,6 @@ def check_forward(case: Case, ours_out=None, tol: float | None = None) -> float:
     err = rel_error(got.float() if got.dtype != torch.float64 else got, ours_out)
     limit = 2 * TOLERANCE[case.dtype] if tol is None else tol
     if not err <= limit:
-        raise AssertionError(f"{case.baseline} ({case.label()}, {case.dtype}) differs from "
+        raise AssertionError(f"{what} ({case.label()}, {case.dtype}) differs from "
                              f"ours: max rel error {err:.3g} > {limit:.3g}")
     return err

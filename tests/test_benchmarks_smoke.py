@@ -99,3 +99,19 @@ def test_run_plan_and_tables(tmp_path):
     assert "lrnet-unfold" in head and "(1.00)" in head
     assert "| resolution |" in run.results_markdown(rows, env)
     assert run.plots(rows, env, str(tmp_path)) == ["cpu-float32-lrnet-resolution.png"]
+
+
+def test_nothing_is_timed_that_disagrees_with_our_reference(monkeypatch):
+    """A wrong baseline and a wrong adapter result are both refused before timing."""
+    from benchmarks import run
+    item = dict(suite="headline", baseline="lrnet-unfold", dtype="float32", B=1, C=16, H=9,
+                W=10, k=3)
+    rows = {r["impl"]: r for r in run.measure_item(item, run.CPU(), 1, 2**30, bl.torch_adapter())}
+    assert all("fwd_s" in r for r in rows.values()), rows      # all agree: all timed
+    right_ours_torch, right_baseline = bl.ours_torch, bl.Case.run_baseline
+    monkeypatch.setattr(bl, "ours_torch", lambda case, inputs=None: 1.001 * right_ours_torch(case, inputs))
+    monkeypatch.setattr(bl.Case, "run_baseline", lambda self, inputs=None: 1.001 * right_baseline(self, inputs))
+    rows = {r["impl"]: r for r in run.measure_item(item, run.CPU(), 1, 2**30, bl.torch_adapter())}
+    for name in ("lrnet-unfold", "ours-torch[lrnet-unfold]"):
+        assert "fwd_s" not in rows[name] and "check failed" in rows[name]["note"], rows[name]
+    assert "fwd_s" in rows["ours[lrnet-unfold]"]

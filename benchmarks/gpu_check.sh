@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One GPU check of the CUDA kernels (issue 4), <= 8 minutes on an H100, no network:
 #   1. environment record (device, commit, date, versions)         -> env.json
-#   2. the GPU test suite: pytest on the cupy backend               -> pytest.log
-#   3. compute-sanitizer memcheck on a small case of every kernel  -> memcheck.log
+#   2. the GPU test suites: pytest on the cupy backend and the torch adapter's CUDA path
+#                                                                    -> pytest.log, torch-cuda.log
+#   3. compute-sanitizer memcheck on a small case of every kernel, racecheck on float32
+#                                                                    -> memcheck.log, racecheck.log
 #   4. kernel benchmarks (LR-Net fp32 forward, SASA fp16 fwd+bwd)   -> bench.json, bench.log
 #   5. side-by-side suite vs unfold/FlexAttention (quick GPU sweep) -> suite/ (JSON, Markdown, PNG)
-# Worst case (every step at its limit) is 8 minutes.
+# Worst case (every step at its limit plus 5 s of grace) is 8 minutes.
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu-<UTC date>)
 # On a lent device machine (at most 8 files come back from $OUT), pack the folder:
-#   bash benchmarks/gpu_check.sh /tmp/gpu_check; tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
+#   GPU_CHECK_COMMIT=<hash> bash benchmarks/gpu_check.sh /tmp/gpu_check; tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
+# (GPU_CHECK_COMMIT: the commit under test, for env.json, when .git does not travel)
 # Every step runs under its own timeout; a failing step does not stop the others. The exit
 # codes of all steps are in steps.tsv and summary.json; the script exits non-zero if any
 # step failed.
@@ -41,7 +44,7 @@ step() {
   local start rc
   start=$(date +%s)
   echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/progress.log"
-  timeout --kill-after=15 "$limit" "$@" > "$OUT/$log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" >> "$OUT/steps.tsv"
   echo "   $name: rc=$rc ($(( $(date +%s) - start ))s)" | tee -a "$OUT/progress.log"
@@ -50,8 +53,8 @@ step() {
 }
 
 # 1. environment ---------------------------------------------------------------------------
-step env 30 env.log "$PY" - "$OUT/env.json" <<'EOF'
-import json, platform, subprocess, sys, time
+step env 15 env.log "$PY" - "$OUT/env.json" <<'EOF'
+import json, os, platform, subprocess, sys, time
 out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": sys.version,
        "platform": platform.platform()}
 def run(*cmd):
@@ -59,7 +62,7 @@ def run(*cmd):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception as exc:
         return f"unavailable: {exc}"
-out["commit"] = run("git", "rev-parse", "HEAD")
+out["commit"] = os.environ.get("GPU_CHECK_COMMIT") or run("git", "rev-parse", "HEAD")
 out["git_status"] = run("git", "status", "--short")
 out["nvidia_smi"] = run("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.memory",
                         "--format=csv,noheader")
@@ -82,24 +85,36 @@ json.dump(out, open(sys.argv[1], "w"), indent=2, default=str)
 print(json.dumps(out, indent=2, default=str))
 EOF
 
-# 2. GPU test suite (the first test compiles the kernels with NVRTC: up to a minute) ---------
-step pytest 170 pytest.log "$PY" -m pytest tests/test_kernels.py -k cupy -q -rs -p no:cacheprovider \
+# 2. GPU test suites (the first test compiles the kernels with NVRTC: about 25 s) ----------
+step pytest 140 pytest.log "$PY" -m pytest tests/test_kernels.py -k cupy -q -rs -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml"
+# The torch adapter's CUDA path: CuPy on torch's stream and device, DLPack both ways, autocast.
+step torch-cuda 40 torch-cuda.log "$PY" -m pytest tests/test_torch_adapter.py -m gpu -q -rs \
+  -p no:cacheprovider --junitxml="$OUT/torch-cuda.xml"
 
 # All-skipped is not a pass here: the point of this script is the GPU.
-step pytest-ran 10 pytest-ran.log "$PY" - "$OUT/pytest.xml" <<'EOF'
+step tests-ran 10 tests-ran.log "$PY" - "$OUT/pytest.xml" "$OUT/torch-cuda.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET
-suite = ET.parse(sys.argv[1]).getroot()
-suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-ran = int(suite.get("tests", 0)) - int(suite.get("skipped", 0))
-print(f"{ran} cupy tests ran ({suite.get('skipped')} skipped, {suite.get('failures')} failed, {suite.get('errors')} errors)")
-sys.exit(0 if ran > 0 else 1)
+ok = True
+for path in sys.argv[1:]:
+    try:
+        suite = ET.parse(path).getroot()
+    except Exception as exc:
+        print(f"{path}: unreadable ({exc})"); ok = False; continue
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    ran = int(suite.get("tests", 0)) - int(suite.get("skipped", 0))
+    print(f"{path}: {ran} tests ran ({suite.get('skipped')} skipped, {suite.get('failures')} "
+          f"failed, {suite.get('errors')} errors)")
+    ok = ok and ran > 0
+sys.exit(0 if ok else 1)
 EOF
 
-# 3. memcheck on every kernel --------------------------------------------------------------
+# 3. compute-sanitizer: memcheck on every kernel (CuPy's pool off), racecheck on float32 ---
 if [ -n "$SANITIZER" ]; then
-  step memcheck 100 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 99 --leak-check no \
+  step memcheck 85 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 99 --leak-check no \
     "$PY" -m benchmarks.memcheck_driver
+  step racecheck 40 racecheck.log "$SANITIZER" --tool racecheck --error-exitcode 99 \
+    "$PY" -m benchmarks.memcheck_driver --dtypes float32
 else
   echo "compute-sanitizer not found" > "$OUT/memcheck.log"
   printf 'memcheck\tnot-found\t0\t0\n' >> "$OUT/steps.tsv"
@@ -107,10 +122,10 @@ else
 fi
 
 # 4. benchmarks ----------------------------------------------------------------------------
-step bench 100 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json"
+step bench 75 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json"
 
 # 5. side-by-side suite (issue 6), needs torch with CUDA ----------------------------------
-step suite 70 suite.log "$PY" -m benchmarks.run --gpu --quick --time-budget 55 --no-progress --out "$OUT/suite"
+step suite 35 suite.log "$PY" -m benchmarks.run --gpu --quick --time-budget 25 --no-progress --out "$OUT/suite"
 
 # summary ----------------------------------------------------------------------------------
 "$PY" - "$OUT" <<'EOF' || true

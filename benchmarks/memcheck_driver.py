@@ -1,6 +1,7 @@
 """Launch every CUDA kernel instantiation once on a small case (for compute-sanitizer).
 
     compute-sanitizer --tool memcheck python -m benchmarks.memcheck_driver
+    compute-sanitizer --tool racecheck python -m benchmarks.memcheck_driver --dtypes float32
     python -m benchmarks.memcheck_driver --backend sim     # the same launches on the CPU engine
 
 Every op forward and backward, for every dtype, through the general and the fast path,
@@ -20,12 +21,18 @@ def main(argv=None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("cupy", "sim"), default="cupy")
+    ap.add_argument("--dtypes", default="all",
+                    help="comma-separated dtypes (default all): float32 alone for the slower "
+                         "racecheck/synccheck tools, whose subject is shared memory, not dtypes")
     args = ap.parse_args(argv)
     import cupy_localrel as cl
     from cupy_localrel import _geometry as G
     from cupy_localrel._backends import _kernel_ops as K
     if args.backend == "cupy":
         import cupy as cp
+        # No memory pool: compute-sanitizer only sees accesses outside a real cudaMalloc
+        # range, and the pool would hand out parts of larger, reused blocks.
+        cp.cuda.set_allocator(None)
         from cupy_localrel._backends import _cupy as backend
         sync = lambda: cp.cuda.get_current_stream().synchronize()   # noqa: E731
     else:
@@ -49,6 +56,8 @@ def main(argv=None) -> int:
         dtypes.insert(1, ml_dtypes.bfloat16)
     except Exception as exc:
         print(f"skip bfloat16: {type(exc).__name__}: {exc}", flush=True)
+    if args.dtypes != "all":
+        dtypes = [d for d in dtypes if np.dtype(d).name in args.dtypes.split(",")]
     failures = 0
     rng = np.random.default_rng(0)
     # (heads, Dqk, Dv, H, W, kernel, stride, border): LR-Net-like, SASA-like, strided shift,

@@ -120,11 +120,13 @@ def cupy_available() -> tuple[bool, str]:
         return False, f"no usable GPU through CuPy: {type(e).__name__}: {e}"
 
 
-def cuda_include_dir() -> Path | None:
+def cuda_include_dir(major: int | None = None) -> Path | None:
     """A folder with the CUDA headers (cuda_fp16.h), for NVRTC; None if none is found.
 
-    Looked for in $CUDA_PATH/$CUDA_HOME, the nvidia-cuda-runtime wheel, /usr/local/cuda and
-    next to nvcc.
+    Looked for in $CUDA_PATH/$CUDA_HOME, the nvidia CUDA runtime wheels, /usr/local/cuda and
+    next to nvcc. ``major``: the NVRTC's CUDA major version, whose wheel comes first (CUDA 12
+    wheels keep their headers in ``nvidia/cuda_runtime``, CUDA 13 wheels in ``nvidia/cu13``),
+    so that mixed wheels do not hand one version's NVRTC the other's headers.
     """
     cands = []
     for var in ("CUDA_PATH", "CUDA_HOME"):
@@ -133,8 +135,9 @@ def cuda_include_dir() -> Path | None:
     try:
         import nvidia
         for base in getattr(nvidia, "__path__", []):
-            cands += [Path(base) / "cuda_runtime" / "include", Path(base) / "cu13" / "include",
-                      Path(base) / "cu12" / "include"]
+            wheels = [Path(base) / "cuda_runtime" / "include", Path(base) / "cu12" / "include",
+                      Path(base) / "cu13" / "include"]
+            cands += wheels[::-1] if major is not None and major >= 13 else wheels
     except ImportError:
         pass
     cands.append(Path("/usr/local/cuda/include"))
@@ -155,6 +158,13 @@ def _cupy_finds_cuda_headers(cupy) -> bool:
     except Exception:
         return False
     return bool(root) and (Path(root) / "include" / "cuda_fp16.h").is_file()
+
+
+def _nvrtc_major(cupy) -> int | None:
+    try:
+        return int(cupy.cuda.nvrtc.getVersion()[0])
+    except Exception:
+        return None
 
 
 def _deps_hash(path: Path) -> str:
@@ -181,10 +191,19 @@ def _load_cupy(path: Path, names: tuple, options: tuple):
     code = path.read_text() + f"\n// cupy_localrel deps {_deps_hash(path)}\n"
     opts = list(options) + [f"-I{d}" for d in include_dirs_for(path)]
     if not _cupy_finds_cuda_headers(cupy):
-        inc = cuda_include_dir()   # e.g. the nvidia-cuda-runtime wheel's, for <cuda_fp16.h>
+        # e.g. the nvidia CUDA runtime wheel's, for <cuda_fp16.h>
+        inc = cuda_include_dir(_nvrtc_major(cupy))
         if inc is not None:
             opts.append(f"-I{inc}")
     mod = cupy.RawModule(code=code, options=tuple(opts), name_expressions=names or None)
+    try:
+        # RawModule compiles lazily, at the first get_function: compile now, so that a broken
+        # NVRTC or missing headers give SPEC's clear RuntimeError rather than a bare
+        # CompileException in the middle of an op.
+        mod.compile()
+    except Exception as e:
+        raise RuntimeError(f"cupy backend unavailable: NVRTC could not compile {path.name} "
+                           f"({type(e).__name__}: {e})") from e
     with _lock:
         _cache.setdefault(key, mod)
         return _cache[key]

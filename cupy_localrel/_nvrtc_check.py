@@ -106,7 +106,7 @@ def nvrtc_available() -> tuple[bool, str]:
         nv = Nvrtc()
     except NvrtcUnavailable as e:
         return False, str(e)
-    inc = _loader.cuda_include_dir()
+    inc = _loader.cuda_include_dir(nv.version[0])
     return True, f"NVRTC {nv.version[0]}.{nv.version[1]} ({nv.path}); CUDA headers: {inc or 'not found'}"
 
 
@@ -156,10 +156,10 @@ def registry_jobs() -> list[tuple[Path, list[str]]]:
     return jobs
 
 
-def compile_options(path: Path, arch: str) -> list[str]:
+def compile_options(path: Path, arch: str, cuda_major: int | None = None) -> list[str]:
     opts = [f"-arch=sm_{arch}", "-std=c++17", "-Xptxas", "-v", "-default-device"]
     opts += [f"-I{d}" for d in _loader.include_dirs_for(path)]
-    inc = _loader.cuda_include_dir()
+    inc = _loader.cuda_include_dir(cuda_major)
     if inc is not None:
         opts.append(f"-I{inc}")
     return opts
@@ -176,7 +176,7 @@ def check_file(nv: Nvrtc, path: Path, names: Sequence[str], archs: Sequence[str]
     plain = [k for k in find_extern_c_kernels(source) if k not in names]
     errors = 0
     for arch in archs:
-        ok, log, lowered = nv.compile(source, path.name, compile_options(path, arch), names)
+        ok, log, lowered = nv.compile(source, path.name, compile_options(path, arch, nv.version[0]), names)
         if not ok:
             errors += 1
             print(f"FAIL sm_{arch} {path.name}: NVRTC error\n{log.rstrip()}", file=out)

@@ -618,6 +618,14 @@ def test_loader_cupy_target_with_stand_in_cupy(monkeypatch):
         def __init__(self, code, options, name_expressions):
             made.append((code, options, name_expressions))
 
+        def compile(self):
+            if "-DBROKEN" in self.options:
+                raise RuntimeError("stand-in NVRTC error")
+
+        @property
+        def options(self):
+            return made[-1][1]
+
     class Device:
         id = 0
 
@@ -638,6 +646,21 @@ def test_loader_cupy_target_with_stand_in_cupy(monkeypatch):
     _loader.load_module(path, ["block_sum<128>"], target="cupy")
     assert len(made) == 2
     assert _loader.cupy_available() == (True, "CuPy 0-test, 1 device(s), current: fake")
+    # RawModule compiles lazily; the loader compiles at once and names what failed.
+    with pytest.raises(RuntimeError, match="NVRTC could not compile sim_barrier.cu"):
+        _loader.load_module(path, ["block_sum<64>"], target="cupy", options=("-DBROKEN",))
+
+
+def test_cuda_headers_of_the_nvrtc_version_come_first(tmp_path, monkeypatch):
+    import types
+    for sub in ("cuda_runtime", "cu13"):      # CUDA 12 and CUDA 13 wheel layouts
+        (tmp_path / sub / "include").mkdir(parents=True)
+        (tmp_path / sub / "include" / "cuda_fp16.h").write_text("")
+    monkeypatch.setitem(sys.modules, "nvidia", types.SimpleNamespace(__path__=[str(tmp_path)]))
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert _loader.cuda_include_dir(12) == tmp_path / "cuda_runtime" / "include"
+    assert _loader.cuda_include_dir(13) == tmp_path / "cu13" / "include"
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ Shapes (SPEC.md): ``q``/``k`` ``(B, heads*Dqk, H, W)``, ``v`` ``(B, heads*Dv, H,
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -50,6 +51,24 @@ class SASAGrads(NamedTuple):
     rel_w: object
 
 
+def _on_inputs_device(op):
+    """Run ``op`` with CuPy's current device = the device of its first CuPy array.
+
+    The kernels launch on the inputs' device anyway; this also puts what the public layer
+    itself allocates there (empty results, SASA's ``rel`` and its gradient sums), whatever
+    device is current.
+    """
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if G.array_kind(a) == "cupy"), None)
+        if first is None:
+            return op(*args, **kwargs)
+        import cupy
+        with cupy.cuda.Device(first.device.id):
+            return op(*args, **kwargs)
+    return wrapper
+
+
 def _array_module(kind: str):
     if kind == "cupy":
         import cupy
@@ -69,6 +88,7 @@ def _zeros_like_each(xp, *arrays):
 # local_attention2d
 # ---------------------------------------------------------------------------------------
 
+@_on_inputs_device
 def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale=None,
                       return_lse=False, dilation=1, stride=1, border="mask", backend=None):
     """Fused local attention over a ``kernel_size`` window around each output pixel.
@@ -103,6 +123,7 @@ def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale
     return (out, lse) if return_lse else out
 
 
+@_on_inputs_device
 def local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, *, bias=None,
                                rel=None, scale=None, dilation=1, stride=1, border="mask",
                                backend=None) -> AttentionGrads:
@@ -131,6 +152,7 @@ def local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, 
 # local_qk2d / local_av2d: the unfused halves, for users who want the weights
 # ---------------------------------------------------------------------------------------
 
+@_on_inputs_device
 def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dilation=1,
                stride=1, border="mask", backend=None):
     """Window logits ``(B, heads, kh*kw, Ho, Wo)``; masked slots are ``-inf``.
@@ -147,6 +169,7 @@ def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dil
     return impl.qk_forward(geo, q, k, bias, rel)
 
 
+@_on_inputs_device
 def local_qk2d_backward(grad_logits, q, k, heads, kernel_size, *, bias=None, rel=None,
                         scale=None, dilation=1, stride=1, border="mask", backend=None) -> QKGrads:
     """Gradients of :func:`local_qk2d`; ``grad_logits`` ``(B, heads, kh*kw, Ho, Wo)``.
@@ -163,6 +186,7 @@ def local_qk2d_backward(grad_logits, q, k, heads, kernel_size, *, bias=None, rel
     return QKGrads(*impl.qk_backward(geo, grad_logits, q, k, bias, rel))
 
 
+@_on_inputs_device
 def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", backend=None):
     """Weighted sum of each window's values: ``out`` ``(B, heads*Dv, Ho, Wo)``.
 
@@ -178,6 +202,7 @@ def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", bac
     return impl.av_forward(geo, attn, v)
 
 
+@_on_inputs_device
 def local_av2d_backward(grad_out, attn, v, kernel_size, *, dilation=1, stride=1,
                         border="mask", backend=None) -> AVGrads:
     """Gradients of :func:`local_av2d`: ``AVGrads(attn, v)``; invalid slots get 0."""
@@ -207,6 +232,7 @@ def _relation_heads(arrays: dict) -> int:
     return int(key.shape[1])
 
 
+@_on_inputs_device
 def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_lse=False,
                      dilation=1, stride=1, border="mask", backend=None):
     """LR-Net aggregation (Hu et al. 2019).
@@ -226,6 +252,7 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
                              border=border, backend=backend)
 
 
+@_on_inputs_device
 def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kernel_size, *,
                               scale=1.0, dilation=1, stride=1, border="mask",
                               backend=None) -> LocalRelationGrads:
@@ -260,6 +287,7 @@ def _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border):
     return xp.ascontiguousarray(xp.concatenate([rows, cols], axis=1))
 
 
+@_on_inputs_device
 def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=False,
            dilation=1, stride=1, border="mask", backend=None):
     """Stand-alone self-attention (Ramachandran et al. 2019).
@@ -279,6 +307,7 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
                              dilation=dilation, stride=stride, border=border, backend=backend)
 
 
+@_on_inputs_device
 def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, *,
                     scale=1.0, dilation=1, stride=1, border="mask", backend=None) -> SASAGrads:
     """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w)``."""

@@ -102,9 +102,18 @@ class Target:
             table = self.upload(_window_table(geo))
             with self._lock:
                 if len(self._tables) > 256:   # bound the cache; geometries are cheap to rebuild
-                    self._tables.clear()
+                    self._drop_tables()
                 table = self._tables.setdefault(key, table)
         return table
+
+    def _drop_tables(self):
+        """Forget the cached tables. On the GPU a kernel queued on another stream may still
+        read one, and a freed table could be reused by the memory pool at once: wait for
+        every device that holds tables first."""
+        if self.name == "cupy":
+            for device in {key[0] for key in self._tables}:
+                self.xp.cuda.Device(device).synchronize()
+        self._tables.clear()
 
     def contiguous(self, x):
         """A C-contiguous array with x's values (x itself when it already is; never modified)."""

@@ -505,3 +505,13 @@ def test_compile_dynamic_shapes():
     for shape in ((1, 4, 5, 5), (2, 4, 7, 6)):
         q = torch.randn(*shape)
         torch.testing.assert_close(compiled(q), f(q))
+
+
+def test_ops_are_tagged_cudagraph_unsafe_where_torch_has_the_tag():
+    """CUDA graph capture must not see CuPy's allocations: Inductor keeps the ops out."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None:
+        pytest.skip(f"torch {torch.__version__} has no Tag.cudagraph_unsafe")
+    for name in ("local_attention2d", "local_attention2d_backward", "local_qk2d", "local_av2d",
+                 "local_relation2d", "sasa2d_backward"):
+        assert tag in getattr(torch.ops.localrel, name).default.tags, name

@@ -79,6 +79,12 @@ class Bridge:
             raise ValueError(f"CUDA tensors run with backend='cupy', got backend={backend!r}")
         if not self.cuda and backend == "cupy":
             raise TypeError("backend='cupy' takes CUDA tensors, got CPU tensors")
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            # CuPy allocates from its own pool and may synchronize (first use of a geometry):
+            # neither is legal while torch records a CUDA graph.
+            raise RuntimeError("localrel ops cannot be captured in a CUDA graph "
+                               "(torch.cuda.graph, torch.compile mode='reduce-overhead'); "
+                               "run them outside the capture")
         self.backend = "cupy" if self.cuda else backend
         # bfloat16 runs through float32 where the array library lacks the dtype.
         self.via_f32 = ref.dtype == torch.bfloat16 and (self.cuda or _NP_BF16 is None)

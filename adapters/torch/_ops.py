@@ -12,6 +12,7 @@ return ``None``), which the autograd formulas turn back into ``None``.
 """
 # No ``from __future__ import annotations`` here: torch 2.4's custom_op reads the schema
 # from the annotations and does not understand stringified ones.
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -83,11 +84,21 @@ def _has_op(name: str) -> bool:
 _ALREADY_DEFINED = _has_op("local_attention2d")
 
 
+def _op_tags() -> dict:
+    """``cudagraph_unsafe`` where torch has it (2.8+): the CUDA path allocates from CuPy's
+    pool, which a CUDA graph capture must not see, so Inductor's CUDA graphs
+    (``mode="reduce-overhead"``) run these ops outside the graph instead of failing."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None or "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        return {}
+    return {"tags": (tag,)}
+
+
 def _custom_op(name):
     """``torch.library.custom_op`` unless the op exists already (then a no-op decorator)."""
     if _ALREADY_DEFINED:
         return lambda fn: getattr(getattr(torch.ops, NAMESPACE), name)
-    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), **_op_tags())
 
 
 def _register_fake(op):

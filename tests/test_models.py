@@ -19,7 +19,9 @@ def test_full_size_models_build_on_meta(name):
         model = BUILDERS[name](num_classes=1000)
     depth = int(name[-2:])
     blocks = [m for m in model.modules() if isinstance(m, models.Bottleneck)]
-    assert len(blocks) == sum(models.DEPTHS[depth])
+    layout = models.LRNET_DEPTHS if name.startswith("lrnet") else models.DEPTHS
+    assert len(blocks) == sum(layout[depth])
+    assert 3 * len(blocks) + 2 == depth          # ResNet-N: N = 3 * bottlenecks + stem + fc
     kind = LocalRelation2d if name.startswith("lrnet") else SASA2d
     assert all(isinstance(b.spatial, kind) for b in blocks)
     assert all(b.spatial.kernel_size == (7, 7) for b in blocks)
@@ -70,6 +72,30 @@ def test_parameter_and_flop_counts_at_224():
     # LR-Net-50: the paper's 23.3M parameters and 4.3 G multiply-adds, within 5%.
     assert abs(models.count_parameters(lr50) / 23.3e6 - 1) < 0.05
     assert abs(models.count_flops(lr50) / 2 / 4.3e9 - 1) < 0.05
+    # LR-Net-26 (2 bottlenecks per stage): 14.7M and 2.6 G multiply-adds, within 5%; its
+    # conv counterpart has the 16.0M of LR-Net's ResNet-26 baseline.
+    with torch.device("meta"):
+        lr26 = models.lrnet26()
+        conv26 = models.conv_resnet26(depths=models.LRNET_DEPTHS[26])
+    assert abs(models.count_parameters(lr26) / 14.7e6 - 1) < 0.05
+    assert abs(models.count_flops(lr26) / 2 / 2.6e9 - 1) < 0.05
+    assert abs(models.count_parameters(conv26) / 1e6 - 16.0) < 0.1
+
+
+def test_count_flops_leaves_the_model_alone():
+    model = models.sasa_resnet26(num_classes=3, small_input=True, base_width=16)
+    assert model.training
+    assert models.count_flops(model, 32) > 0
+    assert model.training and all(not p.is_meta for p in model.parameters())
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("m,base_width", [(1, 16), (4, 16), (16, 16), (32, 32)])
+def test_lrnet_widths_fit_any_channel_sharing(m, base_width):
+    model = models.lrnet26(num_classes=3, small_input=True, base_width=base_width, m=m)
+    layers = [mod for mod in model.modules() if isinstance(mod, LocalRelation2d)]
+    assert layers and all(layer.channels % m == 0 for layer in layers)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
 
 
 def test_model_table_markdown():

@@ -9,10 +9,11 @@
 - ``sasa_resnet26/38/50``: SASA (Ramachandran et al. 2019). Every 3x3 conv becomes a 7x7
   :class:`~.layers.SASA2d` with 8 heads; stride 2 is attention then a 2x2 average pool.
   ``stem="conv"`` (the 7x7 conv stem) or ``stem="attention"``
-  (:class:`~.layers.AttentionStem`, BN, ReLU and a 4x4 max pool).
+  (:class:`~.layers.AttentionStem`, BN and a 4x4 max pool).
 
-ResNet-26/38/50 use [1,2,4,1] / [2,3,5,2] / [3,4,6,3] bottlenecks per stage with
-64/128/256/512 planes and expansion 4. ``small_input=True`` is the variant for 32x32
+SASA's ResNet-26/38/50 use [1,2,4,1] / [2,3,5,2] / [3,4,6,3] bottlenecks per stage, LR-Net's
+[2,2,2,2] / [2,3,5,2] / [3,4,6,3] (:data:`LRNET_DEPTHS`), with 64/128/256/512 planes and
+expansion 4. ``small_input=True`` is the variant for 32x32
 images (CIFAR style): the stem keeps stride 1 and has no max pool (conv stem: one 3x3
 conv). ``base_width`` scales every stage (64 by default) for small experiments.
 
@@ -22,6 +23,8 @@ conv). ``base_width`` scales every stage (64 by default) for small experiments.
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import sys
 from functools import partial
 
@@ -37,13 +40,20 @@ __all__ = [
     "count_parameters", "count_flops", "model_table",
 ]
 
+#: Bottlenecks per stage: SASA's ResNet-26/38/50 (PAPERS.md).
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+#: LR-Net's ResNet-26 has 2 bottlenecks in every stage (LR-Net paper; not in
+#: PAPERS.md, but the conv network at this depth has the 16.0M parameters of that paper's
+#: ResNet-26 baseline, and LR-Net-26 then lands on its 14.7M). LR-Net reports no 38-layer
+#: network: lrnet38 takes the usual 12-block layout.
+LRNET_DEPTHS = {26: (2, 2, 2, 2), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 
 #: Bottleneck width of LR-Net relative to ResNet's (64/128/256/512 planes).
 LRNET_WIDTH_FACTOR = 1.875
 # PAPERS.md does not list LR-Net's per-stage widths. 1.875 (120/240/480/960 instead of
 # 64/128/256/512) is calibrated so that LR-Net-50 lands on the paper's 23.3M parameters and
-# 4.3 G multiply-adds within a few percent (see benchmarks/model_table.md).
+# 4.3 G multiply-adds within a few percent; LR-Net-26 then lands on its 14.7M too (see
+# benchmarks/model_table.md).
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -87,21 +97,22 @@ class LocalResNet(nn.Module):
         num_classes, in_channels: classifier outputs and image channels.
         small_input: 32x32 variant (stride-1 stem, no max pool).
         base_width: planes of the first stage (64); stages double it.
-        width_factor: bottleneck width = ``round8(planes * width_factor)``.
+        width_factor: bottleneck width = ``planes * width_factor`` rounded to a multiple
+            of ``width_multiple`` (8; LR-Net: a multiple of ``m`` too).
         expansion: output channels = ``planes * expansion`` (4).
         stem_options: extra keyword arguments for the stem's attention layer.
     """
 
     def __init__(self, depths, spatial, *, stem="conv", num_classes=1000, in_channels=3,
                  small_input=False, base_width=64, width_factor=1.0, expansion=4,
-                 stem_options=None):
+                 stem_options=None, width_multiple=8):
         super().__init__()
         stem_options = dict(stem_options or {})
         self.stem = self._stem(stem, in_channels, base_width, small_input, stem_options)
         stages, channels = [], base_width
         for i, depth in enumerate(depths):
             planes = base_width * 2 ** i
-            width = _round_to(planes * width_factor, 8)
+            width = _round_to(planes * width_factor, width_multiple)
             blocks = []
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -133,7 +144,8 @@ class LocalResNet(nn.Module):
                 layers.append(nn.MaxPool2d(3, 2, 1))
             return nn.Sequential(*layers)
         if kind == "attention":
-            layers = [AttentionStem(in_channels, width, **options), *bn_relu]
+            # SASA: the attention stem is followed by BatchNorm and the max pool (no ReLU).
+            layers = [AttentionStem(in_channels, width, **options), nn.BatchNorm2d(width)]
             if not small_input:
                 layers.append(nn.MaxPool2d(4, 4))
             return nn.Sequential(*layers)
@@ -163,9 +175,10 @@ def _sasa_spatial(kernel_size, heads, border, downsample, projection):
 def _lrnet(depth, *, num_classes=1000, kernel_size=7, m=8, border="mask", stem="relation",
            width_factor=LRNET_WIDTH_FACTOR, **kwargs):
     stem_options = {"border": border, "m": m, **(kwargs.pop("stem_options", None) or {})}
-    return LocalResNet(DEPTHS[depth], _lr_spatial(kernel_size, m, border), stem=stem,
+    return LocalResNet(LRNET_DEPTHS[depth], _lr_spatial(kernel_size, m, border), stem=stem,
                        num_classes=num_classes, width_factor=width_factor,
-                       stem_options=stem_options if stem == "relation" else None, **kwargs)
+                       stem_options=stem_options if stem == "relation" else None,
+                       width_multiple=math.lcm(8, m), **kwargs)
 
 
 def _sasa(depth, *, num_classes=1000, kernel_size=7, heads=8, border="mask", stem="conv",
@@ -177,8 +190,9 @@ def _sasa(depth, *, num_classes=1000, kernel_size=7, heads=8, border="mask", ste
                        stem_options=stem_options if stem == "attention" else None, **kwargs)
 
 
-def _conv(depth, *, num_classes=1000, **kwargs):
-    return LocalResNet(DEPTHS[depth], _conv3x3, stem="conv", num_classes=num_classes, **kwargs)
+def _conv(depth, *, num_classes=1000, depths=None, **kwargs):
+    return LocalResNet(depths or DEPTHS[depth], _conv3x3, stem="conv", num_classes=num_classes,
+                       **kwargs)
 
 
 def lrnet26(**kwargs):
@@ -235,20 +249,28 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, size=224, batch=1, in_channels=3) -> int:
     """Forward FLOPs (a multiply-add counts 2) of one ``size x size`` image.
 
-    Runs on the meta device (no data, no arithmetic): the custom ops' fake kernels give
-    the shapes and their registered FLOP formulas the counts.
+    Runs on a meta-device copy (no data, no arithmetic; ``model`` itself is left as it
+    was): the custom ops' fake kernels give the shapes and their registered FLOP formulas
+    the counts.
     """
     from torch.utils.flop_counter import FlopCounterMode
-    model = model.to("meta").eval()
+    on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    model = (model if on_meta else copy.deepcopy(model)).to("meta")
+    training = model.training
+    model.eval()
     x = torch.empty(batch, in_channels, size, size, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        model.train(training)
     return counter.get_total_flops() // batch
 
 
 #: Numbers the papers report at 224x224 (params M, FLOPs G with multiply-add = 2).
 PAPER = {
     "conv_resnet26": (13.7, 4.7), "conv_resnet38": (19.6, 6.5), "conv_resnet50": (25.6, 8.2),
+    "conv_resnet26 (2-2-2-2, LR-Net's)": (None, None),
     "sasa_resnet26 (conv stem)": (10.3, 4.5), "sasa_resnet38 (conv stem)": (14.1, 5.7),
     "sasa_resnet50 (conv stem)": (18.0, 7.0),
     "sasa_resnet26 (conv stem, dense q/k/v)": (10.3, 4.5),
@@ -263,6 +285,7 @@ PAPER = {
 _TABLE_MODELS = {
     "conv_resnet26": partial(conv_resnet26), "conv_resnet38": partial(conv_resnet38),
     "conv_resnet50": partial(conv_resnet50),
+    "conv_resnet26 (2-2-2-2, LR-Net's)": partial(conv_resnet26, depths=LRNET_DEPTHS[26]),
     "sasa_resnet26 (conv stem)": partial(sasa_resnet26, stem="conv"),
     "sasa_resnet38 (conv stem)": partial(sasa_resnet38, stem="conv"),
     "sasa_resnet50 (conv stem)": partial(sasa_resnet50, stem="conv"),
@@ -304,7 +327,10 @@ def model_table(size=224, num_classes=1000) -> str:
     lines += [
         "",
         "Notes:",
-        "- The convolutional baselines match the papers, which checks the counting.",
+        "- The convolutional baselines match the SASA paper, which checks the counting. "
+        "LR-Net's ResNet-26 has 2 bottlenecks per stage (the LR-Net paper; not in "
+        "PAPERS.md): at that depth the conv network has 16.0M parameters, the count of "
+        "that paper's ResNet-26 baseline.",
         "- SASA's default here is the paper's text: block-diagonal (grouped) q/k/v "
         "projections. The paper's parameter counts match *dense* 1x1 projections "
         "(`projection=\"dense\"`), shown for comparison.",
@@ -312,7 +338,8 @@ def model_table(size=224, num_classes=1000) -> str:
         "4 heads, 4 value mixtures, dense projections), so its FLOPs differ from the paper.",
         f"- LR-Net widens the bottleneck by {LRNET_WIDTH_FACTOR} (calibrated on LR-Net-50; "
         "PAPERS.md has no per-stage widths); its stem is a 1x1 conv and a 7x7 local "
-        "relation layer with stride 2. LR-Net-26 then has fewer parameters than the paper's.",
+        "relation layer with stride 2. LR-Net reports no 38-layer network: lrnet38 takes "
+        "the 2-3-5-2 layout of SASA's ResNet-38.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,7 @@
 """One DistributedDataParallel step (gloo, 2 CPU processes) equals a single-process step."""
 import os
+import sys
+import traceback
 
 import pytest
 
@@ -43,6 +45,7 @@ def _worker(rank, out_dir):
     dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"),
                             rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    code = 1
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         x, y = _batch()
@@ -52,8 +55,15 @@ def _worker(rank, out_dir):
         if rank == 0:
             torch.save(grads, os.path.join(out_dir, "ddp_grads.pt"))
         dist.barrier()  # nobody tears down while the other rank still communicates
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
         dist.destroy_process_group()
+        # The exit code says whether the step worked; skip the interpreter's teardown,
+        # where torch.distributed's own threads were the ones that aborted.
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

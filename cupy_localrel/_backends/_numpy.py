@@ -125,12 +125,17 @@ class _Slot:
         return (self.ys >= 0)[:, None] & (self.xs >= 0)[None, :]
 
     @functools.cached_property
-    def row_slices(self):
-        return _axis_slices(self.ys)
-
-    @functools.cached_property
-    def col_slices(self):
-        return _axis_slices(self.xs)
+    def strided(self):
+        """``((oi, oj), (ii, ij))``: basic slices of the valid outputs and of the inputs they
+        read; ``()`` when no output is valid; ``None`` when the slot needs index arrays
+        (shift windows at the borders). See :func:`_axis_slices`."""
+        ry, rx = _axis_slices(self.ys), _axis_slices(self.xs)
+        if ry is None or rx is None:
+            return None
+        if ry == () or rx == ():
+            return ()
+        (oi, ii), (oj, ij) = ry, rx
+        return (oi, oj), (ii, ij)
 
     def injective(self) -> bool:
         """No two outputs of this slot look at the same input (true for centred windows)."""
@@ -171,15 +176,14 @@ def _axis_slices(pos: np.ndarray):
 
 def _gather(x_rows, s: _Slot):
     """``x`` at the slot's inputs, ``(..., rows, Wo)``, exactly 0 where invalid."""
-    ry, rx = s.row_slices, s.col_slices
-    if ry is None or rx is None:  # shift windows: fancy indexing
+    if s.strided is None:  # shift windows: fancy indexing
         picked = x_rows[..., np.maximum(s.ys, 0)[:, None], np.maximum(s.xs, 0)[None, :]]
         return np.where(s.valid, picked, 0)
     out = np.empty(x_rows.shape[:-2] + (s.ys.size, s.xs.size), x_rows.dtype)
-    if ry == () or rx == ():
+    if s.strided == ():
         out[...] = 0
         return out
-    (oi, ii), (oj, ij) = ry, rx
+    (oi, oj), (ii, ij) = s.strided
     out[..., oi, oj] = x_rows[..., ii, ij]      # one strided copy, no index arrays
     out[..., :oi.start, :] = 0                  # zero only the border strips
     out[..., oi.stop:, :] = 0
@@ -190,10 +194,9 @@ def _gather(x_rows, s: _Slot):
 
 def _scatter_add(dst_rows, src, s: _Slot):
     """``dst[..., y, x] += src[..., i, j]`` for every valid output ``(i, j)`` of the slot."""
-    ry, rx = s.row_slices, s.col_slices
-    if ry is not None and rx is not None:
-        if ry != () and rx != ():               # in place on a strided view: one pass
-            (oi, ii), (oj, ij) = ry, rx
+    if s.strided is not None:
+        if s.strided:                           # in place on a strided view: one pass
+            (oi, oj), (ii, ij) = s.strided
             dst_rows[..., ii, ij] += src[..., oi, oj]
         return
     vy, vx = s.ys >= 0, s.xs >= 0
@@ -266,11 +269,10 @@ def _chunk_weighted_sum(geo, c, weights, v_rows):
     out = np.zeros(weights.shape[:2] + (v_rows.shape[2],) + weights.shape[3:], geo.acc_dtype)
     for t, s in _slots(geo, c):
         w = weights[:, :, t, None]
-        ry, rx = s.row_slices, s.col_slices
-        if ry is None or rx is None:  # shift windows: gather, then drop the invalid outputs
+        if s.strided is None:  # shift windows: gather, then drop the invalid outputs
             out += np.where(s.valid, w * _gather(v_rows, s), 0)
-        elif ry != () and rx != ():   # valid outputs only, through strided views
-            (oi, ii), (oj, ij) = ry, rx
+        elif s.strided:        # valid outputs only, through strided views
+            (oi, oj), (ii, ij) = s.strided
             out[..., oi, oj] += w[..., oi, oj] * v_rows[..., ii, ij]
     return out
 

@@ -239,6 +239,15 @@ def check_scale(scale, default: float) -> float:
     return float(scale)
 
 
+#: Default ``scale`` of ``local_relation2d`` and ``sasa2d`` (SPEC.md: both papers use none).
+PAPERS_SCALE = 1.0
+
+
+def check_papers_scale(scale) -> float:
+    """``scale`` of ``local_relation2d``/``sasa2d``: ``None`` means their default, 1."""
+    return check_scale(scale, PAPERS_SCALE)
+
+
 def check_window(height, width, kernel, dilation, border) -> None:
     """Kernel/border rules: odd kernels for centred modes; ``L // d >= k`` for shift."""
     for axis, length, k, d in (("height", height, kernel[0], dilation[0]),

@@ -247,7 +247,7 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
     """
     heads = _relation_heads(dict(x=x, key=key, query=query, geometry=geometry))
     return local_attention2d(query, key, x, heads, kernel_size, bias=geometry,
-                             scale=G.check_scale(scale, 1.0),
+                             scale=G.check_papers_scale(scale),
                              return_lse=return_lse, dilation=dilation, stride=stride,
                              border=border, backend=backend)
 
@@ -260,7 +260,7 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
     heads = _relation_heads(dict(grad_out=grad_out, x=x, key=key, query=query,
                                  geometry=geometry, out=out))
     g = local_attention2d_backward(grad_out, query, key, x, out, lse, heads, kernel_size,
-                                   bias=geometry, scale=G.check_scale(scale, 1.0),
+                                   bias=geometry, scale=G.check_papers_scale(scale),
                                    dilation=dilation,
                                    stride=stride, border=border, backend=backend)
     return LocalRelationGrads(x=g.v, key=g.k, query=g.q, geometry=g.bias)
@@ -303,7 +303,7 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
     """
     rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
     return local_attention2d(q, k, v, heads, kernel_size, rel=rel,
-                             scale=G.check_scale(scale, 1.0), return_lse=return_lse,
+                             scale=G.check_papers_scale(scale), return_lse=return_lse,
                              dilation=dilation, stride=stride, border=border, backend=backend)
 
 
@@ -313,7 +313,7 @@ def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_siz
     """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w)``."""
     rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
     g = local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, rel=rel,
-                                   scale=G.check_scale(scale, 1.0), dilation=dilation,
+                                   scale=G.check_papers_scale(scale), dilation=dilation,
                                    stride=stride, border=border, backend=backend)
     half = rel.shape[1] // 2
     # rel_h[h, :, a] feeds every column b of row a: its gradient sums over b (and vice versa).

@@ -546,7 +546,7 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
     check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry))
     _check_common("local_relation2d", border, backend)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    scale = G.check_scale(scale, 1.0)
+    scale = G.check_papers_scale(scale)
     out, lse = torch.ops.localrel.local_relation2d(x, key, query, geometry, ks, scale,
                                                    dil, st, border, backend)
     return (out, lse) if return_lse else out
@@ -558,7 +558,7 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
     check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w))
     _check_common("sasa2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
-    scale = G.check_scale(scale, 1.0)
+    scale = G.check_papers_scale(scale)
     out, lse = torch.ops.localrel.sasa2d(q, k, v, rel_h, rel_w, int(heads), ks, scale,
                                          dil, st, border, backend)
     return (out, lse) if return_lse else out

@@ -176,7 +176,7 @@ class Geometry:
     @property
     def acc_dtype(self) -> np.dtype:
         """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+        return lse_dtype(self.dtype)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -236,6 +236,8 @@ def check_scale(scale, default: float) -> float:
         return float(default)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"scale must be a real number or None, got {scale!r}")
+    if not math.isfinite(scale):  # a NaN or infinite scale makes every output NaN
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
 
 
@@ -248,12 +250,17 @@ def check_papers_scale(scale) -> float:
     return check_scale(scale, PAPERS_SCALE)
 
 
+def check_kernel_for_border(kernel: tuple[int, int], border: str) -> None:
+    """Centred windows (``mask``/``zeros``) need odd kernels; what a layer checks at build."""
+    if border in CENTRED_BORDERS and (kernel[0] % 2 == 0 or kernel[1] % 2 == 0):
+        raise ValueError(f"kernel_size must be odd with border={border!r}, got {kernel}")
+
+
 def check_window(height, width, kernel, dilation, border) -> None:
     """Kernel/border rules: odd kernels for centred modes; ``L // d >= k`` for shift."""
+    check_kernel_for_border(kernel, border)
     for axis, length, k, d in (("height", height, kernel[0], dilation[0]),
                                ("width", width, kernel[1], dilation[1])):
-        if border in CENTRED_BORDERS and k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd with border={border!r}, got {kernel}")
         if border == "shift" and length // d < k:
             raise ValueError(
                 f"kernel_size {kernel} with dilation {dilation} does not fit the input {axis} "
@@ -274,10 +281,30 @@ def array_kind(x) -> str:
     return "other"
 
 
+def native_byte_order(x):
+    """``x`` itself, or a native-byte-order copy of a NumPy array stored byte-swapped.
+
+    The contract accepts either byte order (docs/contract.md, "Dtypes and byte order"): the
+    public functions convert once, here, so that every backend computes on native arrays
+    at the dtype's full precision and returns native-order results. The caller's array is
+    never modified. (CuPy and torch arrays are always native.)
+    """
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def same_dtype(a, b) -> bool:
+    """One dtype up to byte order: same kind and size (``'>f4'`` is float32 too)."""
+    a, b = np.dtype(a), np.dtype(b)
+    return a.kind == b.kind and a.itemsize == b.itemsize
+
+
 def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
     """Check the given arrays (``None`` values skipped) for one kind and one float dtype.
 
-    Returns ``(kind, dtype)``: ``kind`` is ``"numpy"`` or ``"cupy"``.
+    Dtypes are compared up to byte order (:func:`same_dtype`). Returns ``(kind, dtype)``:
+    ``kind`` is ``"numpy"`` or ``"cupy"``, ``dtype`` in native byte order.
     """
     kinds, dtypes = {}, {}
     for name, x in arrays.items():
@@ -290,7 +317,7 @@ def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
                             "arrays through cupy_localrel.adapters.dlpack)")
         if np.dtype(x.dtype).name not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
-        kinds[name], dtypes[name] = kind, np.dtype(x.dtype)
+        kinds[name], dtypes[name] = kind, np.dtype(x.dtype).newbyteorder("=")
     if len(set(kinds.values())) > 1:
         raise TypeError("arrays must all be NumPy or all CuPy, got " +
                         ", ".join(f"{n}: {k}" for n, k in kinds.items()))
@@ -313,13 +340,13 @@ def check_shape(x, name: str, expected: tuple) -> None:
 
 def lse_dtype(dtype: np.dtype) -> np.dtype:
     """``lse`` is float32, or float64 for float64 inputs (SPEC.md, "Layout and names")."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if same_dtype(dtype, np.float64) else np.dtype(np.float32)
 
 
 def check_lse(lse, geo: Geometry) -> None:
     if array_kind(lse) == "other":
         raise TypeError(f"lse must be a NumPy or CuPy array, got {type(lse).__name__}")
-    if np.dtype(lse.dtype) != lse_dtype(geo.dtype):
+    if not same_dtype(lse.dtype, lse_dtype(geo.dtype)):
         raise TypeError(f"lse must have dtype {lse_dtype(geo.dtype)} for {geo.dtype} inputs, "
                         f"got {lse.dtype}")
     check_shape(lse, "lse", geo.lse_shape)
@@ -363,7 +390,7 @@ def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, s
     if default_scale is None:
         default_scale = 1.0 / math.sqrt(dqk) if dqk else 1.0
     geo = Geometry(batch, heads, dqk, dv, height, width, kernel, dilation, stride, border,
-                   check_scale(scale, default_scale), np.dtype(q.dtype))
+                   check_scale(scale, default_scale), np.dtype(q.dtype).newbyteorder("="))
     if bias is not None:
         check_shape(bias, "bias", (heads, *geo.table_shape))
     if rel is not None:
@@ -382,9 +409,49 @@ def av_geometry(attn, v, kernel_size, dilation, stride, border) -> Geometry:
     v_batch, channels, height, width = (int(s) for s in v.shape)
     if v_batch != batch:
         raise ValueError(f"v must have the batch of attn ({batch}), got shape {tuple(v.shape)}")
-    dv = _split_heads(channels, heads, "v")
+    if channels % heads:
+        raise ValueError(f"attn's {heads} heads (attn.shape[1]) must divide the channels of v, "
+                         f"got {channels}")
+    dv = channels // heads
     check_window(height, width, kernel, dilation, border)
     geo = Geometry(batch, heads, 0, dv, height, width, kernel, dilation, stride, border,
-                   1.0, np.dtype(v.dtype))
-    check_shape(attn, "attn", geo.attn_shape)
+                   1.0, np.dtype(v.dtype).newbyteorder("="))
+    if int(attn.shape[2]) != geo.slots:
+        check_shape(attn, "attn", geo.attn_shape)
+    if tuple(attn.shape[3:]) != (geo.out_h, geo.out_w):
+        # attn fixes (Ho, Wo) but not (H, W) (any of ``stride`` sizes give one Ho): the
+        # message starts from v, whose size decides, and says what attn asks of it.
+        raise ValueError(f"v must have (H, W) with (ceil(H/{stride[0]}), ceil(W/{stride[1]})) "
+                         f"= attn's (Ho, Wo) {tuple(int(s) for s in attn.shape[3:])}, got "
+                         f"v of shape {tuple(v.shape)}")
     return geo
+
+
+def relation_heads(x, key, query, geometry, kernel_size, border) -> int:
+    """Check ``local_relation2d``'s arrays in its own names; returns ``heads``.
+
+    ``x`` ``(B, C, H, W)``; ``key``, ``query`` ``(B, heads, H, W)`` (one channel per head,
+    ``heads`` dividing ``C``); ``geometry`` ``(heads, kh, kw)`` (``2k-1`` per axis with
+    ``border="shift"``) or ``None``. The op then runs as ``local_attention2d`` with
+    ``q=query``, ``k=key``, ``v=x``, ``bias=geometry``, whose checks would name those.
+    """
+    check_ndim(x, "x", 4, "(B, C, H, W)")
+    check_ndim(key, "key", 4, "(B, C/m, H, W)")
+    check_ndim(query, "query", 4, "(B, C/m, H, W)")
+    batch, channels, height, width = (int(s) for s in x.shape)
+    heads = int(key.shape[1])
+    if heads < 1:
+        raise ValueError(f"key must have at least one channel (one per head), got shape "
+                         f"{tuple(key.shape)}")
+    if (int(key.shape[0]), int(key.shape[2]), int(key.shape[3])) != (batch, height, width):
+        raise ValueError(f"key must have shape (B, heads, H, W) = ({batch}, heads, {height}, "
+                         f"{width}) like x, got {tuple(key.shape)}")
+    check_shape(query, "query", (batch, heads, height, width))
+    if channels % heads:
+        raise ValueError(f"key's {heads} channels (one per head) must divide the channels of "
+                         f"x, got {channels}")
+    if geometry is not None:
+        kernel, border = to_pair(kernel_size, "kernel_size"), check_border(border)
+        check_shape(geometry, "geometry",
+                    (heads, table_length(kernel[0], border), table_length(kernel[1], border)))
+    return heads

@@ -56,10 +56,13 @@ def _on_inputs_device(op):
 
     The kernels launch on the inputs' device anyway; this also puts what the public layer
     itself allocates there (empty results, SASA's ``rel`` and its gradient sums), whatever
-    device is current.
+    device is current. Every public op passes here first, so this is also where byte-swapped
+    NumPy inputs become native copies (:func:`_geometry.native_byte_order`).
     """
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
+        args = tuple(G.native_byte_order(a) for a in args)
+        kwargs = {n: G.native_byte_order(a) for n, a in kwargs.items()}
         first = next((a for a in (*args, *kwargs.values()) if G.array_kind(a) == "cupy"), None)
         if first is None:
             return op(*args, **kwargs)
@@ -220,16 +223,12 @@ def local_av2d_backward(grad_out, attn, v, kernel_size, *, dilation=1, stride=1,
 # The two papers' layers, as compositions of local_attention2d
 # ---------------------------------------------------------------------------------------
 
-def _relation_heads(arrays: dict) -> int:
-    """``heads`` of LR-Net: one per channel of ``key`` ``(B, C/m, H, W)``."""
+def _relation_heads(arrays: dict, kernel_size, border) -> int:
+    """``heads`` of LR-Net (one per channel of ``key``), after checking the call's arrays
+    in ``local_relation2d``'s own names (``x``, ``key``, ``query``, ``geometry``)."""
     G.check_arrays(arrays)
-    key, query = arrays["key"], arrays["query"]
-    G.check_ndim(key, "key", 4, "(B, C/m, H, W)")
-    G.check_ndim(query, "query", 4, "(B, C/m, H, W)")
-    if key.shape[1] < 1:
-        raise ValueError(f"key must have at least one channel (one per head), got shape "
-                         f"{tuple(key.shape)}")
-    return int(key.shape[1])
+    return G.relation_heads(arrays["x"], arrays["key"], arrays["query"], arrays["geometry"],
+                            kernel_size, border)
 
 
 @_on_inputs_device
@@ -245,7 +244,8 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
 
     Returns: ``out`` ``(B, C, Ho, Wo)``, or ``(out, lse)`` with ``return_lse=True``.
     """
-    heads = _relation_heads(dict(x=x, key=key, query=query, geometry=geometry))
+    heads = _relation_heads(dict(x=x, key=key, query=query, geometry=geometry), kernel_size,
+                            border)
     return local_attention2d(query, key, x, heads, kernel_size, bias=geometry,
                              scale=G.check_papers_scale(scale),
                              return_lse=return_lse, dilation=dilation, stride=stride,
@@ -258,7 +258,7 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
                               backend=None) -> LocalRelationGrads:
     """Gradients of :func:`local_relation2d`: ``LocalRelationGrads(x, key, query, geometry)``."""
     heads = _relation_heads(dict(grad_out=grad_out, x=x, key=key, query=query,
-                                 geometry=geometry, out=out))
+                                 geometry=geometry, out=out), kernel_size, border)
     g = local_attention2d_backward(grad_out, query, key, x, out, lse, heads, kernel_size,
                                    bias=geometry, scale=G.check_papers_scale(scale),
                                    dilation=dilation,
@@ -266,11 +266,13 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
     return LocalRelationGrads(x=g.v, key=g.k, query=g.q, geometry=g.bias)
 
 
-def _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border):
-    """Check SASA's row/column embeddings and build ``rel`` ``(heads, Dqk, kh, kw)``."""
+def _sasa_rel(arrays: dict, heads, kernel_size, border):
+    """Check SASA's arrays (in its own names) and build ``rel`` ``(heads, Dqk, kh, kw)``
+    from ``arrays["rel_h"]``/``arrays["rel_w"]``."""
     if border not in G.CENTRED_BORDERS:
         raise ValueError(f"sasa2d needs a centred border ('mask' or 'zeros'), got border={border!r}")
-    G.check_arrays(dict(q=q, rel_h=rel_h, rel_w=rel_w))
+    G.check_arrays(arrays)
+    q, rel_h, rel_w = arrays["q"], arrays["rel_h"], arrays["rel_w"]
     heads = G.check_heads(heads)
     G.check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
     if q.shape[1] % heads:
@@ -301,7 +303,7 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
 
     Returns: ``out`` ``(B, heads*Dv, Ho, Wo)``, or ``(out, lse)``.
     """
-    rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
+    rel = _sasa_rel(dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w), heads, kernel_size, border)
     return local_attention2d(q, k, v, heads, kernel_size, rel=rel,
                              scale=G.check_papers_scale(scale), return_lse=return_lse,
                              dilation=dilation, stride=stride, border=border, backend=backend)
@@ -311,7 +313,8 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
 def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, *,
                     scale=1.0, dilation=1, stride=1, border="mask", backend=None) -> SASAGrads:
     """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w)``."""
-    rel = _sasa_rel(q, rel_h, rel_w, heads, kernel_size, border)
+    rel = _sasa_rel(dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out),
+                    heads, kernel_size, border)
     g = local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, rel=rel,
                                    scale=G.check_papers_scale(scale), dilation=dilation,
                                    stride=stride, border=border, backend=backend)

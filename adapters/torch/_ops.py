@@ -6,7 +6,9 @@ formulas that call the backward ops, FLOP formulas for ``FlopCounterMode`` and, 
 torch version has it, a CUDA autocast rule (float16).
 
 No math here: every kernel converts its tensors (:mod:`._convert`) and calls the function
-of the same name in :mod:`cupy_localrel`. Optional tensors that were not given have no
+of the same name in :mod:`cupy_localrel`. 4-D outputs keep a ``channels_last`` input's
+memory format (gradients their input's), as ``Conv2d`` does. Double backward is not
+supported: differentiating a backward op raises a ``RuntimeError`` saying so. Optional tensors that were not given have no
 gradient; the backward ops return an empty tensor in their place (a custom op cannot
 return ``None``), which the autograd formulas turn back into ``None``.
 """
@@ -35,14 +37,46 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 def _run(fn, ref: Tensor, backend, arrays: dict, params: dict, keep=()):
-    """``fn(**arrays, **params)`` on the core; tensors in, tensors out."""
+    """``fn(**arrays, **params)`` on the core; tensors in, tensors out.
+
+    Outputs take the memory format of :func:`_memory_format`: a forward's 4-D outputs that
+    of its inputs, each gradient (a named tuple's field) that of its own input.
+    """
     bridge = Bridge(ref, backend)
+    fmt = _memory_format(*arrays.values())
     with bridge.context():
         result = fn(**{n: bridge.array(t) for n, t in arrays.items()}, **params,
                     backend=bridge.backend)
         if not isinstance(result, tuple):
-            return bridge.tensor(result)
-        return tuple(bridge.tensor(r, keep_dtype=i in keep) for i, r in enumerate(result))
+            return _to_format(bridge.tensor(result), fmt)
+        fields = getattr(result, "_fields", None)
+        return tuple(_to_format(bridge.tensor(r, keep_dtype=i in keep),
+                                _memory_format(arrays[fields[i]]) if fields else fmt)
+                     for i, r in enumerate(result))
+
+
+# Memory format. Like Conv2d, 4-D outputs are channels_last when an input is (so the next
+# conv pays no layout copy), and gradients have their input's format. The core computes
+# in NCHW either way; the fake kernels below allocate with the same rule.
+
+def _memory_format(*tensors) -> torch.memory_format:
+    """``channels_last`` if a given 4-D tensor is stored so (and not also NCHW-contiguous)."""
+    for t in tensors:
+        if (t is not None and t.dim() == 4 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last)):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def _to_format(t: Optional[Tensor], fmt) -> Optional[Tensor]:
+    if t is None or t.dim() != 4 or fmt is torch.contiguous_format:
+        return t
+    return t.contiguous(memory_format=fmt)
+
+
+def _like(t: Tensor) -> Tensor:
+    """Fake gradient of ``t``: its shape, dtype, device and memory format (as ``_run``)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_memory_format(t))
 
 
 def _window(kernel_size, dilation, stride):
@@ -57,11 +91,16 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_out_lse(x: Tensor, channels: int, heads: int, stride) -> tuple[Tensor, Tensor]:
-    """Meta outputs of a fused forward op: out (B, channels, Ho, Wo) like x, lse (B, heads, Ho, Wo)."""
+def _fake_out_lse(x: Tensor, channels: int, heads: int, stride,
+                  *inputs) -> tuple[Tensor, Tensor]:
+    """Meta outputs of a fused forward op: out (B, channels, Ho, Wo) like x, lse (B, heads,
+    Ho, Wo), in the memory format of the op's ``inputs`` (as ``_run``)."""
     ho, wo = _out_hw(x, stride)
-    return (x.new_empty((x.shape[0], channels, ho, wo)),
-            x.new_empty((x.shape[0], heads, ho, wo), dtype=_lse_dtype(x.dtype)))
+    fmt = _memory_format(*inputs)
+    return (torch.empty((x.shape[0], channels, ho, wo), dtype=x.dtype, device=x.device,
+                        memory_format=fmt),
+            torch.empty((x.shape[0], heads, ho, wo), dtype=_lse_dtype(x.dtype), device=x.device,
+                        memory_format=fmt))
 
 
 def _grad_or_empty(g, like: Tensor):
@@ -124,7 +163,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, heads: int, kernel_size: Lis
 
 @_register_fake("local_attention2d")
 def _(q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend):
-    return _fake_out_lse(q, v.shape[1], heads, stride)
+    return _fake_out_lse(q, v.shape[1], heads, stride, q, k, v, bias, rel)
 
 
 @_custom_op("local_attention2d_backward")
@@ -145,9 +184,9 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 @_register_fake("local_attention2d_backward")
 def _(grad_out, q, k, v, out, lse, heads, kernel_size, bias, rel, scale, dilation, stride,
       border, backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+    return (_like(q), _like(k), _like(v),
             q.new_empty((0,) if bias is None else bias.shape),
-            q.new_empty((0,) if rel is None else rel.shape))
+            q.new_empty((0,)) if rel is None else _like(rel))
 
 
 def _attention_setup(ctx, inputs, output):
@@ -207,9 +246,9 @@ def _qk_bwd(grad_logits: Tensor, q: Tensor, k: Tensor, heads: int, kernel_size: 
 @_register_fake("local_qk2d_backward")
 def _(grad_logits, q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
       backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape),
+    return (_like(q), _like(k),
             q.new_empty((0,) if bias is None else bias.shape),
-            q.new_empty((0,) if rel is None else rel.shape))
+            q.new_empty((0,)) if rel is None else _like(rel))
 
 
 def _qk_setup(ctx, inputs, output):
@@ -239,7 +278,8 @@ def _av_fwd(attn: Tensor, v: Tensor, kernel_size: List[int], dilation: List[int]
 @_register_fake("local_av2d")
 def _(attn, v, kernel_size, dilation, stride, border, backend):
     ho, wo = _out_hw(v, stride)
-    return v.new_empty((v.shape[0], v.shape[1], ho, wo))
+    return torch.empty((v.shape[0], v.shape[1], ho, wo), dtype=v.dtype, device=v.device,
+                       memory_format=_memory_format(attn, v))
 
 
 @_custom_op("local_av2d_backward")
@@ -254,7 +294,7 @@ def _av_bwd(grad_out: Tensor, attn: Tensor, v: Tensor, kernel_size: List[int],
 
 @_register_fake("local_av2d_backward")
 def _(grad_out, attn, v, kernel_size, dilation, stride, border, backend):
-    return attn.new_empty(attn.shape), v.new_empty(v.shape)
+    return attn.new_empty(attn.shape), _like(v)
 
 
 def _av_setup(ctx, inputs, output):
@@ -288,7 +328,7 @@ def _relation_fwd(x: Tensor, key: Tensor, query: Tensor, geometry: Optional[Tens
 
 @_register_fake("local_relation2d")
 def _(x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend):
-    return _fake_out_lse(x, x.shape[1], key.shape[1], stride)
+    return _fake_out_lse(x, x.shape[1], key.shape[1], stride, x, key, query, geometry)
 
 
 @_custom_op("local_relation2d_backward")
@@ -309,7 +349,7 @@ def _relation_bwd(grad_out: Tensor, x: Tensor, key: Tensor, query: Tensor,
 @_register_fake("local_relation2d_backward")
 def _(grad_out, x, key, query, geometry, out, lse, kernel_size, scale, dilation, stride, border,
       backend):
-    return (x.new_empty(x.shape), key.new_empty(key.shape), query.new_empty(query.shape),
+    return (_like(x), _like(key), _like(query),
             x.new_empty((0,) if geometry is None else geometry.shape))
 
 
@@ -345,7 +385,7 @@ def _sasa_fwd(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, hea
 
 @_register_fake("sasa2d")
 def _(q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend):
-    return _fake_out_lse(q, v.shape[1], heads, stride)
+    return _fake_out_lse(q, v.shape[1], heads, stride, q, k, v, rel_h, rel_w)
 
 
 @_custom_op("sasa2d_backward")
@@ -365,8 +405,8 @@ def _sasa_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, 
 @_register_fake("sasa2d_backward")
 def _(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, scale, dilation, stride,
       border, backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape))
+    return (_like(q), _like(k), _like(v), rel_h.new_empty(rel_h.shape),
+            rel_w.new_empty(rel_w.shape))
 
 
 def _sasa_setup(ctx, inputs, output):
@@ -394,6 +434,20 @@ def _sasa_grad(ctx, grad_out, grad_lse):
 
 _FORWARD_OPS = ("local_attention2d", "local_qk2d", "local_av2d", "local_relation2d", "sasa2d")
 
+DOUBLE_BACKWARD = ("double backward of localrel ops is not supported: {op} has no derivative "
+                   "(gradients of gradients, e.g. gradient penalties or Hessian-vector "
+                   "products, need another implementation; see docs/contract.md)")
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD.format(op=f"{NAMESPACE}::{op}"))
+    return backward
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
 if not _ALREADY_DEFINED:
     for _name, _grad, _setup in (("local_attention2d", _attention_grad, _attention_setup),
                                  ("local_qk2d", _qk_grad, _qk_setup),
@@ -401,6 +455,12 @@ if not _ALREADY_DEFINED:
                                  ("local_relation2d", _relation_grad, _relation_setup),
                                  ("sasa2d", _sasa_grad, _sasa_setup)):
         torch.library.register_autograd(f"{NAMESPACE}::{_name}", _grad, setup_context=_setup)
+        # The backward ops have no derivative: differentiating one (double backward, e.g.
+        # torch.autograd.grad(..., create_graph=True) and then .backward()) raises ours
+        # instead of torch's generic "no autograd formula" (docs/contract.md).
+        torch.library.register_autograd(f"{NAMESPACE}::{_name}_backward",
+                                        _no_double_backward(f"{_name}_backward"),
+                                        setup_context=_no_setup)
 
     # Under autocast the ops run in the usual low-precision dtype of the device (like
     # matmul-class ops): float16 on CUDA, bfloat16 on the CPU. Only torch versions with
@@ -509,8 +569,9 @@ def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale
                       return_lse=False, dilation=1, stride=1, border="mask", backend=None):
     """Fused local attention on tensors; see :func:`cupy_localrel.local_attention2d`.
 
-    Differentiable in ``q``, ``k``, ``v``, ``bias`` and ``rel`` (``lse`` is not).
-    Returns ``out`` or ``(out, lse)``.
+    Differentiable in ``q``, ``k``, ``v``, ``bias`` and ``rel`` (``lse`` is not), once:
+    double backward raises ``RuntimeError`` (as for every op here; docs/contract.md).
+    Outputs are ``channels_last`` when an input is. Returns ``out`` or ``(out, lse)``.
     """
     check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel))
     _check_common("local_attention2d", border, backend, heads)
@@ -523,7 +584,10 @@ def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale
 
 def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dilation=1,
                stride=1, border="mask", backend=None):
-    """Window logits ``(B, heads, K, Ho, Wo)``; masked slots are ``-inf`` (no gradient)."""
+    """Window logits ``(B, heads, K, Ho, Wo)``; masked slots are ``-inf`` (no gradient).
+
+    Differentiable once (double backward raises ``RuntimeError``).
+    """
     check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel))
     _check_common("local_qk2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
@@ -533,7 +597,11 @@ def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dil
 
 
 def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", backend=None):
-    """Weighted window sums ``(B, heads*Dv, Ho, Wo)``; heads from ``attn.shape[1]``."""
+    """Weighted window sums ``(B, heads*Dv, Ho, Wo)``; heads from ``attn.shape[1]``.
+
+    Differentiable once (double backward raises ``RuntimeError``); ``channels_last`` ``v``
+    gives a ``channels_last`` output.
+    """
     check_tensors("local_av2d", dict(attn=attn, v=v))
     _check_common("local_av2d", border, backend)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
@@ -542,7 +610,11 @@ def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", bac
 
 def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_lse=False,
                      dilation=1, stride=1, border="mask", backend=None):
-    """LR-Net aggregation on tensors; see :func:`cupy_localrel.local_relation2d`."""
+    """LR-Net aggregation on tensors; see :func:`cupy_localrel.local_relation2d`.
+
+    Differentiable once (double backward raises ``RuntimeError``); outputs are
+    ``channels_last`` when an input is.
+    """
     check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry))
     _check_common("local_relation2d", border, backend)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
@@ -554,7 +626,11 @@ def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_
 
 def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=False,
            dilation=1, stride=1, border="mask", backend=None):
-    """Stand-alone self-attention on tensors; see :func:`cupy_localrel.sasa2d`."""
+    """Stand-alone self-attention on tensors; see :func:`cupy_localrel.sasa2d`.
+
+    Differentiable once (double backward raises ``RuntimeError``); outputs are
+    ``channels_last`` when an input is.
+    """
     check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w))
     _check_common("sasa2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)

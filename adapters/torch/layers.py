@@ -72,13 +72,18 @@ class LocalRelation2d(nn.Module):
     def __init__(self, channels, kernel_size=7, m=8, stride=1, dilation=1, border="mask",
                  *, geometry_hidden=None, scale=1.0, final_conv=False):
         super().__init__()
-        if m < 1 or channels % m:
+        # Everything a forward would reject for any input is rejected here, by name.
+        G.check_heads(channels, "channels"), G.check_heads(m, "m")
+        if channels % m:
             raise ValueError(f"m={m} must divide channels={channels}")
+        if geometry_hidden is not None:
+            G.check_heads(geometry_hidden, "geometry_hidden")
         G.check_border(border)
         self.channels, self.m, self.heads = channels, m, channels // m
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, border)
         self.stride, self.dilation = G.to_pair(stride, "stride"), G.to_pair(dilation, "dilation")
-        self.border, self.scale = border, float(scale)
+        self.border, self.scale = border, G.check_papers_scale(scale)
         self.key = nn.Conv2d(channels, self.heads, 1)
         self.query = nn.Conv2d(channels, self.heads, 1)
         hidden = geometry_hidden or max(8, self.heads // 2)
@@ -128,6 +133,8 @@ class SASA2d(nn.Module):
                  border="mask", downsample="pool", *, dilation=1, scale=1.0, bias=False,
                  rel_std=1.0, projection="grouped"):
         super().__init__()
+        G.check_heads(heads)
+        G.check_heads(in_channels, "in_channels"), G.check_heads(out_channels, "out_channels")
         if in_channels % heads or out_channels % heads:
             raise ValueError(f"heads={heads} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
@@ -140,10 +147,12 @@ class SASA2d(nn.Module):
             raise ValueError(f"downsample must be 'pool' or 'subsample', got {downsample!r}")
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, border)
         self.stride, self.dilation = G.to_pair(stride, "stride"), G.to_pair(dilation, "dilation")
         if projection not in ("grouped", "dense"):
             raise ValueError(f"projection must be 'grouped' or 'dense', got {projection!r}")
-        self.border, self.downsample, self.scale = border, downsample, float(scale)
+        self.border, self.downsample = border, downsample
+        self.scale = G.check_papers_scale(scale)
         groups = heads if projection == "grouped" else 1
         self.query = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)
         self.key = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)
@@ -186,11 +195,13 @@ class AttentionStem(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=5, heads=4, mixtures=4,
                  border="mask", stride=1):
         super().__init__()
+        G.check_heads(heads), G.check_heads(mixtures, "mixtures")
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"out_channels/heads must be an even integer, got "
                              f"{out_channels}/{heads}")
         self.heads, self.mixtures, self.out_channels = heads, mixtures, out_channels
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, G.check_border(border))
         self.border, self.stride = border, G.to_pair(stride, "stride")
         kh, kw = self.kernel_size
         half = out_channels // heads // 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._geometry import Geometry, lse_dtype
+from .._geometry import Geometry, axis_window, lse_dtype
 
 _MIB = 1 << 20
 _budget = 256 * _MIB
@@ -119,10 +119,17 @@ class _Slot:
     ay: np.ndarray     # (rows,) table row
     ax: np.ndarray     # (Wo,) table column
 
-    @property
+    @functools.cached_property
     def valid(self) -> np.ndarray:
         """``(rows, Wo)`` bool."""
         return (self.ys >= 0)[:, None] & (self.xs >= 0)[None, :]
+
+    @functools.cached_property
+    def table_entry(self):
+        """``(ay, ax)`` when every output of the slot uses one table entry (centred
+        windows), else ``None``."""
+        ay, ax = _constant(self.ay), _constant(self.ax)
+        return None if ay is None or ax is None else (ay, ax)
 
     @functools.cached_property
     def strided(self):
@@ -137,6 +144,7 @@ class _Slot:
         (oi, ii), (oj, ij) = ry, rx
         return (oi, oj), (ii, ij)
 
+    @functools.cached_property
     def injective(self) -> bool:
         """No two outputs of this slot look at the same input (true for centred windows)."""
         y, x = self.ys[self.ys >= 0], self.xs[self.xs >= 0]
@@ -144,14 +152,30 @@ class _Slot:
 
 
 def _slots(geo: Geometry, c: _Chunk):
-    """Yield ``(t, _Slot)`` for every window slot, row-major from the top-left."""
-    rows, cols = geo.rows, geo.cols
-    for ty in range(geo.kernel[0]):
-        ys = rows.pos[c.i, ty].astype(np.int64)
-        ys = np.where(ys >= 0, ys - c.in_rows.start, -1)
-        for tx in range(geo.kernel[1]):
-            yield ty * geo.kernel[1] + tx, _Slot(ys, cols.pos[:, tx].astype(np.int64),
-                                                  rows.table[c.i, ty], cols.table[:, tx])
+    """``(t, _Slot)`` for every window slot, row-major from the top-left."""
+    return _slot_plan(geo.height, geo.width, geo.kernel, geo.dilation, geo.stride, geo.border,
+                      c.i.start, c.i.stop, c.in_rows.start)
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_plan(height, width, kernel, dilation, stride, border, i0, i1, r0):
+    """The slots of output rows ``i0:i1`` (inputs from row ``r0``), with what each slot
+    derives (slices, masks, table entries) computed once: pure geometry, so cached and
+    shared by every call of the same shape, which removes most of a small call's cost."""
+    rows = axis_window(height, kernel[0], dilation[0], stride[0], border)
+    cols = axis_window(width, kernel[1], dilation[1], stride[1], border)
+    plan = []
+    for ty in range(kernel[0]):
+        ys = rows.pos[i0:i1, ty].astype(np.int64)
+        ys = np.where(ys >= 0, ys - r0, -1)
+        for tx in range(kernel[1]):
+            s = _Slot(ys, cols.pos[:, tx].astype(np.int64), rows.table[i0:i1, ty],
+                      cols.table[:, tx])
+            s.strided, s.valid, s.table_entry, s.injective  # noqa: B018 - fill the caches
+            for a in (s.ys, s.xs, s.valid):
+                a.flags.writeable = False                   # shared: nobody may change it
+            plan.append((ty * kernel[1] + tx, s))
+    return tuple(plan)
 
 
 def _axis_slices(pos: np.ndarray):
@@ -202,7 +226,7 @@ def _scatter_add(dst_rows, src, s: _Slot):
     vy, vx = s.ys >= 0, s.xs >= 0
     index = (Ellipsis, s.ys[vy][:, None], s.xs[vx][None, :])
     values = src[..., vy, :][..., vx]
-    if s.injective():
+    if s.injective:
         dst_rows[index] += values
     else:  # shift windows: several outputs may share an input in one slot
         np.add.at(dst_rows, index, values)
@@ -219,8 +243,8 @@ def _constant(a: np.ndarray):
 def _table(t, s: _Slot):
     """``t[..., ay, ax]`` per output of the slot: ``(..., rows, Wo)``, or a broadcastable
     ``(..., 1, 1)`` view when the index is the same for every output (centred windows)."""
-    ay, ax = _constant(s.ay), _constant(s.ax)
-    if ay is not None and ax is not None:
+    if s.table_entry is not None:
+        ay, ax = s.table_entry
         return t[..., ay, ax, None, None]
     return t[..., s.ay[:, None], s.ax[None, :]]
 
@@ -228,8 +252,8 @@ def _table(t, s: _Slot):
 def _table_add(dst, src, s: _Slot):
     """``dst[..., ay, ax] += src[..., i, j]`` summed over outputs: one reduction when the
     index is constant (centred windows), else a tiny one-hot product."""
-    ay, ax = _constant(s.ay), _constant(s.ax)
-    if ay is not None and ax is not None:
+    if s.table_entry is not None:
+        ay, ax = s.table_entry
         dst[..., ay, ax] += src.sum(axis=(-2, -1))
         return
     one_y = np.eye(dst.shape[-2], dtype=src.dtype)[s.ay]  # (rows, Ty)

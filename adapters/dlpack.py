@@ -1,4 +1,4 @@
-"""SPEC.md's operations on any array with ``__dlpack__``.
+"""docs/contract.md's operations on any array with ``__dlpack__``.
 
 NumPy, CuPy, torch, JAX, ... arrays go in; the results come back as the caller's kind
 of array. Conversions are zero-copy where the device allows: CPU arrays are viewed as

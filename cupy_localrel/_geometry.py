@@ -1,7 +1,7 @@
 """Arguments and window geometry: the one home of both.
 
 Every public call is checked here once, before any backend runs, and every backend
-takes its window geometry from here. The border rule (SPEC.md, "Geometry") lives in
+takes its window geometry from here. The border rule (docs/contract.md, "Geometry") lives in
 :func:`axis_window`; nothing else in the package decides which input position a window
 slot looks at, whether it is valid, or which ``bias``/``rel`` entry it uses.
 
@@ -94,7 +94,7 @@ class AxisWindow:
 
 @functools.lru_cache(maxsize=256)
 def axis_window(length: int, kernel: int, dilation: int, stride: int, border: str) -> AxisWindow:
-    """Window geometry along one axis (SPEC.md, "Geometry").
+    """Window geometry along one axis (docs/contract.md, "Geometry").
 
     ``mask``/``zeros``: centred windows, slot ``t`` looks at ``c + (t - k//2) * d`` and is
     valid inside ``[0, L)``; the table index is ``t``.
@@ -241,7 +241,7 @@ def check_scale(scale, default: float) -> float:
     return float(scale)
 
 
-#: Default ``scale`` of ``local_relation2d`` and ``sasa2d`` (SPEC.md: both papers use none).
+#: Default ``scale`` of ``local_relation2d`` and ``sasa2d`` (docs/contract.md: both papers use none).
 PAPERS_SCALE = 1.0
 
 
@@ -339,7 +339,7 @@ def check_shape(x, name: str, expected: tuple) -> None:
 
 
 def lse_dtype(dtype: np.dtype) -> np.dtype:
-    """``lse`` is float32, or float64 for float64 inputs (SPEC.md, "Layout and names")."""
+    """``lse`` is float32, or float64 for float64 inputs (docs/contract.md, "Layout and names")."""
     return np.dtype(np.float64) if same_dtype(dtype, np.float64) else np.dtype(np.float32)
 
 

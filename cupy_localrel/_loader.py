@@ -226,7 +226,7 @@ def _load_cupy(path: Path, names: tuple, options: tuple):
     mod = cupy.RawModule(code=code, options=tuple(opts), name_expressions=names or None)
     try:
         # RawModule compiles lazily, at the first get_function: compile now, so that a broken
-        # NVRTC or missing headers give SPEC's clear RuntimeError rather than a bare
+        # NVRTC or missing headers give the contract's clear RuntimeError rather than a bare
         # CompileException in the middle of an op.
         mod.compile()
     except Exception as e:

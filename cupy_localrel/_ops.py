@@ -1,6 +1,6 @@
 """The public operations: check once (``_geometry``), then dispatch (``_backends``).
 
-Shapes (SPEC.md): ``q``/``k`` ``(B, heads*Dqk, H, W)``, ``v`` ``(B, heads*Dv, H, W)``,
+Shapes (docs/contract.md): ``q``/``k`` ``(B, heads*Dqk, H, W)``, ``v`` ``(B, heads*Dv, H, W)``,
 ``attn``/``logits`` ``(B, heads, kh*kw, Ho, Wo)``, ``out`` ``(B, heads*Dv, Ho, Wo)``,
 ``lse`` ``(B, heads, Ho, Wo)``, ``bias`` ``(heads, kh, kw)`` and ``rel``
 ``(heads, Dqk, kh, kw)`` (``2k-1`` per axis with ``border="shift"``).

@@ -1,4 +1,4 @@
-"""An independent scalar-loop oracle, written from SPEC.md alone.
+"""An independent scalar-loop oracle, written from docs/contract.md alone.
 
 It shares no code with the package (not even the geometry), loops over every pixel and
 slot in float64, and is only meant for tiny shapes. Backward passes are derived by hand
@@ -10,7 +10,7 @@ import numpy as np
 
 
 def slot_position(c, t, length, k, d, border):
-    """SPEC "Geometry": (input position or None if invalid, table index)."""
+    """docs/contract.md "Geometry": (input position or None if invalid, table index)."""
     if border in ("mask", "zeros"):
         n = c + (t - k // 2) * d
         return (n if 0 <= n < length else None), t

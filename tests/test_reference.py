@@ -320,10 +320,10 @@ def test_table_shape_helper_matches_spec():
 
 @pytest.mark.parametrize("border", ["mask", "zeros", "shift"])
 def test_av_invalid_slots_add_nothing_whatever_their_weight(border):
-    """SPEC: invalid slots add 0; an inf or NaN weight there must not turn into NaN."""
+    """docs/contract.md: invalid slots add 0; an inf or NaN weight there must not turn into NaN."""
     rng = np.random.default_rng(21)
     v = rng.standard_normal((1, 4, 5, 6))
-    # SPEC "Geometry", k = 3, stride = dilation = 1: slot (ty, tx) of output (i, j) looks at
+    # docs/contract.md "Geometry", k = 3, stride = dilation = 1: slot (ty, tx) of output (i, j) looks at
     # (i + ty - 1, j + tx - 1); every slot of a shift window is valid.
     t, i, j = np.meshgrid(np.arange(9), np.arange(5), np.arange(6), indexing="ij")
     y, x = i + t // 3 - 1, j + t % 3 - 1

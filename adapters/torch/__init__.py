@@ -1,6 +1,6 @@
 """PyTorch bridge: differentiable custom ops, layers and models.
 
-Functions (SPEC.md's names and arguments, on tensors; CPU tensors run on the NumPy
+Functions (docs/contract.md's names and arguments, on tensors; CPU tensors run on the NumPy
 reference, CUDA tensors on the CuPy kernels through DLPack on torch's current stream):
 :func:`local_attention2d`, :func:`local_qk2d`, :func:`local_av2d`,
 :func:`local_relation2d`, :func:`sasa2d`. They are ``torch.library`` custom ops in the

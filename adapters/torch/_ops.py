@@ -550,7 +550,7 @@ except (ImportError, RuntimeError, ValueError):  # pragma: no cover - reload/old
 
 
 # ---------------------------------------------------------------------------------------
-# Public functions (SPEC.md's names and arguments, on tensors)
+# Public functions (docs/contract.md's names and arguments, on tensors)
 # ---------------------------------------------------------------------------------------
 
 def _pairs(kernel_size, dilation, stride):

@@ -26,7 +26,7 @@ def relative_offsets(kernel_size, border: str = "mask") -> torch.Tensor:
     """The true relative offsets ``(dy, dx)`` of each window slot, scaled to ``[-1, 1]``.
 
     Shape ``(1, 2, Th, Tw)`` (channel 0: row offset, channel 1: column offset), indexed
-    like the ``bias`` table of SPEC.md: ``(kh, kw)`` slots for centred borders (slot ``t``
+    like the ``bias`` table of docs/contract.md: ``(kh, kw)`` slots for centred borders (slot ``t``
     has offset ``t - k//2``), ``(2kh-1, 2kw-1)`` relative offsets ``-(k-1) .. k-1`` for
     ``border="shift"``. Dilation scales every offset alike, so it does not change them.
     """
@@ -93,7 +93,7 @@ class LocalRelation2d(nn.Module):
         self.final = nn.Conv2d(channels, channels, 1) if final_conv else None
 
     def geometry(self) -> torch.Tensor:
-        """The geometry-prior logits ``(heads, Th, Tw)`` (the ``bias`` of SPEC.md)."""
+        """The geometry-prior logits ``(heads, Th, Tw)`` (the ``bias`` of docs/contract.md)."""
         return self.geometry_prior(self.offsets)[0]
 
     def forward(self, x):
@@ -217,7 +217,7 @@ class AttentionStem(nn.Module):
         kh, kw = self.kernel_size
         heads, mixtures = self.heads, self.mixtures
         half = self.rel_h.shape[1]
-        # rel[h, :half, a, b] = rel_h[h, :, a]; rel[h, half:, a, b] = rel_w[h, :, b] (SPEC.md).
+        # rel[h, :half, a, b] = rel_h[h, :, a]; rel[h, half:, a, b] = rel_w[h, :, b] (docs/contract.md).
         rel = torch.cat([self.rel_h[:, :, :, None].expand(heads, half, kh, kw),
                          self.rel_w[:, :, None, :].expand(heads, half, kh, kw)], dim=1)
         logits = local_qk2d(self.query(x), self.key(x), heads, self.kernel_size,

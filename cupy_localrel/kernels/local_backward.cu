@@ -80,7 +80,7 @@ __device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ 
 }
 
 // Invert one axis's table over the tile: slot_of_entry[r][a] = t with tab[first + r][t] == a.
-// A table row is strictly increasing in t (SPEC "Geometry"), so t is unique.
+// A table row is strictly increasing in t (docs/contract.md "Geometry"), so t is unique.
 __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restrict__ tab, int first,
                              int count, int total, int k, int entries, int tid, int nthreads) {
   for (int idx = tid; idx < count * entries; idx += nthreads) slot_of_entry[idx] = -1;

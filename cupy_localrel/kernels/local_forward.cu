@@ -1,6 +1,6 @@
 // local_forward.cu - forward kernels of local_qk2d, local_av2d and the fused local_attention2d.
 //
-// Layout (SPEC.md): q/k (B, heads*Dqk, H, W), v (B, heads*Dv, H, W), logits/attn
+// Layout (docs/contract.md): q/k (B, heads*Dqk, H, W), v (B, heads*Dv, H, W), logits/attn
 // (B, heads, K, Ho, Wo), out (B, heads*Dv, Ho, Wo), lse (B, heads, Ho, Wo). Channels are
 // planes, so threads of a warp on neighbouring output columns read neighbouring addresses
 // of every channel plane: the generic kernels are coalesced without any staging.

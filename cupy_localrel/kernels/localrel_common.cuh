@@ -69,7 +69,7 @@ template <> __device__ __forceinline__ double quiet_nan<double>() {
 // ---------------------------------------------------------------------------------------
 enum WindowField {
   kH, kW, kHo, kWo, kKh, kKw,
-  kSh, kSw,            // stride: output i is centred on input i*stride (SPEC "Geometry")
+  kSh, kSw,            // stride: output i is centred on input i*stride (docs/contract.md "Geometry")
   kMr, kMc,            // users per input row / column (width of the users tables)
   kTh, kTw,            // bias/rel table extent per axis (k, or 2k-1 for shift)
   kZeros,              // 1: invalid slots take part in the softmax with key 0, value 0
@@ -161,7 +161,7 @@ __device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block 
 // Flags of the optional inputs (kernel argument `flags`).
 enum Flags { kHasBias = 1, kHasRel = 2 };
 
-// The logit of one slot: scale * q . (k + rel) + bias (SPEC "Logits"); an invalid slot has
+// The logit of one slot: scale * q . (k + rel) + bias (docs/contract.md "Logits"); an invalid slot has
 // key 0. `qc`, `kb`: channel 0 of this head's q at the centre / k plane; channel stride HW.
 template <class T>
 __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, const T* __restrict__ qc,

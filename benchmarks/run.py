@@ -58,6 +58,9 @@ from benchmarks import _measure as M
 from benchmarks import baselines as bl
 
 HEADLINE = dict(B=8, C=64, H=56, W=56, k=7)
+#: Small shapes (CPU): one image at LR-Net's and SASA's late-stage sizes, where a fixed
+#: per-call cost would show. Timed through the torch adapter as well.
+SMALL = [dict(B=1, C=64, H=28, W=28, k=7), dict(B=1, C=64, H=14, W=14, k=7)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +81,10 @@ def plan(device: str, quick: bool) -> list[dict]:
     for dt in dtypes:
         for b in unfold:
             items.append(dict(suite="headline", baseline=b, dtype=dt, **head))
+    if not gpu:
+        for shape in SMALL:
+            for b in unfold:
+                items.append(dict(suite="small", baseline=b, dtype="float32", **shape))
     # Sweeps: unfold baselines only (FlexAttention compiles per shape: headline only).
     hw = 56
     if gpu:
@@ -418,7 +425,7 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
 
     # Ours through the torch adapter, when there is one.
     if adapter is not None and not bname.endswith("flex") and (
-            item["suite"] in ("headline", "resolution") or dev.kind == "cuda"):
+            item["suite"] in ("headline", "resolution", "small") or dev.kind == "cuda"):
         aname = f"ours-torch[{bname}]"
         rows[aname] = dict(base, impl=aname, equal_to=bname)
         try:
@@ -590,6 +597,28 @@ def headline_markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratios_markdown(rows, suite) -> str:
+    """Side by side, one line per shape and baseline of ``suite``: fwd+bwd and fwd times of
+    the baseline, ours and ours through the torch adapter, with ratios to the baseline."""
+    lines = ["| baseline | B | C | HxW | k | fwd+bwd: baseline / ours / ours-torch | ratio ours "
+             "| ratio ours-torch | fwd: baseline / ours / ours-torch | fwd ratio ours-torch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for base, ours, via_torch in _paired(rows, suite):
+        if base is None or ours is None:
+            continue
+        t = via_torch or {}
+        lines.append(
+            f"| {base['impl']} | {base['B']} | {base['C']} | {base['H']}x{base['W']} | "
+            f"{base['k']} | {M.fmt_time(base.get('fwdbwd_s'))} / "
+            f"{M.fmt_time(ours.get('fwdbwd_s'))} / {M.fmt_time(t.get('fwdbwd_s'))} | "
+            f"{_fmt_ratio(_ratio(ours.get('fwdbwd_s'), base.get('fwdbwd_s')))} | "
+            f"{_fmt_ratio(_ratio(t.get('fwdbwd_s'), base.get('fwdbwd_s')))} | "
+            f"{M.fmt_time(base.get('fwd_s'))} / {M.fmt_time(ours.get('fwd_s'))} / "
+            f"{M.fmt_time(t.get('fwd_s'))} | "
+            f"{_fmt_ratio(_ratio(t.get('fwd_s'), base.get('fwd_s')))} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt_ratio(x):
     return "-" if x is None else (f"{x:.3f}" if x < 0.1 else f"{x:.2f}")
 
@@ -600,10 +629,15 @@ def results_markdown(rows, env) -> str:
              f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"cupy {env['cupy']}, torch threads {env['torch_threads']}.", "",
              f"Time: {env['time_method']} (median). Memory: {env['memory_method']}.", "",
-             "## Headline", "", headline_markdown(rows, env), "## All rows", "",
-             "| suite | impl | dtype | B | C | HxW | k | heads/Dqk/Dv | border | fwd | fwd+bwd | "
-             "fwd mem | fwd+bwd mem | check err | BW share fwd / fwd+bwd | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "## Headline", "", headline_markdown(rows, env)]
+    for suite, title in (("small", "Small shapes"), ("resolution", "Resolution sweep")):
+        if any(r["suite"] == suite for r in rows):
+            lines += [f"## {title}: side by side (ratio = time / baseline's time)", "",
+                      ratios_markdown(rows, suite)]
+    lines += ["## All rows", "",
+              "| suite | impl | dtype | B | C | HxW | k | heads/Dqk/Dv | border | fwd | fwd+bwd | "
+              "fwd mem | fwd+bwd mem | check err | BW share fwd / fwd+bwd | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bw = "-"
         if r.get("fwd_bw_share") is not None:
@@ -678,8 +712,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     p.add_argument("--max-gib", type=float, default=None,
                    help="skip unfold baselines whose estimated peak exceeds this")
-    p.add_argument("--only", default=None, help="comma list of suites (headline,resolution,"
-                   "kernel,channels)")
+    p.add_argument("--only", default=None, help="comma list of suites (headline,small,"
+                   "resolution,kernel,channels)")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (the rest is listed as not run)")
     p.add_argument("--no-progress", action="store_true")

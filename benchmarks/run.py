@@ -629,7 +629,9 @@ def results_markdown(rows, env) -> str:
              f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"cupy {env['cupy']}, torch threads {env['torch_threads']}.", "",
              f"Time: {env['time_method']} (median). Memory: {env['memory_method']}.", "",
-             "## Headline", "", headline_markdown(rows, env)]
+             ]
+    if any(r["suite"] == "headline" for r in rows):
+        lines += ["## Headline", "", headline_markdown(rows, env)]
     for suite, title in (("small", "Small shapes"), ("resolution", "Resolution sweep")):
         if any(r["suite"] == suite for r in rows):
             lines += [f"## {title}: side by side (ratio = time / baseline's time)", "",

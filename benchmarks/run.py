@@ -585,12 +585,8 @@ def headline_markdown(rows, env) -> str:
             f"{M.fmt_bytes(ours.get('fwdbwd_mem_bytes'))} ({_fmt_ratio(mr)}) | "
             f"{_fmt_ratio(ftr)} | {_fmt_ratio(fmr)} | "
             f"{_fmt_ratio(_ratio((via_torch or {}).get('fwdbwd_s'), base.get('fwdbwd_s')))} |")
-    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
-    shared = (f" 1-minute load average during the run {min(loads):.1f}-{max(loads):.1f} on "
-              f"{env['cpu_count']} CPUs (ours and the baseline of a row are timed with "
-              f"interleaved repeats, so the load hits both)." if loads and env["device"] == "cpu"
-              else "")
-    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}.{shared}",
+    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}."
+                  f"{_load_note(rows, env)}",
               "Ours on CPU is the NumPy reference (single-threaded NumPy); torch baselines use "
               f"{env['torch_threads']} threads." if env["device"] == "cpu" else
               "Ours on GPU is the CuPy backend."]
@@ -619,6 +615,15 @@ def ratios_markdown(rows, suite) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _load_note(rows, env) -> str:
+    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
+    if not loads or env["device"] != "cpu":
+        return ""
+    return (f" 1-minute load average during the run {min(loads):.1f}-{max(loads):.1f} on "
+            f"{env['cpu_count']} CPUs (ours and the baseline of a row are timed with "
+            f"interleaved repeats, so the load hits both).")
+
+
 def _fmt_ratio(x):
     return "-" if x is None else (f"{x:.3f}" if x < 0.1 else f"{x:.2f}")
 
@@ -628,7 +633,8 @@ def results_markdown(rows, env) -> str:
              f"date {env['date']}, commit `{env['commit']}`{' (dirty)' if env['dirty'] else ''}, "
              f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"cupy {env['cupy']}, torch threads {env['torch_threads']}.", "",
-             f"Time: {env['time_method']} (median). Memory: {env['memory_method']}.", "",
+             f"Time: {env['time_method']} (median). Memory: {env['memory_method']}."
+             f"{_load_note(rows, env)}", "",
              ]
     if any(r["suite"] == "headline" for r in rows):
         lines += ["## Headline", "", headline_markdown(rows, env)]
@@ -822,11 +828,14 @@ def _terminate(signum, frame):
 def _render(out_dir, env, rows):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(rows, env))
-    with open(os.path.join(out_dir, "headline.md"), "w") as f:
-        f.write(headline_markdown(rows, env))
+    headline = any(r["suite"] == "headline" for r in rows)   # not with --only small,...
+    if headline:
+        with open(os.path.join(out_dir, "headline.md"), "w") as f:
+            f.write(headline_markdown(rows, env))
+        print(headline_markdown(rows, env))
     pngs = plots([r for r in rows if r.get("heads") is not None], env, out_dir)
-    print(headline_markdown(rows, env))
-    print(f"wrote {out_dir}: results.json, results.md, headline.md, {len(pngs)} PNG plots")
+    print(f"wrote {out_dir}: results.json, results.md{', headline.md' if headline else ''}, "
+          f"{len(pngs)} PNG plots")
 
 
 def _write_json(out_dir, env, rows, partial):

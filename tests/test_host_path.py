@@ -21,6 +21,11 @@ from cupy_localrel._backends import _kernel_ops as K
 from tests.fake_cupy import FakeCupy
 
 B, H, W, KS = 2, 8, 8, 3
+try:
+    import ml_dtypes
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
 
 
 @pytest.fixture
@@ -43,8 +48,8 @@ def _inputs(f, heads, dqk, dv, *, bias, rel, dtype=np.float32, seed=0):
 
 # Each case: (forward, backward) closures over fake inputs; the scratch each allocates
 # besides what it returns; its launches in order; the memsets of the backward.
-def _attention(f, stride=1, bias=True, rel=False, dqk=1, dv=4):
-    x = _inputs(f, 2, dqk, dv, bias=bias, rel=rel)
+def _attention(f, stride=1, bias=True, rel=False, dqk=1, dv=4, dtype=np.float32):
+    x = _inputs(f, 2, dqk, dv, bias=bias, rel=rel, dtype=dtype)
     opts = dict(bias=x["bias"], rel=x["rel"], stride=stride)
     state = {}
 
@@ -53,7 +58,7 @@ def _attention(f, stride=1, bias=True, rel=False, dqk=1, dv=4):
         return state["out"], state["lse"]
 
     def backward():
-        grad = f.array(np.ones(state["out"].shape, np.float32))
+        grad = f.array(np.ones(state["out"].shape, dtype))
         return cl.local_attention2d_backward(grad, x["q"], x["k"], x["v"], state["out"], state["lse"], 2,
                                              KS, **opts)
     return forward, backward
@@ -111,6 +116,9 @@ CASES = {
     "attention, SASA heads, rel": (lambda f: _attention(f, bias=False, rel=True, dqk=8, dv=8), 0,
                                    ["attention_forward_tiled"],
                                    2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),  # delta, rel partials
+    # bfloat16 arrays as CuPy >= 14 holds them (ml_dtypes): the same path, no casts
+    "attention, bfloat16": (lambda f: _attention(f, dtype=BF16), 0, ["attention_forward_tiled"],
+                            2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),
     "attention, stride 2": (lambda f: _attention(f, stride=2), 0, ["attention_forward"],
                             2, ["query_grad", TABLE_REDUCE, "key_grad"], 1),   # dq: only centres written
     "local_relation2d": (_relation, 0, ["attention_forward_tiled"],
@@ -161,6 +169,8 @@ def _enters(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_second_call_pays_only_results_scratch_and_launches(fake, name):
     make, f_scratch, f_launches, b_scratch, b_launches, b_memsets = CASES[name]
+    if "bfloat16" in name and BF16 is None:
+        pytest.skip("ml_dtypes is not installed")
     forward, backward = make(fake)
     forward(), backward()                         # first call: compiles, uploads the table
     assert _check_call(fake, forward, f_scratch, f_launches, 0, _enters(name)) == []

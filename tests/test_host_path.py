@@ -7,7 +7,8 @@ no device query, no host synchronisation, no host<->device copy, no compile or k
 look-up, one read of the current device; allocations = the results + the scratch the kernels
 need, no memset of a result the kernels write in full; the launches named. The first call
 of a new geometry uploads its table once (one copy and one synchronisation) and nothing else.
-The last test shows each of these checks failing when its rule is broken.
+A test shows each of these checks failing when its rule is broken, and one runs every op
+on ``sim`` with ``empty`` filled with NaN: what is not zeroed is written in full.
 """
 import sys
 
@@ -238,3 +239,58 @@ def test_each_broken_rule_is_caught(fake, monkeypatch):
             problems = _check_call(fake, backward, scratch, launches, memsets, 2)
         assert any(p.startswith(kind) for p in problems), (label, problems)
         assert _check_call(fake, backward, scratch, launches, memsets, 2) == [], label   # undone
+
+
+# ---------------------------------------------------------------------------------------
+# `empty` is honest: every result (and scratch) the kernels get uninitialised is written
+# in full before it is read. On `sim` (the same kernels on the CPU) with every `empty`
+# filled with NaN, the results still match the reference.
+# ---------------------------------------------------------------------------------------
+
+class _NaNEmpty:
+    """NumPy, except that ``empty`` arrays start as NaN."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.full(shape, np.nan, dtype)
+
+
+@pytest.mark.parametrize("stride, border, dqk, dv, dtype", [
+    (1, "mask", 1, 4, "float32"),    # LR-Net-like heads: the tiled kernels
+    (1, "zeros", 4, 4, "float32"),   # SASA-like heads with rel
+    (1, "shift", 2, 3, "float64"),   # the general kernels at stride 1 (no fast path for float64)
+    (2, "mask", 2, 3, "float32"),    # stride 2: only centres have a query
+])
+def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, dv, dtype):
+    from cupy_localrel._backends import backend_status
+    if not backend_status("sim")[0]:
+        pytest.skip("sim backend unavailable")
+    from tests.helpers import ATOL, assert_close, make_inputs
+    x = make_inputs(1, 2, dqk, dv, 6, 7, 3, border, True, True, seed=5, dtype=dtype)
+    grad = np.random.default_rng(6).standard_normal((1, 2 * dv, -(-6 // stride), -(-7 // stride))).astype(dtype)
+    attn_grad = np.random.default_rng(7).standard_normal((1, 2, 9, *grad.shape[2:])).astype(dtype)
+    opts = dict(bias=x.bias, rel=x.rel, stride=stride, border=border)
+    av_opts = dict(stride=stride, border=border)
+
+    def run(backend):
+        out, lse = cl.local_attention2d(x.q, x.k, x.v, 2, 3, return_lse=True, backend=backend, **opts)
+        grads = cl.local_attention2d_backward(grad, x.q, x.k, x.v, out, lse, 2, 3, backend=backend, **opts)
+        logits = cl.local_qk2d(x.q, x.k, 2, 3, backend=backend, **opts)
+        qk_grads = cl.local_qk2d_backward(attn_grad, x.q, x.k, 2, 3, backend=backend, **opts)
+        attn = np.exp(attn_grad) / 3
+        av = cl.local_av2d(attn, x.v, 3, backend=backend, **av_opts)
+        av_grads = cl.local_av2d_backward(grad, attn, x.v, 3, backend=backend, **av_opts)
+        return [out, lse, *grads, np.where(np.isinf(logits), 0, logits), *qk_grads, av, *av_grads]
+
+    want = run("numpy")
+    sim_xp = K.Target.xp
+    monkeypatch.setattr(K.Target, "xp", property(lambda self: _NaNEmpty() if self.name == "sim" else sim_xp.fget(self)))
+    got = run("sim")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            continue
+        assert not np.isnan(np.asarray(g, np.float64)).any(), f"result {i} has unwritten entries"
+        assert_close(g, w, ATOL[dtype], name=f"result {i}")

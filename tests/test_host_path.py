@@ -55,7 +55,8 @@ def _attention(f, stride=1, bias=True, rel=False, dqk=1, dv=4, dtype=np.float32)
     state = {}
 
     def forward():
-        state["out"], state["lse"] = cl.local_attention2d(x["q"], x["k"], x["v"], 2, KS, return_lse=True, **opts)
+        state["out"], state["lse"] = cl.local_attention2d(x["q"], x["k"], x["v"], 2, KS, return_lse=True,
+                                                          **opts)
         return state["out"], state["lse"]
 
     def backward():
@@ -70,7 +71,8 @@ def _relation(f):
     state = {}
 
     def forward():
-        state["out"], state["lse"] = cl.local_relation2d(x["v"], x["k"], x["q"], x["bias"], KS, return_lse=True)
+        state["out"], state["lse"] = cl.local_relation2d(x["v"], x["k"], x["q"], x["bias"], KS,
+                                                         return_lse=True)
         return state["out"], state["lse"]
 
     def backward():
@@ -113,10 +115,10 @@ TABLE_REDUCE = "table_reduce"
 CASES = {
     # name: (make, forward scratch, forward launches, backward scratch, backward launches, backward memsets)
     "attention, LR-Net heads": (_attention, 0, ["attention_forward_tiled"],
-                                2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),   # delta, bias partials
+                                2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),   # delta, partials
     "attention, SASA heads, rel": (lambda f: _attention(f, bias=False, rel=True, dqk=8, dv=8), 0,
                                    ["attention_forward_tiled"],
-                                   2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),  # delta, rel partials
+                                   2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),  # delta, partials
     # bfloat16 arrays as CuPy >= 14 holds them (ml_dtypes): the same path, no casts
     "attention, bfloat16": (lambda f: _attention(f, dtype=BF16), 0, ["attention_forward_tiled"],
                             2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),
@@ -213,10 +215,12 @@ def _regressions(target):
     problem the check must report."""
     window, function, table_reduce = K.Target.window, K.Target.function, K._table_reduce
     yield "device query per call", "device_query", lambda m: m.setattr(_loader, "_cupy_status", None)
+    def window_after(forget):
+        return lambda self, geo, device=None: (forget(self), window(self, geo, device))[1]
     yield "table upload per call", "h2d", lambda m: m.setattr(
-        K.Target, "window", lambda self, geo, device=None: (self._tables.clear(), window(self, geo, device))[1])
+        K.Target, "window", window_after(lambda self: self._tables.clear()))
     yield "synchronisation per call", "sync", lambda m: m.setattr(
-        K.Target, "window", lambda self, geo, device=None: (self._drop_tables(), window(self, geo, device))[1])
+        K.Target, "window", window_after(K.Target._drop_tables))
     yield "memset of a fully written result", "memset", lambda m: m.setattr(
         K._Call, "query_grad_buffer", lambda self, shape: self.t.xp.zeros(shape, self.geo.dtype))
     yield "a dummy allocated per call", "alloc", lambda m: m.setattr(
@@ -270,8 +274,9 @@ def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, 
         pytest.skip("sim backend unavailable")
     from tests.helpers import ATOL, assert_close, make_inputs
     x = make_inputs(1, 2, dqk, dv, 6, 7, 3, border, True, True, seed=5, dtype=dtype)
-    grad = np.random.default_rng(6).standard_normal((1, 2 * dv, -(-6 // stride), -(-7 // stride))).astype(dtype)
-    attn_grad = np.random.default_rng(7).standard_normal((1, 2, 9, *grad.shape[2:])).astype(dtype)
+    out_hw = (-(-6 // stride), -(-7 // stride))
+    grad = np.random.default_rng(6).standard_normal((1, 2 * dv, *out_hw)).astype(dtype)
+    attn_grad = np.random.default_rng(7).standard_normal((1, 2, 9, *out_hw)).astype(dtype)
     opts = dict(bias=x.bias, rel=x.rel, stride=stride, border=border)
     av_opts = dict(stride=stride, border=border)
 
@@ -287,7 +292,8 @@ def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, 
 
     want = run("numpy")
     sim_xp = K.Target.xp
-    monkeypatch.setattr(K.Target, "xp", property(lambda self: _NaNEmpty() if self.name == "sim" else sim_xp.fget(self)))
+    monkeypatch.setattr(K.Target, "xp",
+                        property(lambda self: _NaNEmpty() if self.name == "sim" else sim_xp.fget(self)))
     got = run("sim")
     for i, (g, w) in enumerate(zip(got, want)):
         if w is None:

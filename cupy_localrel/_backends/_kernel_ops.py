@@ -123,8 +123,8 @@ class Target:
 
     def window(self, geo: Geometry, device=None):
         """The geometry buffer of ``geo`` on this target, cached per geometry and device."""
-        key = (self.device_key() if device is None else device, geo.height, geo.width, geo.kernel, geo.dilation, geo.stride,
-               geo.border)
+        device = self.device_key() if device is None else device
+        key = (device, geo.height, geo.width, geo.kernel, geo.dilation, geo.stride, geo.border)
         with self._lock:
             table = self._tables.get(key)
         if table is None:
@@ -283,8 +283,8 @@ class _Call:
     def query_grad_buffer(self, shape):
         """``dq``: at stride 1 every pixel is a window centre and query_grad writes it, so
         it needs no memset; at stride > 1 only the centres are written, the rest reads 0."""
-        xp = self.t.xp
-        return xp.empty(shape, self.geo.dtype) if self.geo.stride == (1, 1) else xp.zeros(shape, self.geo.dtype)
+        allocate = self.t.xp.empty if self.geo.stride == (1, 1) else self.t.xp.zeros
+        return allocate(shape, self.geo.dtype)
 
 
 def _or(x, fallback):

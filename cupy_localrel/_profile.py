@@ -177,11 +177,13 @@ def nvrtc_report(filename: str, arch: str) -> dict:
         ok, log, lowered = nv.compile(path.read_text(), path.name, N.compile_options(path, arch, nv.version[0]), names)
         usage = N.parse_ptxas(log) if ok else {}
         mix = N.instruction_mix(path, names, arch)
+        per_line = N.sass_lines(path, names, arch)
         for n in names + [k for k in mix["kernels"] if k not in names]:
             entry = dict(usage.get(lowered.get(n, n), {}))
             if n in mix["kernels"]:
                 entry["mix"] = mix["kernels"][n]
                 entry["mix_tool"] = mix["tool"]
+            entry["sass_lines"] = per_line.get(n, {})
             out[n] = entry
     except (N.NvrtcUnavailable, RuntimeError, OSError) as e:
         out = {"_error": str(e)}
@@ -216,17 +218,21 @@ def launch_record(c: LaunchCounters, dev: R.Device, report: dict | None) -> dict
     return {"kernel": c.kernel, "source": Path(c.source).name, "grid": list(c.grid), "block": list(c.block),
             "shared_bytes": c.shared_bytes, "blocks_profiled": c.blocks_profiled, "blocks_total": c.blocks_total,
             **totals, "registers": info.get("regs"), "instruction_mix": info.get("mix"),
-            "instruction_mix_tool": info.get("mix_tool"), "model": model, "lines": line_costs(c, dev)}
+            "instruction_mix_tool": info.get("mix_tool"), "model": model,
+            "lines": line_costs(c, dev, info.get("sass_lines"))}
 
 
-def line_costs(c: LaunchCounters, dev: R.Device) -> list[dict]:
+def line_costs(c: LaunchCounters, dev: R.Device, sass: dict | None = None) -> list[dict]:
     """Per source line (whole grid): the counters and the line's modelled time in the L2 and
-    shared-memory units (its share of those bounds), costliest first."""
+    shared-memory units (its share of those bounds), costliest first. ``sass``: the static
+    SASS instructions of each line (``{file:line: mix}``), set beside the engine's counts."""
     clock = dev.clock_ghz * 1e9
     sms = min(dev.sms, c.blocks_total)
     rows: dict = {}
     for s in c.sites:
         r = rows.setdefault(s.location, {"line": s.location, "cost_us": 0.0})
+        if sass and s.location in sass:
+            r["sass_static"] = {k: v for k, v in sass[s.location].items() if v}
         key = f"{s.space}_{s.kind}"
         r[key] = {"requests": round(s.requests * c.scale), "sectors": round(s.sectors * c.scale),
                   "ideal_sectors": round(s.ideal_sectors * c.scale), "wavefronts": round(s.wavefronts * c.scale),
@@ -293,6 +299,26 @@ def format_report(rep: dict) -> str:
         out.append(f"| {r['op']} | {r['kernel']} | {r['blocks_profiled']}/{r['blocks_total']} | "
                    f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} | {t['hbm']:.0f} | {t['l2']:.0f} | "
                    f"{t['shared']:.0f} | {t['issue']:.0f} | {t['latency']:.0f} | {m['predicted_us']:.0f} | {m['bound']} |")
+    out += ["", "Costliest lines: the engine's dynamic requests per warp (whole grid / warps launched) beside "
+            "the static SASS instructions nvdisasm attributes to the line (-lineinfo); a loop's SASS runs once "
+            "per iteration, the engine counts every iteration.", "",
+            "| op | kernel | line | modelled us | engine ld.shared/warp | engine ld.global/warp | "
+            "SASS LDS | SASS LDG | SASS FFMA | SASS total |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for o in rep["ops"]:
+        for top in o["costliest_lines"]:
+            for r in rep["launches"]:
+                if r["op"] != o["name"]:
+                    continue
+                ln = next((x for x in r["lines"] if x["line"] == top["line"]), None)
+                if ln is None:
+                    continue
+                warps = r["blocks_total"] * -(-int(np.prod(r["block"])) // 32)
+                sl = ln.get("shared_load", {}).get("requests", 0) / warps
+                gl = ln.get("global_load", {}).get("requests", 0) / warps
+                sass = ln.get("sass_static", {})
+                out.append(f"| {o['name']} | {kernel_base(r['kernel'])} | {ln['line']} | {ln['cost_us']:.0f} | "
+                           f"{sl:.1f} | {gl:.1f} | {sass.get('shared_load', '-')} | {sass.get('global_load', '-')} | "
+                           f"{sass.get('ffma', '-')} | {sass.get('total', '-')} |")
     return "\n".join(out)
 
 

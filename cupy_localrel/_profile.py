@@ -60,12 +60,41 @@ class _SampledKernel:
         self.target.launches.append(self.kernel.module.launches.pop())
 
 
+def aligned_array(shape, dtype, fill_zero: bool = True, align: int = 256) -> np.ndarray:
+    """A C-contiguous array starting on an ``align``-byte boundary, as cudaMalloc gives (sector
+    counts depend on alignment: NumPy alone aligns small arrays to 16 bytes only). Large
+    allocations stay lazy: untouched pages cost no memory."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = (np.zeros if fill_zero else np.empty)(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+class _AlignedNumpy:
+    """NumPy for the launch code, with cudaMalloc's 256-byte alignment for new arrays."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return aligned_array(np.atleast_1d(shape) if np.ndim(shape) == 0 else shape, dtype, fill_zero=False)
+
+    @staticmethod
+    def zeros(shape, dtype=float):
+        return aligned_array(np.atleast_1d(shape) if np.ndim(shape) == 0 else shape, dtype)
+
+
 class ProfileTarget(K.Target):
-    """A ``sim`` target whose kernels are built in profile mode and sampled by planes.
+    """A ``sim`` target whose kernels are built in profile mode and sampled by planes, and
+    whose arrays are aligned as on the GPU.
 
     ``planes`` (batch x heads) tells how a launch's 1-D grid splits into per-plane runs of
     blocks; ``launches`` collects the LaunchCounters of every launch, in order.
     """
+
+    xp = _AlignedNumpy()
 
     def __init__(self, runs: int = DEFAULT_RUNS):
         super().__init__("sim")
@@ -73,6 +102,12 @@ class ProfileTarget(K.Target):
         self.planes = 0
         self.launches: list[LaunchCounters] = []
         self._profiled: dict[str, engine.SimModule] = {}
+
+    def upload(self, host: np.ndarray):
+        """The geometry buffer, copied to a cudaMalloc-aligned array."""
+        dev = aligned_array(host.shape, host.dtype, fill_zero=False)
+        dev[...] = host
+        return dev
 
     def function(self, filename: str, name: str):
         module = self._profiled.get(filename)
@@ -115,7 +150,7 @@ def op_case(op: str, direction: str, shape: Sequence[int], kernel_size: int, dty
     if C % 8:
         raise ValueError(f"--shape: C must be a multiple of 8 (both papers' head layouts), got {C}")
     dt = _dtype(dtype)
-    zeros = lambda *s: np.zeros(s, dt)   # noqa: E731
+    zeros = lambda *s: aligned_array(s, dt)   # noqa: E731
     tl = G.table_length(int(kernel_size), border)     # bias/rel entries per axis
     if op == "lrnet":
         heads = C // 8
@@ -129,7 +164,7 @@ def op_case(op: str, direction: str, shape: Sequence[int], kernel_size: int, dty
         raise ValueError(f"--op must be one of {OPS}, got {op!r}")
     geo = G.qk_geometry(q, k, heads, kernel_size, 1, 1, border, bias, rel, 1.0, v=v)
     acc = G.lse_dtype(dt)
-    lse = np.zeros(geo.lse_shape, acc)
+    lse = aligned_array(geo.lse_shape, acc)
     if direction == "forward":
         inputs = dict(q=q, k=k, v=v, bias=bias, rel=rel)
         outputs = dict(out=(geo.out_shape, dt), lse=(geo.lse_shape, acc))
@@ -150,7 +185,7 @@ def run_case(case: OpCase, runs: int = DEFAULT_RUNS, target: ProfileTarget | Non
     if case.name.endswith("forward"):
         K.attention_forward(t, case.geo, a["q"], a["k"], a["v"], a["bias"], a["rel"])
     else:
-        out = np.zeros(case.geo.out_shape, case.geo.dtype)
+        out = aligned_array(case.geo.out_shape, case.geo.dtype)
         K.attention_backward(t, case.geo, a["grad_out"], a["q"], a["k"], a["v"], out, a["lse"], a["bias"], a["rel"])
     return t.launches
 
@@ -325,12 +360,6 @@ def format_report(rep: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # One kernel of any file
 # ---------------------------------------------------------------------------------------
-def _aligned_zeros(nbytes: int, align: int = 256) -> np.ndarray:
-    raw = np.zeros(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
-
-
 def profile_source(source: str, kernel: str, grid, block, shared: int = 0, buffer_bytes: int = 1 << 20,
                    ints: Sequence[int] = (), device: str = "h200", sample: bool = False) -> dict:
     """Profile one extern "C" kernel with pointer and int parameters (every block unless
@@ -339,20 +368,20 @@ def profile_source(source: str, kernel: str, grid, block, shared: int = 0, buffe
     module = engine.build(path, (), include_dirs=_loader.include_dirs_for(path), sanitize=False, profile=True)
     fn = module.get_function(kernel)
     args, ints = [], list(ints)
-    keep = []
+    nbytes = -(-int(buffer_bytes) // 16) * 16       # whole elements of any pointee up to 16 bytes
     for i, p in enumerate(fn.params):
-        kind = p.kind.decode()
+        kind, size = p.kind.decode(), int(p.pointee_size)
         if kind == "p":
-            buf = _aligned_zeros(buffer_bytes)
-            size = int(p.pointee_size) or 1
-            keep.append(buf)
-            args.append(buf.view(np.dtype(f"u{size}") if size in (1, 2, 4, 8) else np.uint8)
-                        if p.pointee_kind.decode() != "f" else buf.view(np.dtype(f"f{size}") if size in (4, 8)
-                                                                         else np.uint16))
-        elif kind == "i":
+            buf = aligned_array((nbytes,), np.uint8)
+            if p.pointee_kind.decode() == "f" and size in (2, 4, 8):
+                buf = buf.view(f"f{size}")
+            elif size in (2, 4, 8):
+                buf = buf.view(f"u{size}")
+            args.append(buf)
+        elif kind == "i" and p.size in (1, 2, 4, 8):
             if not ints:
                 raise ValueError(f"kernel {kernel}: parameter {i} ({p.type_name.decode()}) needs an --int value")
-            args.append(np.array(ints.pop(0)).astype(f"i{p.size}")[()] if p.size in (1, 2, 4, 8) else None)
+            args.append(np.array(ints.pop(0)).astype(f"i{p.size}")[()])
         else:
             raise ValueError(f"kernel {kernel}: parameter {i} has type {p.type_name.decode()}; "
                              "only pointers and ints are supported")

@@ -109,7 +109,7 @@ class ProfileTarget(K.Target):
         dev[...] = host
         return dev
 
-    def function(self, filename: str, name: str):
+    def function(self, filename: str, name: str, device=None):   # device: one sim device
         module = self._profiled.get(filename)
         if module is None:
             path = _loader.kernel_path(filename)

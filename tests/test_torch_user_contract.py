@@ -178,3 +178,21 @@ def test_fake_kernels_follow_the_same_memory_format_rule():
                           (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common))
     rh = _rand(2, 1, 3, seed=6).requires_grad_()
     torch.library.opcheck(ops.sasa2d.default, (q, k, v, rh, rh, 2, [3, 3], 1.0, *common))
+
+
+def test_channels_last_model_compiles_fullgraph():
+    """The fake kernels' memory format matches the real one's: a compiled channels_last
+    model gives the eager values and layout."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LocalRelation2d(16, 3, m=4), SASA2d(16, 16, 3, heads=2))
+    model = model.to(memory_format=CL)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=CL)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = compiled(got_x), model(want_x)
+    assert _is_cl(got)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=0, atol=0)

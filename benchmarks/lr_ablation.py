@@ -17,11 +17,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import torch
+
+from benchmarks import _measure as M
 
 from cupy_localrel._geometry import SIMILARITIES
 from cupy_localrel.adapters.torch import train
@@ -31,21 +32,11 @@ VARIANTS = [(s, dict(similarity=s)) for s in SIMILARITIES] + \
     [("dot + key saliency", dict(similarity="dot", key_saliency=True))]
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _device_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CuPy kernels)"
-    return f"CPU, {os.cpu_count()} cores, {_cpu_name()} (NumPy reference, {torch.get_num_threads()} torch thread(s))"
+    return (f"CPU, {os.cpu_count()} cores, {M.cpu_model() or 'unknown CPU'} "
+            f"(NumPy reference, {torch.get_num_threads()} torch thread(s))")
 
 
 def _commit() -> str:

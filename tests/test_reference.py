@@ -7,6 +7,7 @@ import pytest
 import cupy_localrel as cl
 from tests import oracle
 from tests.helpers import ATOL, assert_close, make_inputs, table_shape
+from tests.helpers import central_difference as _central_difference
 
 BORDERS = ("mask", "zeros", "shift")
 # (kernel, dilation, stride) on a 7x6 image; every combination is valid for every border.
@@ -74,19 +75,6 @@ def test_qk_and_av_match_oracle(border, kernel, dilation, stride, with_bias, wit
     assert_close(got.v, want[1], ATOL["float64"], "v")
 
 
-def _central_difference(f, x, eps=1e-6):
-    """d f(x) / dx for a scalar function f, by central differences."""
-    grad = np.zeros_like(x)
-    flat, g = x.reshape(-1), grad.reshape(-1)
-    for n in range(flat.size):
-        keep = flat[n]
-        flat[n] = keep + eps
-        up = f()
-        flat[n] = keep - eps
-        down = f()
-        flat[n] = keep
-        g[n] = (up - down) / (2 * eps)
-    return grad
 
 
 @pytest.mark.parametrize("border", BORDERS)

@@ -7,7 +7,8 @@ Each backend is a module with the same function set, taking a checked
 - ``attention_backward(geo, grad_out, q, k, v, out, lse, bias, rel, key_bias=None)
   -> (dq, dk, dv, dbias, drel, dkey_bias)``
 - ``qk_forward(geo, q, k, bias, rel, key_bias=None) -> logits``
-- ``qk_backward(geo, grad_logits, q, k, bias, rel, key_bias=None) -> (dq, dk, dbias, drel, dkey_bias)``
+- ``qk_backward(geo, grad_logits, q, k, bias, rel, key_bias=None)
+  -> (dq, dk, dbias, drel, dkey_bias)``
 - ``av_forward(geo, attn, v) -> out``
 - ``av_backward(geo, grad_out, attn, v) -> (dattn, dv)``
 

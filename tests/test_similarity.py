@@ -14,11 +14,15 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cupy_localrel as cl
 from cupy_localrel import _geometry as G
+from cupy_localrel._backends import backend_status
 from tests import oracle
-from tests.helpers import ATOL, assert_close, central_difference
+from tests.test_api import problems
+from tests.helpers import ATOL, assert_close, central_difference, make_inputs
 from tests.test_kernels import BACKENDS, SEEDS, Arrays, _dtype, _require
 
 SIMILARITIES = G.SIMILARITIES
@@ -163,6 +167,38 @@ def test_strided_dilated_windows_match_oracle(backend, similarity):
     for name, g, w in zip(got._fields, got, want):
         if w is not None:
             assert_close(Arrays.get(g), w, ATOL["float64"], name)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.sampled_from(SIMILARITIES), st.floats(0.0, 0.6))
+def test_random_problems_match_oracle(p, similarity, removed):
+    """Any window (stride, dilation, rectangular, every border), any similarity, a random
+    share of removed keys: the reference, and the kernels on sim, against the oracle."""
+    x = make_inputs(p["B"], p["heads"], p["dqk"], p["dv"], p["H"], p["W"], p["kernel"],
+                    p["border"], p["bias"], p["rel"] and similarity == "dot", p["seed"])
+    rng = np.random.default_rng(p["seed"])
+    kb = rng.standard_normal((p["B"], p["heads"], p["H"], p["W"]))
+    kb[rng.random(kb.shape) < removed] = -np.inf
+    kw = dict(bias=x.bias, rel=x.rel, scale=p["scale"], dilation=p["dilation"], stride=p["stride"],
+              border=p["border"], similarity=similarity, key_bias=kb)
+    want_out, want_lse = oracle.attention(x.q, x.k, x.v, p["heads"], p["kernel"], **kw)
+    grad = rng.standard_normal(want_out.shape)
+    want = oracle.attention_backward(grad, x.q, x.k, x.v, p["heads"], p["kernel"], **kw)
+    for backend in ("numpy", "sim"):
+        if backend == "sim" and not backend_status("sim")[0]:
+            continue
+        out, lse = cl.local_attention2d(x.q, x.k, x.v, p["heads"], p["kernel"], return_lse=True,
+                                        backend=backend, **kw)
+        assert_close(out, want_out, ATOL["float64"], f"{backend} out")
+        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+        assert_close(np.where(np.isinf(lse), 0, lse), np.where(np.isinf(want_lse), 0, want_lse),
+                     ATOL["float64"], f"{backend} lse")
+        got = cl.local_attention2d_backward(grad, x.q, x.k, x.v, out, lse, p["heads"], p["kernel"],
+                                            backend=backend, **kw)
+        for name, g, w in zip(got._fields, got, want):
+            if w is not None:
+                assert_close(g, w, ATOL["float64"], f"{backend} d{name}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def _oracle(similarity, border, dtype_name):
     out, lse = oracle.attention(x["q"], x["k"], x["v"], SHAPE[1], KERNEL, **kw)
     grads = oracle.attention_backward(x["grad"], x["q"], x["k"], x["v"], SHAPE[1], KERNEL, **kw)
     logits = oracle.qk(x["q"], x["k"], SHAPE[1], KERNEL, **kw)
-    grad_logits = np.where(np.isinf(logits), 0, logits)   # any gradient; finite where it counts
+    # Nonzero everywhere: the backward must ignore it at masked slots and removed keys.
+    grad_logits = np.random.default_rng(7).standard_normal(logits.shape)
     qk_grads = oracle.qk_backward(grad_logits, x["q"], x["k"], SHAPE[1], KERNEL, **kw)
     return out, lse, grads, logits, grad_logits, qk_grads
 

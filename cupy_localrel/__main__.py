@@ -6,6 +6,8 @@
   small LR-Net and SASA networks on scikit-learn's digits when torch is installed.
   ``demo --check-only`` stops after the table.
 - ``kernels``: compiles every CUDA kernel with NVRTC for sm_80 and sm_90 (no GPU needed).
+- ``profile``: counts the kernels' memory traffic on the CPU engine and models their time on
+  a GPU (every figure modelled); see cupy_localrel/kernels/PROFILING.md.
 """
 from __future__ import annotations
 
@@ -162,6 +164,11 @@ def kernels(args) -> int:
     return _nvrtc_check.main(args.rest)
 
 
+def profile(args) -> int:
+    from . import _profile
+    return _profile.run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cupy_localrel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +182,9 @@ def main(argv=None) -> int:
     k = sub.add_parser("kernels", help="NVRTC compile check of every kernel for sm_80/sm_90")
     k.add_argument("rest", nargs=argparse.REMAINDER)
     k.set_defaults(func=kernels)
+    from . import _profile
+    p = sub.add_parser("profile", help="memory-traffic counters and modelled GPU time of the kernels")
+    _profile.build_parser(p).set_defaults(func=profile)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -76,6 +76,11 @@ class Nvrtc:
 
     def compile(self, source: str, name: str, options: Sequence[str], name_expressions: Sequence[str]):
         """-> (ok, log, {name expression: lowered name})."""
+        return self.compile_binary(source, name, options, name_expressions)[:3]
+
+    def compile_binary(self, source: str, name: str, options: Sequence[str], name_expressions: Sequence[str]):
+        """-> (ok, log, {name expression: lowered name}, cubin bytes or None, PTX text or None).
+        The cubin exists for a real architecture (-arch=sm_XX)."""
         L = self.lib
         prog = ctypes.c_void_p()
         self._check(L.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
@@ -89,15 +94,28 @@ class Nvrtc:
             buf = ctypes.create_string_buffer(size.value)
             self._check(L.nvrtcGetProgramLog(prog, buf))
             log = buf.value.decode(errors="replace")
-            lowered = {}
+            lowered, cubin, ptx = {}, None, None
             if rc == 0:
                 for n in name_expressions:
                     p = ctypes.c_char_p()
                     self._check(L.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(p)))
                     lowered[n] = p.value.decode()
-            return rc == 0, log, lowered
+                cubin, ptx = self._output(prog, "CUBIN"), self._output(prog, "PTX")
+            return rc == 0, log, lowered, cubin, (ptx.rstrip(b"\0").decode(errors="replace") if ptx else None)
         finally:
             L.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+    def _output(self, prog, kind: str) -> bytes | None:
+        """nvrtcGetCUBIN / nvrtcGetPTX, or None where this NVRTC or the arch gives none."""
+        size_fn, get_fn = getattr(self.lib, f"nvrtcGet{kind}Size", None), getattr(self.lib, f"nvrtcGet{kind}", None)
+        if size_fn is None or get_fn is None:
+            return None
+        size = ctypes.c_size_t()
+        if size_fn(prog, ctypes.byref(size)) or not size.value:
+            return None
+        buf = ctypes.create_string_buffer(size.value)
+        return buf.raw if get_fn(prog, buf) == 0 else None
 
 
 def nvrtc_available() -> tuple[bool, str]:
@@ -196,6 +214,180 @@ def check_file(nv: Nvrtc, path: Path, names: Sequence[str], archs: Sequence[str]
         if not names and not plain:
             print(f"ok   sm_{arch} {path.name}: compiled (no kernels found)", file=out)
     return errors
+
+
+# ---------------------------------------------------------------------------------------
+# Instruction mix (SASS from cuobjdump, else PTX)
+# ---------------------------------------------------------------------------------------
+MIX_KEYS = ("global_load", "global_store", "shared_load", "shared_store", "local", "ffma", "mufu",
+            "barrier", "atomic", "total")
+_SASS_CLASSES = {"LDG": "global_load", "STG": "global_store", "LDS": "shared_load", "LDSM": "shared_load",
+                 "STS": "shared_store", "LDL": "local", "STL": "local", "FFMA": "ffma", "MUFU": "mufu",
+                 "BAR": "barrier", "ATOM": "atomic", "ATOMG": "atomic", "ATOMS": "atomic", "RED": "atomic"}
+_SASS_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_PTX_CLASSES = (("ld.global", "global_load"), ("st.global", "global_store"), ("ld.shared", "shared_load"),
+                ("st.shared", "shared_store"), ("ld.local", "local"), ("st.local", "local"),
+                ("fma.rn.f32", "ffma"), ("ex2.approx", "mufu"), ("lg2.approx", "mufu"), ("rcp.approx", "mufu"),
+                ("rsqrt.approx", "mufu"), ("sin.approx", "mufu"), ("cos.approx", "mufu"), ("bar.sync", "barrier"),
+                ("barrier.sync", "barrier"), ("atom.", "atomic"), ("red.", "atomic"))
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump from PATH, the nvidia-cuda-cuobjdump wheel, $CUDA_PATH or /usr/local/cuda."""
+    import shutil
+    cands = [shutil.which("cuobjdump")]
+    try:
+        import nvidia
+        for base in getattr(nvidia, "__path__", []):
+            for sub in ("cu13/bin", "cu12/bin", "cuda_cuobjdump/bin"):
+                cands.append(os.path.join(base, sub, "cuobjdump"))
+    except ImportError:
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            cands.append(os.path.join(os.environ[var], "bin", "cuobjdump"))
+    cands.append("/usr/local/cuda/bin/cuobjdump")
+    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def sass_mix(sass: str) -> dict[str, dict[str, int]]:
+    """{mangled function: {class: count}} from ``cuobjdump -sass`` text (static counts)."""
+    out: dict[str, dict[str, int]] = {}
+    cur = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = out.setdefault(m.group(1), dict.fromkeys(MIX_KEYS, 0))
+            continue
+        m = _SASS_RE.search(line) if cur is not None else None
+        if not m or m.group(1) == "NOP":
+            continue
+        cur["total"] += 1
+        cls = _SASS_CLASSES.get(m.group(1))
+        if cls:
+            cur[cls] += 1
+    return out
+
+
+def ptx_mix(ptx: str) -> dict[str, dict[str, int]]:
+    """{mangled function: {class: count}} from PTX text (static counts, virtual ISA)."""
+    out: dict[str, dict[str, int]] = {}
+    cur = None
+    for line in ptx.splitlines():
+        t = line.strip()
+        m = re.match(r"\.(?:visible\s+)?\.entry\s+(\w+)", t)
+        if m:
+            cur = out.setdefault(m.group(1), dict.fromkeys(MIX_KEYS, 0))
+            continue
+        if cur is None or not t.endswith(";") or t.startswith((".", "//")):
+            continue
+        t = re.sub(r"^@!?%p\d+\s+", "", t)
+        cur["total"] += 1
+        for prefix, cls in _PTX_CLASSES:
+            if t.startswith(prefix):
+                cur[cls] += 1
+                break
+    return out
+
+
+def instruction_mix(path: Path, names: Sequence[str], arch: str = "90") -> dict:
+    """Static instruction mix of each kernel of a file, compiled by NVRTC for sm_``arch``.
+
+    Returns ``{"tool": "cuobjdump" | "ptx", "arch": ..., "kernels": {name: {class: count}},
+    "note": ...}``: SASS from ``cuobjdump -sass`` of the NVRTC cubin when cuobjdump is found
+    (the nvidia-cuda-cuobjdump wheel, the ``nvrtc`` extra), else the PTX (what the
+    assembler starts from, a weaker guide). Raises NvrtcUnavailable without NVRTC.
+    """
+    import subprocess
+    import tempfile
+    from ._sim.engine import find_extern_c_kernels
+    nv = Nvrtc()
+    source = Path(path).read_text()
+    names = list(names)
+    plain = [k for k in find_extern_c_kernels(source) if k not in names]
+    opts = [o for o in compile_options(Path(path), arch, nv.version[0]) if o not in ("-Xptxas", "-v")]
+    ok, log, lowered, cubin, ptx = nv.compile_binary(source, Path(path).name, opts, names)
+    if not ok:
+        raise RuntimeError(f"NVRTC could not compile {path}:\n{log}")
+    tool, note, mixes = "ptx", "cuobjdump not found: PTX counts", {}
+    cuobjdump = find_cuobjdump()
+    if cuobjdump and cubin:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            # cuobjdump calls nvdisasm, which the wheels put beside it
+            env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
+            r = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, env=env)
+        if r.returncode == 0:
+            tool, note, mixes = "cuobjdump", f"SASS sm_{arch} ({cuobjdump})", sass_mix(r.stdout)
+        else:
+            note = f"cuobjdump failed ({r.stderr.strip()[:200]}): PTX counts"
+    if tool == "ptx":
+        mixes = ptx_mix(ptx or "")
+    kernels = {}
+    for n in [*names, *plain]:
+        mix = mixes.get(lowered.get(n, n))
+        if mix is not None:
+            kernels[n] = mix
+    return {"tool": tool, "arch": f"sm_{arch}", "kernels": kernels, "note": note}
+
+
+_TEXT_RE = re.compile(r"^\.text\.(\S+):$")
+_FILE_LINE_RE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def sass_line_mix(disassembly: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{mangled function: {``file:line``: {class: count}}} from ``nvdisasm -g`` text: the
+    static SASS instructions the compiler attributes to each source line (-lineinfo)."""
+    out: dict = {}
+    func = where = None
+    for line in disassembly.splitlines():
+        t = line.strip()
+        m = _TEXT_RE.match(t)
+        if m:
+            func, where = out.setdefault(m.group(1), {}), None
+            continue
+        m = _FILE_LINE_RE.search(t)
+        if m:
+            where = f"{Path(m.group(1)).name}:{m.group(2)}"
+            continue
+        m = _SASS_RE.search(t)
+        if func is None or where is None or not m or m.group(1) == "NOP":
+            continue
+        mix = func.setdefault(where, dict.fromkeys(MIX_KEYS, 0))
+        mix["total"] += 1
+        cls = _SASS_CLASSES.get(m.group(1))
+        if cls:
+            mix[cls] += 1
+    return out
+
+
+def sass_lines(path: Path, names: Sequence[str], arch: str = "90") -> dict:
+    """{name expression: {``file:line``: {class: count}}}: each kernel's SASS per source line,
+    from an NVRTC cubin built with -lineinfo and disassembled by nvdisasm (beside cuobjdump).
+    {} when no nvdisasm is found."""
+    import subprocess
+    import tempfile
+    cuobjdump = find_cuobjdump()
+    nvdisasm = os.path.join(os.path.dirname(cuobjdump), "nvdisasm") if cuobjdump else None
+    if not nvdisasm or not os.path.isfile(nvdisasm):
+        return {}
+    nv = Nvrtc()
+    source = Path(path).read_text()
+    opts = [o for o in compile_options(Path(path), arch, nv.version[0]) if o not in ("-Xptxas", "-v")]
+    ok, log, lowered, cubin, _ = nv.compile_binary(source, Path(path).name, opts + ["-lineinfo"], list(names))
+    if not ok or not cubin:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([nvdisasm, "-g", "-c", f.name], capture_output=True, text=True)
+    if r.returncode:
+        return {}
+    by_mangled = sass_line_mix(r.stdout)
+    from ._sim.engine import find_extern_c_kernels
+    names = [*names, *[k for k in find_extern_c_kernels(source) if k not in names]]
+    return {n: by_mangled[lowered.get(n, n)] for n in names if lowered.get(n, n) in by_mangled}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,9 @@
 //     the CUDA thread named) and ThreadSanitizer, where each CUDA thread is a TSan fiber and
 //     barriers/collectives/block order are release-acquire pairs, so TSan reports accesses
 //     of two CUDA threads that nothing orders (a "racecheck").
+//   * Profile builds (CUDASIM_PROFILE): TSan's instrumentation linked with the counting
+//     runtime profile_rt.cc instead of libtsan (memory traffic per warp request and source
+//     line; see profile.py). LaunchConfig.blocks runs only chosen blocks (sampling).
 //
 // Known limits: no inline PTX, mma/wmma/ldmatrix/cp.async, cooperative groups, textures,
 // __constant__ upload (get_global); fast-math intrinsics are the accurate libm functions;
@@ -93,6 +96,24 @@ extern "C" void __tsan_set_fiber_name(void* fiber, const char* name);
 #define CUDASIM_TSAN_ACQUIRE(p) ((void)0)
 #define CUDASIM_ENGINE_BEGIN() ((void)0)
 #define CUDASIM_ENGINE_END() ((void)0)
+#endif
+
+// Profile mode (engine.py, CUPY_LOCALREL_SIM_PROFILE=1): the kernel file is compiled with
+// -fsanitize=thread but linked against the engine's own counting runtime (profile_rt.cc)
+// instead of libtsan: every load/store of kernel code reports its address and call site.
+// The runtime needs the block, the lane and the shared-memory ranges, told by these hooks.
+#if defined(CUDASIM_PROFILE)
+#if !defined(__SANITIZE_THREAD__)
+#error "CUDASIM_PROFILE needs -fsanitize=thread (the engine adds it)"
+#endif
+extern "C" void cudasim_prof_block_begin(unsigned linear_block, const void* dyn, size_t dyn_bytes);
+extern "C" void cudasim_prof_block_end(void);
+extern "C" void cudasim_prof_lane(unsigned lin);
+extern "C" void cudasim_prof_shared_range(const void* p, size_t bytes);
+extern "C" void cudasim_prof_barrier(const char* file, int line);
+#define CUDASIM_PROF(call) call
+#else
+#define CUDASIM_PROF(call) ((void)0)
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -306,6 +327,7 @@ inline T& shared_var() {
     slot.epoch = tb->epoch;
   }
   T* p = static_cast<T*>(slot.p);
+  CUDASIM_PROF(cudasim_prof_shared_range(p, sizeof(T)));
   CUDASIM_ENGINE_END();
   return *p;
 }
@@ -334,6 +356,7 @@ inline int barrier(int pred, const char* file, int line) {
   b.bar_acc += pred != 0;
   CUDASIM_TSAN_RELEASE(&b.tsan_bar[g & 1]);
   if (++b.bar_count == b.nthreads) {
+    CUDASIM_PROF(cudasim_prof_barrier(file, line));   // once per block-wide barrier
     b.bar_result[g & 1] = b.bar_acc;
     b.bar_acc = 0; b.bar_count = 0; b.bar_gen++; b.progress++;
   } else {
@@ -518,11 +541,14 @@ struct LaunchConfig {            // must match engine.py's _LaunchConfig
   uint64_t stack_size;
   int64_t seed;                  // 0 forward, 1 reversed, any other value: shuffled by it
   unsigned workers;
+  unsigned nblocks;              // with `blocks`: run only these linear block indices
+  const unsigned* blocks;        // null: every block of the grid (profiling samples blocks)
 };
 
 // Resume fiber `f` until it waits or finishes.
 inline void resume(Block& b, Fiber& f) {
   b.cur = &f; t_threadIdx = f.tid;
+  CUDASIM_PROF(cudasim_prof_lane(f.lin));
 #ifdef CUDASIM_ASAN
   __sanitizer_start_switch_fiber(&b.sched_fake, f.stack, f.stack_size);
 #endif
@@ -564,6 +590,7 @@ inline void run_block(Block& b, const LaunchConfig& c, unsigned linear_block, st
   for (unsigned t = 0; t < nt; t++) { b.f[t].wait = RUNNING; order[t] = t; }
   if (c.seed == 1) std::reverse(order.begin(), order.end());
   uint64_t rng = (uint64_t)c.seed * 0x100000001b3ull ^ linear_block;
+  CUDASIM_PROF(cudasim_prof_block_begin(linear_block, b.dyn, c.dyn_smem));
   while (b.nfinished < nt && b.error.empty()) {
     const uint64_t before = b.progress;
     if (c.seed != 0 && c.seed != 1)
@@ -593,12 +620,13 @@ inline void run_block(Block& b, const LaunchConfig& c, unsigned linear_block, st
     }
     if (b.error.empty() && b.nfinished < nt && b.progress == before) b.error = deadlock_report(b);
   }
+  CUDASIM_PROF(cudasim_prof_block_end());
 }
 
 inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, std::atomic<unsigned>& next,
                         std::atomic<bool>& stop, std::string& err, std::mutex& err_mu) {
   const unsigned nt = c.block[0] * c.block[1] * c.block[2];
-  const unsigned nb = c.grid[0] * c.grid[1] * c.grid[2];
+  const unsigned nb = c.blocks ? c.nblocks : c.grid[0] * c.grid[1] * c.grid[2];
   CUDASIM_ENGINE_BEGIN();
   Block b; tb = &b;
 #ifdef CUDASIM_TSAN
@@ -633,7 +661,8 @@ inline void worker_main(const LaunchConfig& c, void (*body)(void*), void* ctx, s
     prepare_fiber(b, f);
   }
   std::vector<unsigned> order(nt);
-  for (unsigned i; !stop && (i = next++) < nb;) {
+  for (unsigned j; !stop && (j = next++) < nb;) {
+    const unsigned i = c.blocks ? c.blocks[j] : j;
     b.idx = {i % c.grid[0], i / c.grid[0] % c.grid[1], i / (c.grid[0] * c.grid[1])};
     t_blockIdx = b.idx;
     run_block(b, c, i, order);
@@ -663,7 +692,7 @@ inline void asan_death_note() {
 
 // Returns 0 on success, else writes a message into err_out.
 inline int run(const LaunchConfig& c, void (*body)(void*), void* ctx, char* err_out, size_t err_len) {
-  const unsigned nb = c.grid[0] * c.grid[1] * c.grid[2];
+  const unsigned nb = c.blocks ? c.nblocks : c.grid[0] * c.grid[1] * c.grid[2];
   std::atomic<unsigned> next{0};
   std::atomic<bool> stop{false};
   std::string err;

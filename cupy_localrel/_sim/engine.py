@@ -16,7 +16,9 @@ environment, read at each launch):
 
 Build-time environment: ``CUPY_LOCALREL_SIM_ASAN=1`` builds with AddressSanitizer and
 ``CUPY_LOCALREL_SIM_TSAN=1`` with ThreadSanitizer (the process must preload the runtime,
-see `sanitizer_env`); ``CUPY_LOCALREL_CACHE`` moves the cache of
+see `sanitizer_env`); ``CUPY_LOCALREL_SIM_PROFILE=1`` builds with memory-traffic counters
+(profile mode: every launch of such a module appends a `profile.LaunchCounters` to
+``module.launches``; see profile.py and kernels/PROFILING.md); ``CUPY_LOCALREL_CACHE`` moves the cache of
 compiled libraries (default ``$XDG_CACHE_HOME/cupy_localrel`` or ``~/.cache/cupy_localrel``);
 ``CUPY_LOCALREL_CXX`` picks the compiler (default ``g++``, version 12 or later).
 """
@@ -47,6 +49,7 @@ ENV_WORKERS = "CUPY_LOCALREL_SIM_WORKERS"
 ENV_STACK_KB = "CUPY_LOCALREL_SIM_STACK_KB"
 ENV_ASAN = "CUPY_LOCALREL_SIM_ASAN"
 ENV_TSAN = "CUPY_LOCALREL_SIM_TSAN"
+ENV_PROFILE = "CUPY_LOCALREL_SIM_PROFILE"
 ENV_CACHE = "CUPY_LOCALREL_CACHE"
 ENV_CXX = "CUPY_LOCALREL_CXX"
 
@@ -64,6 +67,12 @@ _BASE_FLAGS = ("-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-
 # shadow-stack (CET) compatible, whatever the compiler's default.
 _ARCH_FLAGS = ("-fcf-protection=none",) if platform.machine() in ("x86_64", "AMD64") else ()
 _SANITIZER_FLAGS = ("-fno-omit-frame-pointer", "-O1")
+# Profile mode: ThreadSanitizer's instrumentation (a call per load/store) without its runtime;
+# profile_rt.cc counts instead. -O2 as usual, so that g++ keeps what it can in registers.
+PROFILE_RUNTIME = HEADER_DIR / "profile_rt.cc"
+# DWARF 4: binutils' addr2line then names the #line files rather than "<stdin>".
+_PROFILE_FLAGS = ("-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-DCUDASIM_PROFILE",
+                  "-gdwarf-4")
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,6 +130,11 @@ def requested_sanitizer() -> str | None:
         if os.environ.get(env, "").strip().lower() not in ("", "0", "false", "no"):
             return name
     return None
+
+
+def profile_requested() -> bool:
+    """True when CUPY_LOCALREL_SIM_PROFILE asks for profile-mode builds."""
+    return os.environ.get(ENV_PROFILE, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def asan_requested() -> bool:
@@ -537,12 +551,15 @@ def _passthrough_options(options: Sequence[str]) -> list[str]:
 
 
 def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: Sequence[str] = (),
-          include_dirs: Sequence[str | Path] = (), sanitize: bool | str | None = None) -> SimModule:
+          include_dirs: Sequence[str | Path] = (), sanitize: bool | str | None = None,
+          profile: bool | None = None) -> SimModule:
     """Compile a kernel source file for the CPU (cached) and return a SimModule.
 
     sanitize: True or "address" (AddressSanitizer: out-of-bounds accesses), "thread"
     (ThreadSanitizer: races between CUDA threads that no barrier/collective orders), False,
     or None to follow CUPY_LOCALREL_SIM_ASAN / CUPY_LOCALREL_SIM_TSAN.
+    profile: build with the memory-traffic counters (see profile.py); None follows
+    CUPY_LOCALREL_SIM_PROFILE. Not combined with a sanitizer.
     """
     ok, why = available()
     if not ok:
@@ -550,6 +567,9 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
     path = Path(source).resolve()
     include_dirs = [Path(d).resolve() for d in include_dirs]
     sanitizer = _sanitizer_name(sanitize)
+    profile = profile_requested() if profile is None else bool(profile)
+    if profile and sanitizer:
+        raise ValueError(f"profile mode cannot be combined with the {sanitizer} sanitizer")
     if sanitizer and not _runtime_loaded(sanitizer):
         flag, lib, opt_var, opts = SANITIZERS[sanitizer]
         raise RuntimeError(
@@ -560,26 +580,32 @@ def build(source: str | Path, name_expressions: Sequence[str] = (), *, options: 
     names = find_extern_c_kernels(code)
     names += [n for n in name_expressions if n not in names]
     sanitizer_flags = (SANITIZERS[sanitizer][0], *_SANITIZER_FLAGS) if sanitizer else ()
+    sanitizer_flags += _PROFILE_FLAGS if profile else ()
     flags = [*_BASE_FLAGS, *_ARCH_FLAGS, *sanitizer_flags, "-I", str(HEADER_DIR),
              *[f"-I{d}" for d in (path.parent, *include_dirs)], *_passthrough_options(options)]
     try:
-        so = _compile_cached(translation_unit(code, names), flags)
+        so = _compile_cached(translation_unit(code, names), flags, profile)
     except RuntimeError as e:
         # The __launch_bounds__ helpers are a best effort (a macro may expand to more than
         # the bounds); without them the thread limit is simply not checked.
         if "__sim_bounds_" not in str(e):
             raise
-        so = _compile_cached(translation_unit(code, names, with_bounds=False), flags)
+        so = _compile_cached(translation_unit(code, names, with_bounds=False), flags, profile)
     with _LIB_LOCK:
         lib = _LIB_CACHE.get(str(so))
         if lib is None:
             lib = _LIB_CACHE[str(so)] = ctypes.CDLL(str(so))
-    return SimModule(lib, names, str(path))
+    module = SimModule(lib, names, str(path))
+    module.library = str(so)
+    module.profiling = profile
+    return module
 
 
-def _compile_cached(tu: str, flags: list[str]) -> Path:
+def _compile_cached(tu: str, flags: list[str], profile: bool = False) -> Path:
     h = hashlib.sha256()
-    for part in (tu, repr(flags), _cxx_version(compiler()), *((HEADER_DIR / f).read_text() for f in HEADERS)):
+    runtime = (PROFILE_RUNTIME.read_text(),) if profile else ()
+    for part in (tu, repr(flags), _cxx_version(compiler()), *((HEADER_DIR / f).read_text() for f in HEADERS),
+                 *runtime):
         h.update(part.encode()); h.update(b"\0")
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -596,19 +622,37 @@ def _compile_cached(tu: str, flags: list[str]) -> Path:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=so.stem + ".", suffix=".tmp")
         os.close(fd)
         try:
-            cmd = [compiler(), *flags, "-x", "c++", "-", "-o", tmp]
-            try:
-                r = subprocess.run(cmd, input=tu, text=True, capture_output=True)
-            except FileNotFoundError:
-                raise RuntimeError(f"sim backend unavailable: C++ compiler {compiler()!r} (g++) not found") from None
-            if r.returncode:
-                raise RuntimeError(f"g++ failed to compile the kernels for the CPU engine:\n{r.stderr[-8000:]}")
+            if profile:
+                _compile_profiled(tu, flags, tmp)
+            else:
+                _run_cxx([compiler(), *flags, "-x", "c++", "-", "-o", tmp], tu)
             os.replace(tmp, so)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     _prune(d)
     return so
+
+
+def _run_cxx(cmd: list[str], stdin: str | None = None) -> None:
+    try:
+        r = subprocess.run(cmd, input=stdin, text=True, capture_output=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"sim backend unavailable: C++ compiler {compiler()!r} (g++) not found") from None
+    if r.returncode:
+        raise RuntimeError(f"g++ failed to compile the kernels for the CPU engine:\n{r.stderr[-8000:]}")
+
+
+def _compile_profiled(tu: str, flags: list[str], out: str) -> None:
+    """Profile mode: the kernel TU instrumented (compile only, so libtsan is not linked), the
+    counting runtime plain, linked together; -z defs names any hook the runtime lacks."""
+    with tempfile.TemporaryDirectory(prefix="cupy_localrel_prof_") as d:
+        kernel_o, runtime_o = os.path.join(d, "kernel.o"), os.path.join(d, "runtime.o")
+        _run_cxx([compiler(), *flags, "-c", "-x", "c++", "-", "-o", kernel_o], tu)
+        _run_cxx([compiler(), "-std=c++20", "-O2", "-fPIC", *_ARCH_FLAGS, "-c", str(PROFILE_RUNTIME),
+                  "-o", runtime_o])
+        _run_cxx([compiler(), "-shared", "-pthread", *_ARCH_FLAGS, "-Wl,-z,defs", kernel_o, runtime_o,
+                  "-o", out])
 
 
 def _touch(so: Path) -> bool:
@@ -646,7 +690,8 @@ def _prune(d: Path) -> None:
 
 class _LaunchConfig(ctypes.Structure):   # cudasim::LaunchConfig
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("dyn_smem", ctypes.c_uint64),
-                ("stack_size", ctypes.c_uint64), ("seed", ctypes.c_int64), ("workers", ctypes.c_uint)]
+                ("stack_size", ctypes.c_uint64), ("seed", ctypes.c_int64), ("workers", ctypes.c_uint),
+                ("nblocks", ctypes.c_uint), ("blocks", ctypes.POINTER(ctypes.c_uint))]
 
 
 class _ParamInfo(ctypes.Structure):      # cudasim::ParamInfo
@@ -666,6 +711,10 @@ class SimModule:
         self.workers: int | None = None
         self.stack_kb: int | None = None
         self._kernels: dict[str, SimKernel] = {}
+        self.library: str | None = None      # path of the compiled library
+        #: profile mode (built with counters): each launch appends its profile.LaunchCounters
+        self.profiling = False
+        self.launches: list = []
 
     def get_function(self, name: str) -> SimKernel:
         if name not in self.names:
@@ -779,7 +828,9 @@ class SimKernel:
 
     # -- launch ---------------------------------------------------------------------------
     def __call__(self, grid, block, args, shared_mem: int = 0, stream=None,
-                 enable_cooperative_groups: bool = False):
+                 enable_cooperative_groups: bool = False, *, blocks: Sequence[int] | None = None):
+        """Launch like cupy.RawKernel. ``blocks`` (CPU engine only): run just these linear
+        block indices (x fastest), in this order; profiling samples blocks this way."""
         g, b = _dim3(grid, "grid"), _dim3(block, "block")
         nthreads = b[0] * b[1] * b[2]
         if min(g) < 1 or g[0] > 2**31 - 1 or max(g[1:]) > 65535:
@@ -803,11 +854,30 @@ class SimKernel:
         cfg.stack_size = max(16, self._setting("stack_kb", ENV_STACK_KB, DEFAULT_STACK_KB)) * 1024
         cfg.seed = self._setting("seed", ENV_SEED, 0)
         cfg.workers = max(1, self._setting("workers", ENV_WORKERS, default_workers()))
+        chosen = None
+        if blocks is not None:
+            total = g[0] * g[1] * g[2]
+            chosen = np.ascontiguousarray(blocks, dtype=np.uint32)
+            if chosen.ndim != 1 or (chosen.size and int(chosen.max()) >= total) or \
+                    np.unique(chosen).size != chosen.size:
+                raise ValueError(f"kernel {self.name!r}: blocks must be distinct linear block indices "
+                                 f"below {total}")
+            cfg.nblocks = chosen.size
+            cfg.blocks = chosen.ctypes.data_as(ctypes.POINTER(ctypes.c_uint))
         err = ctypes.create_string_buffer(1024)
-        rc = self._launch(ctypes.byref(cfg), ptrs, err, len(err))
+        counters = None
+        if self.module.profiling:
+            from . import profile
+            cfg.workers = 1        # the counters are one sequential stream of accesses
+            rc, counters = profile.run_counted(self, (g, b, shared_mem, chosen), args,
+                                               lambda: self._launch(ctypes.byref(cfg), ptrs, err, len(err)))
+        else:
+            rc = self._launch(ctypes.byref(cfg), ptrs, err, len(err))
         del keep
         if rc:
             raise RuntimeError(f"kernel {self.name!r} ({self.module.source}): {err.value.decode(errors='replace')}")
+        if counters is not None:
+            self.module.launches.append(counters)
 
     def __repr__(self) -> str:
         return f"<SimKernel {self.name} of {self.module.source}>"

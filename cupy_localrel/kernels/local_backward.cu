@@ -544,7 +544,8 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
         const size_t s = (size_t)(a * w.mc + b) * tile;
         const size_t o = (size_t)p.plane * ohw + (size_t)(oy0 + uh / halo_w) * w.Wo + (ox0 + uh % halo_w);
         const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(a, b, w.tw)) : A(0));
-        const A pt = weight_from_lse(logit, lse[o]);   // 0 in an empty window (lse -inf)
+        // 0 in an empty window (lse -inf), where exp(logit - lse) would be NaN.
+        const A pt = weight_from_lse(logit, lse[o]);
         user_p[s] = pt;
         user_dl[s] = pt * (user_dl[s] - delta[o]);
       }

@@ -519,15 +519,7 @@ def environment(dev) -> dict:
     return env
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+_cpu_model = M.cpu_model
 
 
 def device_slug(env: dict) -> str:

@@ -23,6 +23,10 @@ BORDERS = ("mask", "zeros", "shift")
 BACKENDS = ("numpy", "cupy", "sim")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CENTRED_BORDERS = ("mask", "zeros")
+#: ``phi(q, k)`` of the logit, summed over a head's channels (docs/contract.md "Similarity functions"),
+#: in the order of ``localrel::Similarity`` in kernels/localrel_common.cuh.
+SIMILARITIES = ("dot", "key", "neg_abs", "neg_abs_normalized", "neg_square_normalized",
+                "neg_square")
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,6 +151,7 @@ class Geometry:
     border: str
     scale: float
     dtype: np.dtype
+    similarity: str = "dot"
     rows: AxisWindow = field(init=False, repr=False, compare=False)
     cols: AxisWindow = field(init=False, repr=False, compare=False)
 
@@ -217,6 +222,22 @@ def check_border(border) -> str:
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
     return border
+
+
+def check_similarity(similarity, rel=None, rel_name: str = "rel") -> str:
+    """A name of :data:`SIMILARITIES`; ``rel`` (``q . rel``) exists for ``"dot"`` only."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if rel is not None and similarity != "dot":
+        raise ValueError(f"{rel_name} (the q . rel term) is defined for similarity='dot' only, "
+                         f"got similarity={similarity!r}")
+    return similarity
+
+
+def check_key_bias(key_bias, geo: "Geometry", name: str = "key_bias") -> None:
+    """``key_bias`` ``(B, heads, H, W)``: one logit per key pixel and head."""
+    if key_bias is not None:
+        check_shape(key_bias, name, (geo.batch, geo.heads, geo.height, geo.width))
 
 
 def check_backend_name(backend):
@@ -368,12 +389,14 @@ def _split_heads(channels: int, heads: int, name: str) -> int:
 
 
 def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale,
-                default_scale=None, v=None) -> Geometry:
-    """Check ``q``/``k`` (and ``v``, ``bias``, ``rel``) and describe the call.
+                default_scale=None, v=None, *, similarity="dot", key_bias=None) -> Geometry:
+    """Check ``q``/``k`` (and ``v``, ``bias``, ``rel``, ``key_bias``) and describe the call.
 
-    ``q``, ``k``: ``(B, heads*Dqk, H, W)``; ``v``: ``(B, heads*Dv, H, W)`` or ``None``.
+    ``q``, ``k``: ``(B, heads*Dqk, H, W)``; ``v``: ``(B, heads*Dv, H, W)`` or ``None``;
+    ``key_bias``: ``(B, heads, H, W)`` or ``None``.
     """
     kernel, dilation, stride, border = _window_params(kernel_size, dilation, stride, border)
+    similarity = check_similarity(similarity, rel)
     heads = check_heads(heads)
     check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
     check_shape(k, "k", q.shape) if k.ndim == 4 else check_ndim(k, "k", 4, "(B, heads*Dqk, H, W)")
@@ -390,11 +413,12 @@ def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, s
     if default_scale is None:
         default_scale = 1.0 / math.sqrt(dqk) if dqk else 1.0
     geo = Geometry(batch, heads, dqk, dv, height, width, kernel, dilation, stride, border,
-                   check_scale(scale, default_scale), np.dtype(q.dtype).newbyteorder("="))
+                   check_scale(scale, default_scale), np.dtype(q.dtype).newbyteorder("="), similarity)
     if bias is not None:
         check_shape(bias, "bias", (heads, *geo.table_shape))
     if rel is not None:
         check_shape(rel, "rel", (heads, dqk, *geo.table_shape))
+    check_key_bias(key_bias, geo)
     return geo
 
 

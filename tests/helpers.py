@@ -67,3 +67,19 @@ def make_inputs(B, heads, dqk, dv, H, W, kernel, border, bias, rel, seed, dtype=
         if value is not None:
             setattr(x, name, value.astype(dtype))
     return x
+
+
+def central_difference(f, x, eps=1e-6, entries=None):
+    """d f(x) / dx for a scalar function f (reading ``x`` in place), by central differences;
+    at the flat ``entries`` of ``x`` only when given (0 elsewhere), else at every entry."""
+    grad = np.zeros_like(x)
+    flat, g = x.reshape(-1), grad.reshape(-1)
+    for n in range(flat.size) if entries is None else entries:
+        keep = flat[n]
+        flat[n] = keep + eps
+        up = f()
+        flat[n] = keep - eps
+        down = f()
+        flat[n] = keep
+        g[n] = (up - down) / (2 * eps)
+    return grad

@@ -19,7 +19,18 @@ from cupy_localrel import _geometry as G
 
 from ._ops import local_av2d, local_qk2d, local_relation2d, sasa2d
 
-__all__ = ["LocalRelation2d", "SASA2d", "AttentionStem", "relative_offsets"]
+__all__ = ["LocalRelation2d", "SASA2d", "AttentionStem", "relative_offsets", "padding_key_bias"]
+
+
+def padding_key_bias(valid: torch.Tensor, heads: int, dtype=torch.float32) -> torch.Tensor:
+    """A padding mask as ``key_bias``: ``valid`` ``(B, H, W)`` (true on real pixels) ->
+    ``(B, heads, H, W)``, 0 on real pixels and ``-inf`` on padding, so that no window
+    attends a padded key (docs/contract.md, "Per-key logit")."""
+    if valid.dim() != 3:
+        raise ValueError(f"valid must be a (B, H, W) mask, got shape {tuple(valid.shape)}")
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    bias = bias.masked_fill(~valid.bool(), float("-inf"))
+    return bias[:, None].expand(-1, G.check_heads(heads), -1, -1).contiguous()
 
 
 def relative_offsets(kernel_size, border: str = "mask") -> torch.Tensor:
@@ -56,6 +67,13 @@ class LocalRelation2d(nn.Module):
     conv inside the layer; ``border="zeros"`` reproduces the seed's zero padding (out-of-
     image neighbours take softmax weight with a zero key and value).
 
+    LR-Net's other compositions: ``similarity=`` picks ``phi(q, k)`` of the logit (the
+    official op's six, docs/contract.md), and ``key_saliency=True`` adds the key-saliency
+    term: one more 1x1-conv channel per head (``self.saliency``) whose output is the
+    ``key_bias`` of every window slot that looks at that key. ``forward(x, key_bias=...)``
+    also takes a ``(B, heads, H, W)`` key_bias, e.g. a padding mask
+    (:func:`padding_key_bias`), added to the saliency.
+
     Args:
         channels: ``C``, divisible by ``m``.
         kernel_size: window size (odd for ``"mask"``/``"zeros"``), default 7.
@@ -67,10 +85,14 @@ class LocalRelation2d(nn.Module):
             (the seed's multiplier 0.5, with a floor so narrow layers keep a usable prior).
         scale: appearance-composability scale (default 1, as the paper).
         final_conv: add the seed's trailing 1x1 conv.
+        similarity: ``"dot"`` (default), ``"key"``, ``"neg_abs"``, ``"neg_abs_normalized"``,
+            ``"neg_square_normalized"`` or ``"neg_square"``.
+        key_saliency: add the key-saliency conv (one channel per head).
     """
 
     def __init__(self, channels, kernel_size=7, m=8, stride=1, dilation=1, border="mask",
-                 *, geometry_hidden=None, scale=1.0, final_conv=False):
+                 *, geometry_hidden=None, scale=1.0, final_conv=False, similarity="dot",
+                 key_saliency=False):
         super().__init__()
         # Everything a forward would reject for any input is rejected here, by name.
         G.check_heads(channels, "channels"), G.check_heads(m, "m")
@@ -91,20 +113,28 @@ class LocalRelation2d(nn.Module):
                                             nn.Conv2d(hidden, self.heads, 1))
         self.register_buffer("offsets", relative_offsets(self.kernel_size, border))
         self.final = nn.Conv2d(channels, channels, 1) if final_conv else None
+        self.similarity = G.check_similarity(similarity)
+        self.saliency = nn.Conv2d(channels, self.heads, 1) if key_saliency else None
 
     def geometry(self) -> torch.Tensor:
         """The geometry-prior logits ``(heads, Th, Tw)`` (the ``bias`` of docs/contract.md)."""
         return self.geometry_prior(self.offsets)[0]
 
-    def forward(self, x):
+    def forward(self, x, key_bias=None):
+        """``x`` ``(B, C, H, W)``; ``key_bias`` ``(B, heads, H, W)`` or ``None`` (e.g. a
+        padding mask, added to the key saliency when the layer has one)."""
+        if self.saliency is not None:
+            saliency = self.saliency(x)
+            key_bias = saliency if key_bias is None else saliency + key_bias
         out = local_relation2d(x, self.key(x), self.query(x), self.geometry(), self.kernel_size,
                                scale=self.scale, dilation=self.dilation, stride=self.stride,
-                               border=self.border)
+                               border=self.border, similarity=self.similarity, key_bias=key_bias)
         return out if self.final is None else self.final(out)
 
     def extra_repr(self):
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, m={self.m}, "
-                f"stride={self.stride}, dilation={self.dilation}, border={self.border!r}")
+                f"stride={self.stride}, dilation={self.dilation}, border={self.border!r}, "
+                f"similarity={self.similarity!r}, key_saliency={self.saliency is not None}")
 
 
 class SASA2d(nn.Module):
@@ -165,11 +195,13 @@ class SASA2d(nn.Module):
         for conv in (self.query, self.key, self.value):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward(self, x, key_bias=None):
+        """``x`` ``(B, C_in, H, W)``; ``key_bias`` ``(B, heads, H, W)`` or ``None``: a per-key
+        logit, e.g. a padding mask (:func:`padding_key_bias`: ``-inf`` on padded pixels)."""
         op_stride = (1, 1) if self.pool is not None else self.stride
         out = sasa2d(self.query(x), self.key(x), self.value(x), self.rel_h, self.rel_w,
                      self.heads, self.kernel_size, scale=self.scale, dilation=self.dilation,
-                     stride=op_stride, border=self.border)
+                     stride=op_stride, border=self.border, key_bias=key_bias)
         return out if self.pool is None else self.pool(out)
 
     def extra_repr(self):

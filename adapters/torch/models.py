@@ -162,9 +162,12 @@ class LocalResNet(nn.Module):
 # The named models
 # ---------------------------------------------------------------------------------------
 
-def _lr_spatial(kernel_size, m, border):
+def _lr_spatial(kernel_size, m, border, **layer_options):
+    """Builder of the bottlenecks' LocalRelation2d; ``layer_options``: its keyword-only
+    options (``similarity``, ``key_saliency``, ...)."""
     def build(width, stride):
-        return LocalRelation2d(width, kernel_size, m=m, stride=stride, border=border)
+        return LocalRelation2d(width, kernel_size, m=m, stride=stride, border=border,
+                               **layer_options)
     return build
 
 

@@ -49,7 +49,8 @@ def test_non_finite_scale_is_rejected(scale):
                  lambda: lt.local_relation2d(q, q[:, :2], q[:, :2], None, 3, scale=scale),
                  lambda: lt.sasa2d(q, q, q, rel, rel, 2, 3, scale=scale),
                  lambda: torch.ops.localrel.local_attention2d(q, q, q, 2, [3, 3], None, None,
-                                                              scale, [1, 1], [1, 1], "mask", None),
+                                                              scale, [1, 1], [1, 1], "mask", None, "dot",
+                                                              None),
                  lambda: LocalRelation2d(8, 3, m=4, scale=scale),
                  lambda: SASA2d(8, 8, 3, heads=2, scale=scale)):
         with pytest.raises(ValueError, match="scale must be finite"):
@@ -140,8 +141,9 @@ def test_backward_ops_give_each_gradient_its_input_format():
     q_nchw = q.contiguous()
     out, lse = lt.local_attention2d(q, k, v, 2, 3, return_lse=True)
     assert _is_cl(out) and _is_cl(lse)
-    dq, dk, dv, _, _ = torch.ops.localrel.local_attention2d_backward(
-        out, q_nchw, k, v, out, lse, 2, [3, 3], None, None, None, [1, 1], [1, 1], "mask", None)
+    dq, dk, dv, _, _, _ = torch.ops.localrel.local_attention2d_backward(
+        out, q_nchw, k, v, out, lse, 2, [3, 3], None, None, None, [1, 1], [1, 1], "mask", None,
+        "dot", None)
     assert dq.is_contiguous() and _is_cl(dk) and _is_cl(dv)
 
 
@@ -171,13 +173,14 @@ def test_fake_kernels_follow_the_same_memory_format_rule():
     bias = _rand(2, 3, 3, seed=4).requires_grad_()
     ops = torch.ops.localrel
     common = ([1, 1], [1, 1], "mask", None)
-    torch.library.opcheck(ops.local_attention2d.default, (q, k, v, 2, [3, 3], bias, None, None, *common))
+    torch.library.opcheck(ops.local_attention2d.default,
+                          (q, k, v, 2, [3, 3], bias, None, None, *common, "dot", None))
     attn = torch.softmax(_rand(1, 2, 9, 6, 5, seed=5), 2).requires_grad_()
     torch.library.opcheck(ops.local_av2d.default, (attn, v, [3, 3], *common))
     torch.library.opcheck(ops.local_relation2d.default,
-                          (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common))
+                          (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common, "dot", None))
     rh = _rand(2, 1, 3, seed=6).requires_grad_()
-    torch.library.opcheck(ops.sasa2d.default, (q, k, v, rh, rh, 2, [3, 3], 1.0, *common))
+    torch.library.opcheck(ops.sasa2d.default, (q, k, v, rh, rh, 2, [3, 3], 1.0, *common, None))
 
 
 def test_channels_last_model_compiles_fullgraph():

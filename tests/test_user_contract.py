@@ -24,17 +24,19 @@ def _backends():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_big_endian_inputs_give_the_native_answer(backend, dtype):
     x = make_inputs(2, 2, 4, 3, 7, 8, 3, "mask", True, True, seed=5, dtype=np.dtype(dtype))
-    swapped = {n: getattr(x, n).astype(np.dtype(dtype).newbyteorder(">"))
-               for n in ("q", "k", "v", "bias", "rel")}
+    native = {n: getattr(x, n) for n in ("q", "k", "v", "bias", "rel")}
+    native["key_bias"] = np.random.default_rng(3).standard_normal((2, 2, 7, 8)).astype(dtype)
+    swapped = {n: a.astype(np.dtype(dtype).newbyteorder(">")) for n, a in native.items()}
     copies = {n: a.copy() for n, a in swapped.items()}
     assert not swapped["q"].dtype.isnative
     kw = dict(scale=0.7, backend=backend)
     out, lse = cl.local_attention2d(swapped["q"], swapped["k"], swapped["v"], 2, 3,
-                                    bias=swapped["bias"], rel=swapped["rel"], return_lse=True, **kw)
-    f64 = {n: getattr(x, n).astype(np.float64) for n in swapped}
+                                    bias=swapped["bias"], rel=swapped["rel"], key_bias=swapped["key_bias"],
+                                    return_lse=True, **kw)
+    f64 = {n: a.astype(np.float64) for n, a in native.items()}
     want_out, want_lse = cl.local_attention2d(f64["q"], f64["k"], f64["v"], 2, 3, bias=f64["bias"],
-                                              rel=f64["rel"], return_lse=True, scale=0.7,
-                                              backend="numpy")
+                                              rel=f64["rel"], key_bias=f64["key_bias"], return_lse=True,
+                                              scale=0.7, backend="numpy")
     # full precision: float64 inputs are computed in float64, not float32
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative
     assert lse.dtype == (np.float64 if dtype == "float64" else np.float32) and lse.dtype.isnative
@@ -46,11 +48,12 @@ def test_big_endian_inputs_give_the_native_answer(backend, dtype):
     got = cl.local_attention2d_backward(grad, swapped["q"], swapped["k"], swapped["v"],
                                         out.astype(out.dtype.newbyteorder(">")),
                                         lse.astype(lse.dtype.newbyteorder(">")), 2, 3,
-                                        bias=swapped["bias"], rel=swapped["rel"], **kw)
+                                        bias=swapped["bias"], rel=swapped["rel"],
+                                        key_bias=swapped["key_bias"], **kw)
     want = cl.local_attention2d_backward(grad.astype(np.float64), f64["q"], f64["k"], f64["v"],
                                          out.astype(np.float64), lse.astype(np.float64), 2, 3,
-                                         bias=f64["bias"], rel=f64["rel"], scale=0.7,
-                                         backend="numpy")
+                                         bias=f64["bias"], rel=f64["rel"],
+                                         key_bias=f64["key_bias"], scale=0.7, backend="numpy")
     for name in got._fields:
         g = getattr(got, name)
         assert g.dtype == np.dtype(dtype) and g.dtype.isnative, name

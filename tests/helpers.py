@@ -21,19 +21,20 @@ def assert_close(got, want, tol, name="", summands=None):
 
 
 def attention_summands(grad_out, q, k, v, heads, kernel_size, *, bias=None, rel=None,
-                       scale=None, **window):
+                       scale=None, key_bias=None, **window):
     """Per-entry sums of |terms| of each gradient of ``local_attention2d``, in float64.
 
     The backward chain (dp = grad_out . v, ds = p (dp - sum p dp), dq = scale ds (k + rel),
     dk = scale ds q, dv = p grad_out, dbias = ds, drel = scale ds q) run on the magnitudes
-    of every factor: ``|dp|`` for ``dp`` and ``p (|dp| + sum p |dp|)`` for ``ds``. Returns a
-    dict of ``q``, ``k``, ``v``, ``bias``, ``rel`` (``None`` where not given).
+    of every factor: ``|dp|`` for ``dp`` and ``p (|dp| + sum p |dp|)`` for ``ds``
+    (``key_bias`` as given: only its ``-inf`` entries matter there). Returns a dict of
+    ``q``, ``k``, ``v``, ``bias``, ``rel``, ``key_bias`` (``None`` where not given).
     """
     import cupy_localrel as cl
     f64 = (lambda a: None if a is None else np.asarray(a, np.float64))
     mag = (lambda a: None if a is None else np.abs(np.asarray(a, np.float64)))
     logits = cl.local_qk2d(f64(q), f64(k), heads, kernel_size, bias=f64(bias), rel=f64(rel),
-                           scale=scale, backend="numpy", **window)
+                           scale=scale, key_bias=f64(key_bias), backend="numpy", **window)
     top = np.max(logits, axis=2, keepdims=True)
     top = np.where(np.isfinite(top), top, 0)
     p = np.exp(logits - top)
@@ -43,8 +44,8 @@ def attention_summands(grad_out, q, k, v, heads, kernel_size, *, bias=None, rel=
     ds = p * (dp.attn + (p * dp.attn).sum(axis=2, keepdims=True))
     dqk = cl.local_qk2d_backward(ds, mag(q), mag(k), heads, kernel_size, bias=mag(bias),
                                  rel=mag(rel), scale=None if scale is None else abs(scale),
-                                 backend="numpy", **window)
-    return dict(q=dqk.q, k=dqk.k, v=dp.v, bias=dqk.bias, rel=dqk.rel)
+                                 key_bias=f64(key_bias), backend="numpy", **window)
+    return dict(q=dqk.q, k=dqk.k, v=dp.v, bias=dqk.bias, rel=dqk.rel, key_bias=dqk.key_bias)
 
 
 def table_shape(kernel, border):

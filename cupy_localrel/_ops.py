@@ -335,7 +335,8 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
 
     Returns: ``out`` ``(B, heads*Dv, Ho, Wo)``, or ``(out, lse)``.
     """
-    rel = _sasa_rel(dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w), heads, kernel_size, border)
+    rel = _sasa_rel(dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, key_bias=key_bias), heads,
+                    kernel_size, border)
     return local_attention2d(q, k, v, heads, kernel_size, rel=rel,
                              scale=G.check_papers_scale(scale), return_lse=return_lse,
                              dilation=dilation, stride=stride, border=border, backend=backend,
@@ -347,7 +348,8 @@ def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_siz
                     scale=1.0, dilation=1, stride=1, border="mask", backend=None,
                     key_bias=None) -> SASAGrads:
     """Gradients of :func:`sasa2d`: ``SASAGrads(q, k, v, rel_h, rel_w, key_bias)``."""
-    rel = _sasa_rel(dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out),
+    rel = _sasa_rel(dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out,
+                         key_bias=key_bias),
                     heads, kernel_size, border)
     g = local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, rel=rel,
                                    scale=G.check_papers_scale(scale), dilation=dilation,

@@ -142,6 +142,11 @@ def test_local_relation_key_saliency_is_key_bias_from_an_extra_conv():
         want = lt.local_relation2d(x, layer.key(x), layer.query(x), layer.geometry(), 3,
                                    similarity="neg_square", key_bias=layer.saliency(x) + mask)
     torch.testing.assert_close(masked, want)
+    # A key_bias of the wrong shape is refused before it is added to the saliency
+    # (the sum would broadcast it).
+    for wrong in (mask[:, :1], mask[:1], mask[0, 0]):
+        with pytest.raises(ValueError, match="key_bias must have shape"):
+            layer(x, key_bias=wrong)
     plain = lt.LocalRelation2d(16, 3, m=4)
     assert plain.saliency is None and plain.similarity == "dot"
 

@@ -117,6 +117,14 @@ def test_sasa2d_lists_only_its_own_arrays_in_dtype_errors():
     with pytest.raises(TypeError, match="grad_out: float32") as info:
         cl.sasa2d_backward(out.astype(np.float32), q, k, q, rel, rel, out, lse, 2, 3)
     assert "rel:" not in str(info.value)
+    # key_bias of another dtype: still SASA's own names (rel_h, rel_w listed, no rel)
+    key_bias = np.zeros((1, 2, 5, 5), np.float32)
+    for call in (lambda: cl.sasa2d(q, k, q, rel, rel, 2, 3, key_bias=key_bias),
+                 lambda: cl.sasa2d_backward(out, q, k, q, rel, rel, out, lse, 2, 3,
+                                            key_bias=key_bias)):
+        with pytest.raises(TypeError, match="key_bias: float32") as info:
+            call()
+        assert "rel:" not in str(info.value) and "rel_h" in str(info.value)
 
 
 def test_local_av2d_blames_v_when_v_is_wrong():

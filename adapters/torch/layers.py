@@ -125,6 +125,10 @@ class LocalRelation2d(nn.Module):
         padding mask, added to the key saliency when the layer has one)."""
         if self.saliency is not None:
             saliency = self.saliency(x)
+            if key_bias is not None:   # checked before the sum, which would broadcast it
+                if not isinstance(key_bias, torch.Tensor):
+                    raise TypeError(f"key_bias must be a torch.Tensor, got {type(key_bias).__name__}")
+                G.check_shape(key_bias, "key_bias", tuple(saliency.shape))
             key_bias = saliency if key_bias is None else saliency + key_bias
         out = local_relation2d(x, self.key(x), self.query(x), self.geometry(), self.kernel_size,
                                scale=self.scale, dilation=self.dilation, stride=self.stride,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -312,6 +313,12 @@ def profile_ops(ops: Sequence[str], shape, kernel_size: int, dtype: str, device:
             "ops": ops_out, "launches": launches_out}
 
 
+def _us(x: float) -> str:
+    """A modelled time in microseconds: whole microseconds from 100 up, else 3 digits (a
+    small shape's floor must not print as 0)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def format_report(rep: dict) -> str:
     """Markdown tables: ops, then launches (all modelled)."""
     out = [f"Modelled on {rep['device']} (not measured); shape {tuple(rep['shape'])}, k={rep['kernel_size']}, "
@@ -319,8 +326,8 @@ def format_report(rep: dict) -> str:
            "| op | predicted us | floor us | share | bound | costliest lines (modelled us) |",
            "|---|---:|---:|---:|---|---|"]
     for o in rep["ops"]:
-        lines = "; ".join(f"{l['line']} {l['cost_us']:.0f}" for l in o["costliest_lines"])
-        out.append(f"| {o['name']} | {o['predicted_us']:.0f} | {o['floor_us']:.0f} | {o['share']:.1%} | "
+        lines = "; ".join(f"{l['line']} {_us(l['cost_us'])}" for l in o["costliest_lines"])
+        out.append(f"| {o['name']} | {_us(o['predicted_us'])} | {_us(o['floor_us'])} | {o['share']:.1%} | "
                    f"{o['bound']} | {lines} |")
     out += ["", "| op | kernel | blocks (profiled/total) | occ. | sectors/req ld (ideal) | wavefronts/req ld | "
             "hbm us | l2 us | shared us | issue us | latency us | predicted us | bound |",
@@ -332,8 +339,8 @@ def format_report(rep: dict) -> str:
         wpr = sl["wavefronts"] / max(1, sl["requests"])
         t = m["times_us"]
         out.append(f"| {r['op']} | {r['kernel']} | {r['blocks_profiled']}/{r['blocks_total']} | "
-                   f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} | {t['hbm']:.0f} | {t['l2']:.0f} | "
-                   f"{t['shared']:.0f} | {t['issue']:.0f} | {t['latency']:.0f} | {m['predicted_us']:.0f} | {m['bound']} |")
+                   f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} | {_us(t['hbm'])} | {_us(t['l2'])} | "
+                   f"{_us(t['shared'])} | {_us(t['issue'])} | {_us(t['latency'])} | {_us(m['predicted_us'])} | {m['bound']} |")
     out += ["", "Costliest lines: the engine's dynamic requests per warp (whole grid / warps launched) beside "
             "the static SASS instructions nvdisasm attributes to the line (-lineinfo); a loop's SASS runs once "
             "per iteration, the engine counts every iteration.", "",
@@ -351,7 +358,7 @@ def format_report(rep: dict) -> str:
                 sl = ln.get("shared_load", {}).get("requests", 0) / warps
                 gl = ln.get("global_load", {}).get("requests", 0) / warps
                 sass = ln.get("sass_static", {})
-                out.append(f"| {o['name']} | {kernel_base(r['kernel'])} | {ln['line']} | {ln['cost_us']:.0f} | "
+                out.append(f"| {o['name']} | {kernel_base(r['kernel'])} | {ln['line']} | {_us(ln['cost_us'])} | "
                            f"{sl:.1f} | {gl:.1f} | {sass.get('shared_load', '-')} | {sass.get('global_load', '-')} | "
                            f"{sass.get('ffma', '-')} | {sass.get('total', '-')} |")
     return "\n".join(out)
@@ -360,11 +367,33 @@ def format_report(rep: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # One kernel of any file
 # ---------------------------------------------------------------------------------------
+def _uses_dynamic_shared(src: str, kernel: str) -> bool:
+    """Whether the body of ``kernel`` in ``src`` declares or names an ``extern __shared__``
+    array (a textual check, for a clear error instead of a fault; helpers it calls that
+    reach the array through a pointer argument are not seen)."""
+    names = set(re.findall(r"\bextern\s+__shared__[^;\[]*?(\w+)\s*\[", src))
+    start = re.search(rf"\b{re.escape(kernel)}\s*\(", src)
+    brace = src.find("{", start.end()) if start else -1
+    if brace < 0:
+        return False
+    depth, end = 0, brace
+    for end in range(brace, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[end], 0)
+        if depth == 0:
+            break
+    body = src[brace:end]
+    return bool(re.search(r"\bextern\s+__shared__", body)) or any(re.search(rf"\b{n}\b", body) for n in names)
+
+
 def profile_source(source: str, kernel: str, grid, block, shared: int = 0, buffer_bytes: int = 1 << 20,
                    ints: Sequence[int] = (), device: str = "h200", sample: bool = False) -> dict:
     """Profile one extern "C" kernel with pointer and int parameters (every block unless
     ``sample``); returns the launch record (counters and modelled time)."""
     path = Path(source).resolve()
+    if int(shared) <= 0 and _uses_dynamic_shared(path.read_text(), kernel):
+        # the engine cannot bound a kernel's dynamic shared memory: with none allocated, its
+        # first access would fault the whole process
+        raise ValueError(f"kernel {kernel} uses extern __shared__ memory: give --shared BYTES")
     module = engine.build(path, (), include_dirs=_loader.include_dirs_for(path), sanitize=False, profile=True)
     fn = module.get_function(kernel)
     args, ints = [], list(ints)
@@ -499,8 +528,12 @@ def run(args) -> int:
         if missing:
             print(f"error: --source needs --{' --'.join(m for m in missing)}", file=sys.stderr)
             return 2
-        rec = profile_source(args.source, args.kernel, args.grid, args.block, args.shared, args.buffer_bytes,
-                             args.ints, args.device)
+        try:
+            rec = profile_source(args.source, args.kernel, args.grid, args.block, args.shared,
+                                 args.buffer_bytes, args.ints, args.device)
+        except (ValueError, KeyError, OSError) as e:   # the caller's arguments, said plainly
+            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
         Path(args.json).write_text(json.dumps({"launches": [rec]}, indent=1) + "\n")
         m = rec["model"]
         print(f"{rec['kernel']}: global load {rec['global_load']}, store {rec['global_store']}; shared load "

@@ -288,9 +288,14 @@ def test_profile_source_command(tmp_path, capsys):
     rec = json.loads(out.read_text())["launches"][0]
     assert rc == 0 and rec["shared_load"] == {"requests": 1, "wavefronts": 2, "bytes": 128}
     assert rec["barriers"] == 1
-    with pytest.raises(ValueError, match="needs an --int"):
-        main(["profile", "--source", str(CALIBRATION), "--kernel", "shared_stride", "--grid", "1",
-              "--block", "32", "--json", str(out)])
+    # The caller's mistakes are plain errors (exit 2), never a traceback or a crash.
+    capsys.readouterr()
+    base = ["profile", "--source", str(CALIBRATION), "--grid", "1", "--block", "32", "--json", str(out)]
+    for extra, message in ((["--kernel", "shared_stride", "--shared", "4224"], "needs an --int"),
+                           (["--kernel", "shared_stride", "--int", "2"], "give --shared BYTES"),
+                           (["--kernel", "no_such_kernel", "--shared", "4224"], "no kernel 'no_such_kernel'")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
     assert main(["profile", "--source", str(CALIBRATION), "--kernel", "x", "--grid", "1"]) == 2
 
 

@@ -106,18 +106,33 @@ def _import_cupy():
     return cupy
 
 
+# (cupy module, status) of the last successful check: a device does not come or go in a
+# process, so the ops (every call goes through it) pay the device query once. Keyed by the
+# module object, so a stand-in CuPy (tests) is checked afresh; failures are not kept.
+_cupy_status: tuple[object, tuple[bool, str]] | None = None
+
+
 def cupy_available() -> tuple[bool, str]:
-    """(ok, reason) for the GPU backend: CuPy importable and a CUDA device usable."""
+    """(ok, reason) for the GPU backend: CuPy importable and a CUDA device usable.
+
+    Queries the devices once per process (per CuPy module); a failed check is repeated.
+    """
+    global _cupy_status
     try:
         cupy = _import_cupy()
+        known = _cupy_status
+        if known is not None and known[0] is cupy:
+            return known[1]
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:
             return False, "CuPy is installed but no CUDA device is visible"
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return True, f"CuPy {cupy.__version__}, {n} device(s), current: {name}"
+        status = True, f"CuPy {cupy.__version__}, {n} device(s), current: {name}"
     except Exception as e:
         return False, f"no usable GPU through CuPy: {type(e).__name__}: {e}"
+    _cupy_status = (cupy, status)
+    return status
 
 
 def cuda_include_dir(major: int | None = None) -> Path | None:

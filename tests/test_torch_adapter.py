@@ -1,5 +1,6 @@
 """The PyTorch adapter: values, gradients, compile, FLOPs, layouts, errors, layers."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -295,6 +296,37 @@ def test_bfloat16_without_ml_dtypes(monkeypatch):
     assert via_f32.dtype == torch.bfloat16
     torch.testing.assert_close(via_f32.float(), native.float(), rtol=0, atol=1e-2)
 
+
+
+def test_native_bfloat16_from_cupy_14_on(monkeypatch):
+    """The one decision: bfloat16 crosses as bfloat16 with CuPy >= 14 (and NumPy >= 2.1.2,
+    ml_dtypes), through float32 with CuPy 13 or without ml_dtypes; the CPU needs ml_dtypes."""
+    import types
+
+    from cupy_localrel.adapters.torch import _convert
+    monkeypatch.setattr(_convert, "_NUMPY_TAKES_CUPY_BFLOAT16", True)
+    if _convert._NP_BF16 is None:
+        pytest.skip("ml_dtypes is not installed")
+    for version, native in (("13.6.0", False), ("14.0.0", True), ("14.2.0", True),
+                            ("15.0.0rc1", True), ("12.3.0", False), ("dev", False)):
+        assert _convert.native_bfloat16(True, version) is native, version
+    assert _convert.native_bfloat16(False, "13.6.0") is True   # the CPU never asks CuPy
+    # the installed CuPy's version by default, and the Bridge of a CUDA tensor follows it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_ref = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    for version, via_f32 in (("13.6.0", True), ("14.0.0", False)):
+        monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__=version))
+        assert _convert.native_bfloat16(True) is not via_f32
+        assert _convert.Bridge(cuda_ref, None).via_f32 is via_f32, version
+    cuda_ref.dtype = torch.float16
+    assert _convert.Bridge(cuda_ref, None).via_f32 is False
+    cuda_ref.dtype = torch.bfloat16
+    monkeypatch.setattr(_convert, "_NUMPY_TAKES_CUPY_BFLOAT16", False)   # NumPy < 2.1.2
+    assert _convert.Bridge(cuda_ref, None).via_f32 is True
+    monkeypatch.setattr(_convert, "_NUMPY_TAKES_CUPY_BFLOAT16", True)
+    monkeypatch.setattr(_convert, "_NP_BF16", None)                     # no ml_dtypes
+    assert _convert.Bridge(cuda_ref, None).via_f32 is True
+    assert _convert.native_bfloat16(False) is False
 
 # ---------------------------------------------------------------------------------------
 # Bad input

@@ -6,10 +6,12 @@ DLPack and run with ``backend="cupy"`` on torch's current stream of the tensor's
 Results come back without copies (``torch.from_numpy``, ``torch.from_dlpack``).
 
 bfloat16: NumPy has no bfloat16, so on the CPU the bytes are viewed as ``ml_dtypes``'
-bfloat16 when that package is installed. Without it (and on CUDA, where CuPy has no
-bfloat16 either) the tensors are cast to float32 for the call and the results cast back
+bfloat16 when that package is installed. On CUDA, CuPy >= 14 holds bfloat16 arrays itself
+(as ``ml_dtypes.bfloat16``) and they cross DLPack as they are. Otherwise (no ``ml_dtypes``,
+or CuPy 13 on CUDA) the tensors are cast to float32 for the call and the results cast back
 to bfloat16: the core accumulates in float32 for bfloat16 anyway, so only the rounding of
-the result differs (one bfloat16 rounding, as the native path).
+the result differs (one bfloat16 rounding, as the native path), at the cost of the casts'
+memory traffic. :func:`native_bfloat16` makes that decision, in one place.
 """
 from __future__ import annotations
 
@@ -26,6 +28,31 @@ except ImportError:  # pragma: no cover - exercised where ml_dtypes is missing
     _NP_BF16 = None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: The first CuPy with bfloat16 arrays (ml_dtypes.bfloat16; its upgrade guide: "Minimal
+#: support for bfloat16", needing NumPy >= 2.1.2).
+CUPY_BFLOAT16_MAJOR = 14
+_NUMPY_TAKES_CUPY_BFLOAT16 = np.lib.NumpyVersion(np.__version__) >= "2.1.2"
+
+
+def native_bfloat16(cuda: bool, cupy_version: str | None = None) -> bool:
+    """bfloat16 tensors reach the core as bfloat16 arrays (no float32 round trip).
+
+    CPU: when ``ml_dtypes`` is installed. CUDA: also CuPy >= 14 (``cupy_version``, default
+    the installed CuPy's) on NumPy >= 2.1.2; CuPy 13 has no bfloat16.
+    """
+    if _NP_BF16 is None:
+        return False
+    if not cuda:
+        return True
+    if cupy_version is None:
+        import cupy
+        cupy_version = cupy.__version__
+    try:
+        major = int(str(cupy_version).split(".")[0])
+    except ValueError:
+        return False
+    return major >= CUPY_BFLOAT16_MAJOR and _NUMPY_TAKES_CUPY_BFLOAT16
 
 
 def _autocasting(t: torch.Tensor) -> bool:
@@ -87,7 +114,7 @@ class Bridge:
                                "run them outside the capture")
         self.backend = "cupy" if self.cuda else backend
         # bfloat16 runs through float32 where the array library lacks the dtype.
-        self.via_f32 = ref.dtype == torch.bfloat16 and (self.cuda or _NP_BF16 is None)
+        self.via_f32 = ref.dtype == torch.bfloat16 and not native_bfloat16(self.cuda)
 
     @contextlib.contextmanager
     def context(self):

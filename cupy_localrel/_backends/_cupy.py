@@ -14,7 +14,8 @@ TARGET = _k.Target("cupy")
 
 
 def available():
-    """CuPy importable and a CUDA device visible; the reason names the missing piece."""
+    """CuPy importable and a CUDA device visible; the reason names the missing piece.
+    Every dispatch asks: the devices are queried once per process (see the loader)."""
     return _loader.cupy_available()
 
 

@@ -7,6 +7,14 @@ geometry (and device). This module only chooses kernels, block shapes and shared
 allocates results and launches; :class:`Target` hides the array module (NumPy standing in
 for device memory on ``sim``, CuPy on ``cupy``).
 
+Host path (what a call costs outside the kernels; tests/test_host_path.py counts it): one
+read of the current device, no device-property query, no host synchronisation, no table
+upload or compile after the first call of a geometry/device; allocations are the results
+plus the scratch a kernel needs (``delta``, the dbias/drel block partials, the global work
+arrays of very large windows), all ``empty`` except ``dq`` at stride > 1 (only window
+centres have a query, the rest must read 0). Kernels, window tables, halo extents and the
+float dummy standing in for absent pointers are cached per device.
+
 Kernel choice (see the .cu files for what each does):
 
 - fused forward: ``attention_forward_tiled`` (keys/values of a tile's halo staged in shared
@@ -59,7 +67,9 @@ class Target:
     def __init__(self, name: str):
         self.name = name
         self._modules: dict = {}
+        self._functions: dict = {}
         self._tables: dict = {}
+        self._dummies: dict = {}
         self._lock = threading.Lock()
 
     @property
@@ -70,19 +80,38 @@ class Target:
         return np
 
     def device_key(self):
+        """The current CUDA device's id (``None`` on ``sim``): the key of the per-device caches."""
         return self.xp.cuda.Device().id if self.name == "cupy" else None
 
-    def function(self, filename: str, name: str):
+    def function(self, filename: str, name: str, device=None):
         """The compiled kernel ``name`` of ``filename`` (every registered instantiation of
-        the file is built together, once per device: one g++/NVRTC run per file)."""
-        key = (self.device_key(), filename)
+        the file is built together, once per device: one g++/NVRTC run per file). Kernels
+        are cached too: a launch looks up nothing on the device. ``device``: a
+        :meth:`device_key` the caller already read."""
+        device = self.device_key() if device is None else device
+        kernel = self._functions.get((device, filename, name))
+        if kernel is not None:
+            return kernel
+        key = (device, filename)
         with self._lock:
             module = self._modules.get(key)
         if module is None:
             module = _loader.load_module(filename, _loader.INSTANTIATIONS[filename], target=self.name)
             with self._lock:
                 module = self._modules.setdefault(key, module)
-        return module.get_function(name)
+        kernel = module.get_function(name)
+        with self._lock:
+            return self._functions.setdefault((device, filename, name), kernel)
+
+    def dummy(self, dtype: np.dtype, device=None):
+        """A 1-element array of ``dtype`` (zero), cached per device: what the kernels get
+        for the accumulator pointers they do not use in a launch (never written)."""
+        key = (self.device_key() if device is None else device, np.dtype(dtype))
+        array = self._dummies.get(key)
+        if array is None:
+            with self._lock:
+                array = self._dummies.setdefault(key, self.xp.zeros(1, dtype))
+        return array
 
     def upload(self, host: np.ndarray):
         if self.name != "cupy":
@@ -92,10 +121,10 @@ class Target:
         self.xp.cuda.get_current_stream().synchronize()
         return device
 
-    def window(self, geo: Geometry):
+    def window(self, geo: Geometry, device=None):
         """The geometry buffer of ``geo`` on this target, cached per geometry and device."""
-        key = (self.device_key(), geo.height, geo.width, geo.kernel, geo.dilation, geo.stride,
-               geo.border)
+        device = self.device_key() if device is None else device
+        key = (device, geo.height, geo.width, geo.kernel, geo.dilation, geo.stride, geo.border)
         with self._lock:
             table = self._tables.get(key)
         if table is None:
@@ -200,8 +229,26 @@ def _launch_work(c: "_Call", kernel, rows: int, cols: int, block, args: tuple,
                args + (scratch, np.int64(per_block), np.int32(first)))
 
 
+# {(id(table), tile): (table, extent)}: the tables are the cached arrays of
+# _geometry.axis_window, so an extent is computed once per geometry; the entry holds the
+# table itself, so its id cannot be taken by another array while the entry lives.
+_halo_extents: dict = {}
+
+
 def _halo_extent(pos: np.ndarray, tile: int) -> int:
-    """Largest span of valid input positions looked at by ``tile`` consecutive outputs."""
+    """Largest span of valid input positions looked at by ``tile`` consecutive outputs
+    (cached per table and tile)."""
+    known = _halo_extents.get((id(pos), tile))
+    if known is not None and known[0] is pos:
+        return known[1]
+    extent = _compute_halo_extent(pos, tile)
+    if len(_halo_extents) > 1024:   # bound the cache; extents are cheap to recompute
+        _halo_extents.clear()
+    _halo_extents[(id(pos), tile)] = (pos, extent)
+    return extent
+
+
+def _compute_halo_extent(pos: np.ndarray, tile: int) -> int:
     lo = np.where(pos >= 0, pos, np.iinfo(np.int32).max).min(axis=1)
     hi = pos.max(axis=1)
     extent = 0
@@ -225,12 +272,19 @@ class _Call:
         self.flags = np.int32((HAS_BIAS if bias is not None else 0) | (HAS_REL if rel is not None else 0))
         self.heads, self.dqk, self.dv = np.int32(geo.heads), np.int32(geo.dqk), np.int32(geo.dv)
         self.planes = geo.batch * geo.heads
-        self.win = target.window(geo)
-        self.acc_dummy = target.xp.zeros(1, self.acc)
+        self.device = target.device_key()         # read once per call
+        self.win = target.window(geo, self.device)
+        self.acc_dummy = target.dummy(self.acc, self.device)
 
     def fn(self, filename, template, *params):
         inner = ", ".join([self.ctype, *map(str, params)])
-        return self.t.function(filename, f"{template}<{inner}>")
+        return self.t.function(filename, f"{template}<{inner}>", self.device)
+
+    def query_grad_buffer(self, shape):
+        """``dq``: at stride 1 every pixel is a window centre and query_grad writes it, so
+        it needs no memset; at stride > 1 only the centres are written, the rest reads 0."""
+        allocate = self.t.xp.empty if self.geo.stride == (1, 1) else self.t.xp.zeros
+        return allocate(shape, self.geo.dtype)
 
 
 def _or(x, fallback):
@@ -413,7 +467,7 @@ def _tiled_key_config(geo: Geometry, c: _Call):
 def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):
     grad_logits, q, k, bias, rel = map(t.contiguous, (grad_logits, q, k, bias, rel))
     c = _Call(t, geo, bias, rel)
-    dq = t.xp.zeros(q.shape, geo.dtype)     # only window centres have a query (stride > 1)
+    dq = c.query_grad_buffer(q.shape)       # only window centres have a query (stride > 1)
     dk = t.xp.empty(k.shape, geo.dtype)     # every key pixel is written
     dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, bias, rel, dq, None)
     if geo.dqk:
@@ -441,7 +495,7 @@ def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bi
     # reference), not from grad_out . out with `out` rounded to the input dtype.
     grad_out, q, k, v, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, lse, bias, rel))
     c = _Call(t, geo, bias, rel)
-    dq = t.xp.zeros(q.shape, geo.dtype)
+    dq = c.query_grad_buffer(q.shape)
     dk, dv = t.xp.empty(k.shape, geo.dtype), t.xp.empty(v.shape, geo.dtype)
     delta = t.xp.empty(geo.lse_shape, c.acc)   # sum_t p_t dp_t per query (lse-sized)
     dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, lse, bias, rel, dq, delta,

@@ -74,7 +74,7 @@ class ProfileTarget(K.Target):
         self.launches: list[LaunchCounters] = []
         self._profiled: dict[str, engine.SimModule] = {}
 
-    def function(self, filename: str, name: str):
+    def function(self, filename: str, name: str, device=None):   # device: one sim device
         module = self._profiled.get(filename)
         if module is None:
             path = _loader.kernel_path(filename)

@@ -50,6 +50,7 @@ VPT = 8                         # value channels per thread of the general kerne
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
+TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
 HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
@@ -408,9 +409,11 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *
 
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
-    """Plan of query_grad_tiled: dlogit and dp [K][tile], qs[tile], inverse and per-tile tables."""
+    """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
+    reads over the banks), qs[TABLE_CHANNELS][tile], inverse and per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    other = c.acc.itemsize * (2 * geo.slots + 1) * bx * by + tables(TILED_BWD_BLOCK) \
+    other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by) \
+        + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, geo.rows.pos, geo.cols.pos, other)
 

@@ -58,13 +58,17 @@ __device__ __forceinline__ unsigned char* block_scratch(unsigned char* smem, A* 
 // ---------------------------------------------------------------------------------------
 namespace {
 
-// The tile's sum of dlogit (times qs when given) over every (output, slot) whose table
-// index is (ay, ax), in a fixed order: rows, then columns of the tile.
-template <class A>
-__device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ qs,
-                            const int* __restrict__ row_slot, const int* __restrict__ col_slot,
-                            int ay, int ax, int kw, int th, int tw, int tile) {
-  A sum = 0;
+// The tile's sums of dlogit (times each of the NQ channel rows qs[n][o] when qs is given)
+// over every (output, slot) whose table index is (ay, ax), in a fixed order: rows, then
+// columns of the tile. Slot t of output o is dlogit[t * stride + o]: lanes (one table entry
+// each) read different slots of one output, so a stride of tile + 1 words (not a multiple
+// of the 32 banks) spreads them over the banks. Each dlogit load feeds NQ channels.
+template <int NQ, class A>
+__device__ void tile_table_sum(A (&sum)[NQ], const A* __restrict__ dlogit, const A* __restrict__ qs,
+                               const int* __restrict__ row_slot, const int* __restrict__ col_slot,
+                               int ay, int ax, int kw, int th, int tw, int tile, int stride) {
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) sum[n] = 0;
   for (int r = 0; r < (int)blockDim.y; ++r) {
     const int ty = row_slot[r * th + ay];
     if (ty < 0) continue;
@@ -72,11 +76,11 @@ __device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ 
       const int tx = col_slot[c * tw + ax];
       if (tx < 0) continue;
       const int o = r * blockDim.x + c;
-      const A g = dlogit[(size_t)(ty * kw + tx) * tile + o];
-      sum += qs ? g * qs[o] : g;
+      const A g = dlogit[(size_t)(ty * kw + tx) * stride + o];
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) sum[n] += qs ? g * qs[n * tile + o] : g;
     }
   }
-  return sum;
 }
 
 // Invert one axis's table over the tile: slot_of_entry[r][a] = t with tab[first + r][t] == a.
@@ -94,31 +98,43 @@ __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restr
 
 // Stage 1 of dbias/drel for one block of outputs: part_bias[block][entry] and
 // part_rel[block][d][entry], summed over the tile's (output, slot) pairs in a fixed order.
-// `dlogit` [K][tile] holds every thread's logit gradients (zeros for threads outside the
-// plane). Every thread of the block must call this (it has barriers).
-template <class A, class T>
+// `dlogit` [K][stride] holds every thread's logit gradients (zeros for threads outside the
+// plane; stride 0 means tile); qs has room for NQ channel rows of the tile's queries.
+// Every thread of the block must call this (it has barriers).
+template <int NQ = 1, class A, class T>
 __device__ void table_partials(const Window& w, const TilePos& p, const A* __restrict__ dlogit,
                                A* __restrict__ qs, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                const T* __restrict__ qc, int dqk, int flags, A scale,
-                               A* __restrict__ part_bias, A* __restrict__ part_rel, int tile) {
+                               A* __restrict__ part_bias, A* __restrict__ part_rel, int tile, int stride = 0) {
   if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
+  if (stride == 0) stride = tile;
   __syncthreads();   // every thread has written its dlogit column before others read it
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
   invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
   __syncthreads();
   const int entries = w.th * w.tw;
   if (flags & kHasBias)
-    for (int e = p.tid; e < entries; e += tile)
-      part_bias[(size_t)p.block * entries + e] =
-          tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+    for (int e = p.tid; e < entries; e += tile) {
+      A sum[1];
+      tile_table_sum<1, A>(sum, dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile,
+                           stride);
+      part_bias[(size_t)p.block * entries + e] = sum[0];
+    }
   if (flags & kHasRel)
-    for (int d = 0; d < dqk; ++d) {
-      __syncthreads();   // everybody is done reading the previous channel
-      qs[p.tid] = p.inside ? scale * load(qc, d * w.in_plane()) : A(0);
+    for (int d0 = 0; d0 < dqk; d0 += NQ) {
+      const int nq = min(NQ, dqk - d0);
+      __syncthreads();   // everybody is done reading the previous channels
+      for (int n = 0; n < NQ; ++n)
+        qs[n * tile + p.tid] = (p.inside && n < nq) ? scale * load(qc, (d0 + n) * w.in_plane()) : A(0);
       __syncthreads();
-      for (int e = p.tid; e < entries; e += tile)
-        part_rel[((size_t)p.block * dqk + d) * entries + e] =
-            tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+      for (int e = p.tid; e < entries; e += tile) {
+        A sum[NQ];
+        tile_table_sum<NQ, A>(sum, dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile,
+                              stride);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+          if (n < nq) part_rel[((size_t)p.block * dqk + d0 + n) * entries + e] = sum[n];
+      }
     }
 }
 
@@ -218,6 +234,10 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
 // ---------------------------------------------------------------------------------------
+// Query channels per pass of query_grad_tiled's drel partials (qs rows; each dlogit load
+// feeds this many sums). The host's shared-memory plan (_kernel_ops) counts the same.
+constexpr int kTableChannels = 8;
+
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
@@ -231,12 +251,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const TilePos p = tile_pos(w.Ho, w.Wo);
   const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
   const int halo_area = halo_h * halo_w;
+  const int ss = tile + 1;   // slot stride of dlogit/dp: see tile_table_sum
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
-  A* dp = dlogit + (size_t)K * tile;
-  A* halo = dp + (size_t)K * tile;
-  A* qs = halo + (size_t)(CK > CV ? CK : CV) * halo_area;
-  int* row_slot = reinterpret_cast<int*>(qs + tile);
+  A* dp = dlogit + (size_t)K * ss;
+  A* halo = dp + (size_t)K * ss;
+  A* qs = halo + (size_t)(CK > CV ? CK : CV) * halo_area;   // [kTableChannels][tile]
+  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -255,14 +276,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // and table index ts.tab, from the tile's tables in shared memory.
   const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
-  for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
+  for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = my_dp[(size_t)t * ss] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
   chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
-                          halo_w, tile);
+                          halo_w, tile, ss);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
-  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
+  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta).
@@ -272,14 +293,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
-        const size_t t = (size_t)(ty * w.kw + tx) * tile;
+        const size_t t = (size_t)(ty * w.kw + tx) * ss;
         if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask": p_t = dp_t = 0
         const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
         my_dl[t] = acc_exp(logit - lse_o);
         dsum += my_dl[t] * my_dp[t];
       }
     delta[(size_t)p.plane * ohw + o] = dsum;
-    for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] *= my_dp[(size_t)t * tile] - dsum;
+    for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
   }
 
   // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.
@@ -295,12 +316,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
-        const A dl = my_dl[(size_t)(ty * w.kw + tx) * tile];
+        const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
+        const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
             acc[d] += dl * key;
           }
       }
@@ -311,7 +333,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   }
 
   // (5) stage 1 of dbias/drel.
-  table_partials(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias, part_rel, tile);
+  table_partials<kTableChannels>(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias,
+                                 part_rel, tile, ss);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -507,7 +530,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.
-  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
+  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 
   // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user.
   if (p.inside)
@@ -526,10 +549,10 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
   chunked_weighted_sums<CK>(dk + qk_off + n, hw, scale, user_dl, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0, ox0,
-                            halo_h, halo_w, tile);
+                            halo_h, halo_w, tile, tile);
   // (5) dv = sum_u p_u grad_out_u, over grad chunks.
   chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw + n, hw, A(1), user_p, halo, gb, ohw, dv, w, p, ts,
-                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
+                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 }
 
 // ---------------------------------------------------------------------------------------

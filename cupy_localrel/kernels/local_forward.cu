@@ -180,7 +180,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // (1) logits: q . (k + rel) summed over key-channel chunks.
   for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
   chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, flags, dqk, w, p, ts,
-                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
+                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
   // (2) weights and lse, each thread on its own column.
   if (p.inside) {
@@ -208,5 +208,5 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const T* vb = v + (size_t)p.plane * dv * w.in_plane();
   T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
   chunked_weighted_sums<CV>(dst, w.out_plane(), A(1), logit + p.tid, halo, vb, w.in_plane(), dv, w, p, ts, w.kh,
-                            w.kw, y0, x0, halo_h, halo_w, tile);
+                            w.kw, y0, x0, halo_h, halo_w, tile, tile);
 }

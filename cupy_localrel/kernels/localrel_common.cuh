@@ -289,7 +289,7 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 
 // ---------------------------------------------------------------------------------------
 // Chunked phases of the tiled kernels. Each thread owns one column of a per-slot array in
-// shared memory (`mine`: entry s at mine[s * tile]) over an nr x nc grid of slots (window
+// shared memory (`mine`: entry s at mine[s * stride], stride >= tile) over an nr x nc grid of slots (window
 // slots, or users) listed by `ts`. Every channel chunk is staged over the tile's halo (from
 // `src`, channel stride `src_stride`) between two barriers, so every thread of the block
 // must call these (threads outside the plane only help staging). Sums run over the slots
@@ -304,7 +304,7 @@ __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
     const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, int flags, int nch_total,
     const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
-    int halo_w, int tile) {
+    int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
@@ -320,16 +320,17 @@ __device__ __forceinline__ void chunked_slot_logits(
     for (int sr = 0; sr < nr; ++sr)
       for (int sc = 0; sc < nc; ++sc) {
         const int hs = ts.off(sr, sc);
+        const int tab = (flags & kHasRel) ? ts.tab(sr, sc, w.tw) : 0;   // once per slot, not per channel
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < C; ++d) {   // fully unrolled: xreg stays in registers
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(sr, sc, w.tw));
+            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
             dot += xreg[d] * key;
           }
         }
-        mine[(size_t)(sr * nc + sc) * tile] += dot;
+        mine[(size_t)(sr * nc + sc) * stride] += dot;
       }
   }
 }
@@ -342,7 +343,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   const T* __restrict__ x, size_t x_stride, int nch_total,
                                                   const Window& w, const TilePos& p, const TileSlots& ts,
                                                   int nr, int nc, int y0, int x0, int halo_h, int halo_w,
-                                                  int tile) {
+                                                  int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
@@ -362,7 +363,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
 #pragma unroll
         for (int e = 0; e < C; ++e)
           if (e < nch) dot += xreg[e] * halo[e * halo_area + hs];
-        mine[(size_t)(sr * nc + sc) * tile] += dot;
+        mine[(size_t)(sr * nc + sc) * stride] += dot;
       }
   }
 }
@@ -377,7 +378,7 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
                                                       acc_t<T>* __restrict__ halo, const T* __restrict__ src,
                                                       size_t src_stride, int nch_total, const Window& w,
                                                       const TilePos& p, const TileSlots& ts, int nr, int nc,
-                                                      int y0, int x0, int halo_h, int halo_w, int tile) {
+                                                      int y0, int x0, int halo_h, int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
@@ -393,7 +394,7 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
       for (int sc = 0; sc < nc; ++sc) {
         const int hs = ts.off(sr, sc);
         if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
-        const A wt = mine[(size_t)(sr * nc + sc) * tile];
+        const A wt = mine[(size_t)(sr * nc + sc) * stride];
 #pragma unroll
         for (int c = 0; c < C; ++c)
           if (c < nch) acc[c] += wt * halo[c * halo_area + hs];

@@ -50,6 +50,7 @@ VPT = 8                         # value channels per thread of the general kerne
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
+REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
 HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
@@ -334,7 +335,10 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
         return None
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     halo_h, halo_w = _halo_extent(rows_table, block[1]), _halo_extent(cols_table, block[0])
-    smem = c.acc.itemsize * max(ck, cv) * halo_h * halo_w + other_bytes
+    staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
+    if c.flags & HAS_REL:
+        staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
+    smem = c.acc.itemsize * staging + other_bytes
     return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
 
 
@@ -420,10 +424,9 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     dst = c.t.xp.empty(shape, c.geo.dtype)
-    total = c.geo.heads * entries
-    if total:
+    if c.geo.heads * entries:   # block: 32 entries x REDUCE_SEGMENTS segments of the partials
         c.fn(BACKWARD_FILE, "table_reduce")(
-            (-(-total // MAX_THREADS), 1, 1), (MAX_THREADS, 1, 1),
+            (c.geo.heads * -(-entries // 32), 1, 1), (32, REDUCE_SEGMENTS, 1),
             (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
     return dst
 

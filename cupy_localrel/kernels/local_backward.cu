@@ -256,7 +256,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* dlogit = reinterpret_cast<A*>(smem_raw);
   A* dp = dlogit + (size_t)K * ss;
   A* halo = dp + (size_t)K * ss;
-  A* qs = halo + (size_t)(CK > CV ? CK : CV) * halo_area;   // [kTableChannels][tile]
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
+  A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
   int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
@@ -279,7 +280,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = my_dp[(size_t)t * ss] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
-  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
+  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
                           halo_w, tile, ss);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
@@ -308,6 +309,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     const int nch = min(CK, dqk - c0);
     __syncthreads();
     stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A acc[CK];
@@ -322,7 +324,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += rels[d * tt + tab];
             acc[d] += dl * key;
           }
       }
@@ -492,7 +494,8 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
 
   // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
   // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
-  int* cursor = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
+  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
   fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
@@ -507,6 +510,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     const int nch = min(CK, dqk - c0);
     __syncthreads();
     stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
@@ -522,7 +526,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = kreg[d];
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += rels[d * tt + tab];
             dot += halo[d * halo_area + uh] * key;
           }
         user_p[(size_t)(a * w.mc + b) * tile] += dot;
@@ -582,20 +586,37 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 
 // ---------------------------------------------------------------------------------------
 // Stage 2 of dbias/drel: dst[h][e] = sum over batches b and tiles of part[(b*heads + h)
-// * tiles + tile][e], in that order. `entries` per block: th*tw (bias) or Dqk*th*tw (rel).
+// * tiles + tile][e]. `entries` per block: th*tw (bias) or Dqk*th*tw (rel). Block
+// (32, kReduceSegments): lane x owns entry e of a group of 32 (coalesced reads), row y sums
+// the y-th contiguous segment of the batch*tiles partials in order, and lane x of row 0
+// adds the segments' sums in order: a fixed order, more warps in flight than one serial sum.
+// Grid: heads * ceil(entries / 32) blocks.
 // ---------------------------------------------------------------------------------------
+constexpr int kReduceSegments = 4;
+
 template <class T>
 __global__ void LOCALREL_BOUNDS
 table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, int heads,
              int tiles, int entries) {
   using A = acc_t<T>;
-  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long long)heads * entries) return;
-  const int h = (int)(idx / entries), e = (int)(idx % entries);
+  __shared__ A seg[kReduceSegments][32];
+  const int groups = (entries + 31) / 32;
+  const int h = (int)(blockIdx.x / groups), e = (int)(blockIdx.x % groups) * 32 + (int)threadIdx.x;
+  const long long n = (long long)batch * tiles;   // partials per entry, (b, tile) order
+  const long long first = n * threadIdx.y / kReduceSegments, last = n * (threadIdx.y + 1) / kReduceSegments;
   A sum = 0;
-  for (int b = 0; b < batch; ++b) {
-    const A* src = part + ((size_t)(b * (size_t)heads + h) * tiles) * entries + e;
-    for (int t = 0; t < tiles; ++t) sum += src[(size_t)t * entries];
+  if (e < entries) {
+    long long b = first / tiles, t = first - b * tiles;   // one division per thread
+    for (long long j = first; j < last; ++j) {
+      sum += part[((size_t)(b * heads + h) * tiles + t) * entries + e];
+      if (++t == tiles) t = 0, ++b;
+    }
   }
-  store(dst + idx, sum);
+  seg[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && e < entries) {
+    A total = seg[0][threadIdx.x];
+    for (int y = 1; y < kReduceSegments; ++y) total += seg[y][threadIdx.x];
+    store(dst + (size_t)h * entries + e, total);
+  }
 }

@@ -213,6 +213,26 @@ __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T*
 }
 
 
+// The staging buffer of a tiled kernel (floats): one chunk of max(CK, CV) channels over the
+// halo, and, with rel, CK channels of the head's rel table right after the first CK halo
+// channels (inside the room a value chunk leaves during key phases where that is enough).
+// The host's plan (_kernel_ops._tiled_plan) sizes shared memory the same way.
+template <int CK, int CV>
+__device__ __forceinline__ int staging_floats(int halo_area, int tt, int flags) {
+  const int chunk = (CK > CV ? CK : CV) * halo_area, with_rel = CK * (halo_area + tt);
+  return (flags & kHasRel) && with_rel > chunk ? with_rel : chunk;
+}
+
+// Copy channels [c0, c0 + nch) of one head's rel table (channel stride tt: contiguous) into
+// shared memory: every (slot, channel) of a chunk then reads rel there, not from global
+// memory (one broadcast wavefront where the lanes share a table index, as inside the image).
+template <class T>
+__device__ __forceinline__ void stage_rel(acc_t<T>* __restrict__ rels, const T* __restrict__ rel_h, int tt,
+                                          int c0, int nch, int tid, int nthreads) {
+  const T* src = rel_h + (size_t)c0 * tt;
+  for (int i = tid; i < nch * tt; i += nthreads) rels[i] = load(src, (size_t)i);
+}
+
 // ---------------------------------------------------------------------------------------
 // The window (or users) tables of one tile, re-expressed in shared memory as offsets into
 // the tile's halo, filled once per block. Along each axis, entry [s][l] belongs to slot
@@ -298,11 +318,13 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // mine[s] += sum_d x[d] * (halo_d[s] + rel_d[s]) over nch channels, where x (this thread's
 // own vector, channel stride x_stride) multiplies each slot's halo entry, or 0 where the
 // slot lies outside (ts.off < 0), plus its rel entry (flags & kHasRel). The logits of the
-// query-side tiled kernels: x = the query, halo = the keys.
+// query-side tiled kernels: x = the query, halo = the keys. With rel, each chunk of rel_h
+// (global) is staged into `rels` (shared, C x th*tw) next to the halo.
 template <int C, class T>
 __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
-    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, int flags, int nch_total,
+    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, acc_t<T>* __restrict__ rels,
+    int flags, int nch_total,
     const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
     int halo_w, int tile, int stride) {
   using A = acc_t<T>;
@@ -312,6 +334,7 @@ __device__ __forceinline__ void chunked_slot_logits(
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
     stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
@@ -326,7 +349,7 @@ __device__ __forceinline__ void chunked_slot_logits(
         for (int d = 0; d < C; ++d) {   // fully unrolled: xreg stays in registers
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += rels[d * tt + tab];
             dot += xreg[d] * key;
           }
         }

@@ -7,7 +7,13 @@
 #                                                                    -> memcheck.log, racecheck.log
 #   4. kernel benchmarks (LR-Net fp32 forward, SASA fp16 fwd+bwd)   -> bench.json, bench.log
 #   5. side-by-side suite vs unfold/FlexAttention (quick GPU sweep) -> suite/ (JSON, Markdown, PNG)
-# Worst case (every step at its limit plus 5 s of grace) is 8 minutes.
+#   6. profile calibration (issue 9): every kernel of LR-Net/SASA fwd+bwd at the profiled shape
+#      timed with CUDA events; ncu's sectors and bank conflicts where ncu works; both next to
+#      the model's prediction (the newest benchmarks/results/profile-*/profile-h200.json)
+#                                                                    -> gpu-profile.{json,md}
+# Worst case (every step at its limit plus 5 s of grace) is 8 minutes: steps 1-5 have fixed
+# limits (440 s); step 6 only gets what is left of the 8 minutes when it starts (skipped
+# under 20 s), so it never stretches the plan.
 # Usage: benchmarks/gpu_check.sh [OUT_DIR]   (default benchmarks/results/gpu-<UTC date>)
 # On a lent device machine (at most 8 files come back from $OUT), pack the folder:
 #   GPU_CHECK_COMMIT=<hash> bash benchmarks/gpu_check.sh /tmp/gpu_check; tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
@@ -38,6 +44,9 @@ done
 
 printf 'step\trc\tseconds\tlimit_s\n' > "$OUT/steps.tsv"
 FAILED=0
+PLAN_S=475                      # 8 minutes minus the last steps' grace
+T0=$(date +%s)
+left() { echo $(( PLAN_S - ($(date +%s) - T0) )); }
 # step NAME LIMIT_SECONDS LOGFILE CMD...: run with a timeout, record rc and duration.
 step() {
   local name="$1" limit="$2" log="$3"; shift 3
@@ -126,6 +135,34 @@ step bench 75 bench.log "$PY" -m benchmarks.bench_kernels --out "$OUT/bench.json
 
 # 5. side-by-side suite (issue 6), needs torch with CUDA ----------------------------------
 step suite 35 suite.log "$PY" -m benchmarks.run --gpu --quick --time-budget 25 --no-progress --out "$OUT/suite"
+
+# 6. profile calibration: measured vs modelled, in what is left of the plan ----------------
+NCU="$(command -v ncu || true)"
+for cand in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
+  if [ -z "$NCU" ] && [ -x "$cand" ]; then NCU="$cand"; fi
+done
+MODEL="$(ls benchmarks/results/profile-*/profile-h200.json 2>/dev/null | sort | tail -n 1)"
+if [ -z "$MODEL" ]; then
+  echo "no profile model JSON (python -m cupy_localrel profile --json)" > "$OUT/gpu-profile.log"
+elif [ "$(left)" -ge 20 ]; then
+  LIM=$(( $(left) - 10 )); [ "$LIM" -gt 60 ] && LIM=60
+  step profile-time "$LIM" profile-time.log "$PY" -m benchmarks.gpu_profile time --model "$MODEL" \
+    --out "$OUT/profile-times.json"
+  if [ -n "$NCU" ] && [ "$(left)" -ge 30 ]; then
+    LIM=$(( $(left) - 10 )); [ "$LIM" -gt 120 ] && LIM=120
+    # ncu replays each launch per metric pass: one run of each op; clocks left alone
+    step ncu "$LIM" ncu.log "$NCU" --clock-control none --csv -k "regex:attention_forward|query_grad|key_grad|table_reduce" \
+      --metrics "$("$PY" -c 'from benchmarks.gpu_profile import NCU_METRICS as M; print(",".join(M.values()))')" \
+      "$PY" -m benchmarks.gpu_profile ncu-run --model "$MODEL"
+    cp "$OUT/ncu.log" "$OUT/ncu.csv" 2>/dev/null || true
+  else
+    echo "ncu not found or no time left" > "$OUT/ncu.log"
+  fi
+  step profile-merge 10 gpu-profile.log "$PY" -m benchmarks.gpu_profile merge --model "$MODEL" \
+    --times "$OUT/profile-times.json" --ncu "$OUT/ncu.csv" --out "$OUT"
+else
+  echo "no time left in the plan for the profile calibration" > "$OUT/gpu-profile.log"
+fi
 
 # summary ----------------------------------------------------------------------------------
 "$PY" - "$OUT" <<'EOF' || true

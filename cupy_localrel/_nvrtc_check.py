@@ -332,6 +332,64 @@ def instruction_mix(path: Path, names: Sequence[str], arch: str = "90") -> dict:
     return {"tool": tool, "arch": f"sm_{arch}", "kernels": kernels, "note": note}
 
 
+_TEXT_RE = re.compile(r"^\.text\.(\S+):$")
+_FILE_LINE_RE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def sass_line_mix(disassembly: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{mangled function: {``file:line``: {class: count}}} from ``nvdisasm -g`` text: the
+    static SASS instructions the compiler attributes to each source line (-lineinfo)."""
+    out: dict = {}
+    func = where = None
+    for line in disassembly.splitlines():
+        t = line.strip()
+        m = _TEXT_RE.match(t)
+        if m:
+            func, where = out.setdefault(m.group(1), {}), None
+            continue
+        m = _FILE_LINE_RE.search(t)
+        if m:
+            where = f"{Path(m.group(1)).name}:{m.group(2)}"
+            continue
+        m = _SASS_RE.search(t)
+        if func is None or where is None or not m or m.group(1) == "NOP":
+            continue
+        mix = func.setdefault(where, dict.fromkeys(MIX_KEYS, 0))
+        mix["total"] += 1
+        cls = _SASS_CLASSES.get(m.group(1))
+        if cls:
+            mix[cls] += 1
+    return out
+
+
+def sass_lines(path: Path, names: Sequence[str], arch: str = "90") -> dict:
+    """{name expression: {``file:line``: {class: count}}}: each kernel's SASS per source line,
+    from an NVRTC cubin built with -lineinfo and disassembled by nvdisasm (beside cuobjdump).
+    {} when no nvdisasm is found."""
+    import subprocess
+    import tempfile
+    cuobjdump = find_cuobjdump()
+    nvdisasm = os.path.join(os.path.dirname(cuobjdump), "nvdisasm") if cuobjdump else None
+    if not nvdisasm or not os.path.isfile(nvdisasm):
+        return {}
+    nv = Nvrtc()
+    source = Path(path).read_text()
+    opts = [o for o in compile_options(Path(path), arch, nv.version[0]) if o not in ("-Xptxas", "-v")]
+    ok, log, lowered, cubin, _ = nv.compile_binary(source, Path(path).name, opts + ["-lineinfo"], list(names))
+    if not ok or not cubin:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([nvdisasm, "-g", "-c", f.name], capture_output=True, text=True)
+    if r.returncode:
+        return {}
+    by_mangled = sass_line_mix(r.stdout)
+    from ._sim.engine import find_extern_c_kernels
+    names = [*names, *[k for k in find_extern_c_kernels(source) if k not in names]]
+    return {n: by_mangled[lowered.get(n, n)] for n in names if lowered.get(n, n) in by_mangled}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cupy_localrel kernels",
                                  description="Compile CUDA kernels with NVRTC for each arch (no GPU needed).")

@@ -60,12 +60,41 @@ class _SampledKernel:
         self.target.launches.append(self.kernel.module.launches.pop())
 
 
+def aligned_array(shape, dtype, fill_zero: bool = True, align: int = 256) -> np.ndarray:
+    """A C-contiguous array starting on an ``align``-byte boundary, as cudaMalloc gives (sector
+    counts depend on alignment: NumPy alone aligns small arrays to 16 bytes only). Large
+    allocations stay lazy: untouched pages cost no memory."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = (np.zeros if fill_zero else np.empty)(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+class _AlignedNumpy:
+    """NumPy for the launch code, with cudaMalloc's 256-byte alignment for new arrays."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return aligned_array(np.atleast_1d(shape) if np.ndim(shape) == 0 else shape, dtype, fill_zero=False)
+
+    @staticmethod
+    def zeros(shape, dtype=float):
+        return aligned_array(np.atleast_1d(shape) if np.ndim(shape) == 0 else shape, dtype)
+
+
 class ProfileTarget(K.Target):
-    """A ``sim`` target whose kernels are built in profile mode and sampled by planes.
+    """A ``sim`` target whose kernels are built in profile mode and sampled by planes, and
+    whose arrays are aligned as on the GPU.
 
     ``planes`` (batch x heads) tells how a launch's 1-D grid splits into per-plane runs of
     blocks; ``launches`` collects the LaunchCounters of every launch, in order.
     """
+
+    xp = _AlignedNumpy()
 
     def __init__(self, runs: int = DEFAULT_RUNS):
         super().__init__("sim")
@@ -73,6 +102,12 @@ class ProfileTarget(K.Target):
         self.planes = 0
         self.launches: list[LaunchCounters] = []
         self._profiled: dict[str, engine.SimModule] = {}
+
+    def upload(self, host: np.ndarray):
+        """The geometry buffer, copied to a cudaMalloc-aligned array."""
+        dev = aligned_array(host.shape, host.dtype, fill_zero=False)
+        dev[...] = host
+        return dev
 
     def function(self, filename: str, name: str, device=None):   # device: one sim device
         module = self._profiled.get(filename)
@@ -115,7 +150,7 @@ def op_case(op: str, direction: str, shape: Sequence[int], kernel_size: int, dty
     if C % 8:
         raise ValueError(f"--shape: C must be a multiple of 8 (both papers' head layouts), got {C}")
     dt = _dtype(dtype)
-    zeros = lambda *s: np.zeros(s, dt)   # noqa: E731
+    zeros = lambda *s: aligned_array(s, dt)   # noqa: E731
     tl = G.table_length(int(kernel_size), border)     # bias/rel entries per axis
     if op == "lrnet":
         heads = C // 8
@@ -129,7 +164,7 @@ def op_case(op: str, direction: str, shape: Sequence[int], kernel_size: int, dty
         raise ValueError(f"--op must be one of {OPS}, got {op!r}")
     geo = G.qk_geometry(q, k, heads, kernel_size, 1, 1, border, bias, rel, 1.0, v=v)
     acc = G.lse_dtype(dt)
-    lse = np.zeros(geo.lse_shape, acc)
+    lse = aligned_array(geo.lse_shape, acc)
     if direction == "forward":
         inputs = dict(q=q, k=k, v=v, bias=bias, rel=rel)
         outputs = dict(out=(geo.out_shape, dt), lse=(geo.lse_shape, acc))
@@ -150,7 +185,7 @@ def run_case(case: OpCase, runs: int = DEFAULT_RUNS, target: ProfileTarget | Non
     if case.name.endswith("forward"):
         K.attention_forward(t, case.geo, a["q"], a["k"], a["v"], a["bias"], a["rel"])
     else:
-        out = np.zeros(case.geo.out_shape, case.geo.dtype)
+        out = aligned_array(case.geo.out_shape, case.geo.dtype)
         K.attention_backward(t, case.geo, a["grad_out"], a["q"], a["k"], a["v"], out, a["lse"], a["bias"], a["rel"])
     return t.launches
 
@@ -177,11 +212,13 @@ def nvrtc_report(filename: str, arch: str) -> dict:
         ok, log, lowered = nv.compile(path.read_text(), path.name, N.compile_options(path, arch, nv.version[0]), names)
         usage = N.parse_ptxas(log) if ok else {}
         mix = N.instruction_mix(path, names, arch)
+        per_line = N.sass_lines(path, names, arch)
         for n in names + [k for k in mix["kernels"] if k not in names]:
             entry = dict(usage.get(lowered.get(n, n), {}))
             if n in mix["kernels"]:
                 entry["mix"] = mix["kernels"][n]
                 entry["mix_tool"] = mix["tool"]
+            entry["sass_lines"] = per_line.get(n, {})
             out[n] = entry
     except (N.NvrtcUnavailable, RuntimeError, OSError) as e:
         out = {"_error": str(e)}
@@ -216,17 +253,21 @@ def launch_record(c: LaunchCounters, dev: R.Device, report: dict | None) -> dict
     return {"kernel": c.kernel, "source": Path(c.source).name, "grid": list(c.grid), "block": list(c.block),
             "shared_bytes": c.shared_bytes, "blocks_profiled": c.blocks_profiled, "blocks_total": c.blocks_total,
             **totals, "registers": info.get("regs"), "instruction_mix": info.get("mix"),
-            "instruction_mix_tool": info.get("mix_tool"), "model": model, "lines": line_costs(c, dev)}
+            "instruction_mix_tool": info.get("mix_tool"), "model": model,
+            "lines": line_costs(c, dev, info.get("sass_lines"))}
 
 
-def line_costs(c: LaunchCounters, dev: R.Device) -> list[dict]:
+def line_costs(c: LaunchCounters, dev: R.Device, sass: dict | None = None) -> list[dict]:
     """Per source line (whole grid): the counters and the line's modelled time in the L2 and
-    shared-memory units (its share of those bounds), costliest first."""
+    shared-memory units (its share of those bounds), costliest first. ``sass``: the static
+    SASS instructions of each line (``{file:line: mix}``), set beside the engine's counts."""
     clock = dev.clock_ghz * 1e9
     sms = min(dev.sms, c.blocks_total)
     rows: dict = {}
     for s in c.sites:
         r = rows.setdefault(s.location, {"line": s.location, "cost_us": 0.0})
+        if sass and s.location in sass:
+            r["sass_static"] = {k: v for k, v in sass[s.location].items() if v}
         key = f"{s.space}_{s.kind}"
         r[key] = {"requests": round(s.requests * c.scale), "sectors": round(s.sectors * c.scale),
                   "ideal_sectors": round(s.ideal_sectors * c.scale), "wavefronts": round(s.wavefronts * c.scale),
@@ -293,18 +334,32 @@ def format_report(rep: dict) -> str:
         out.append(f"| {r['op']} | {r['kernel']} | {r['blocks_profiled']}/{r['blocks_total']} | "
                    f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} | {t['hbm']:.0f} | {t['l2']:.0f} | "
                    f"{t['shared']:.0f} | {t['issue']:.0f} | {t['latency']:.0f} | {m['predicted_us']:.0f} | {m['bound']} |")
+    out += ["", "Costliest lines: the engine's dynamic requests per warp (whole grid / warps launched) beside "
+            "the static SASS instructions nvdisasm attributes to the line (-lineinfo); a loop's SASS runs once "
+            "per iteration, the engine counts every iteration.", "",
+            "| op | kernel | line | modelled us | engine ld.shared/warp | engine ld.global/warp | "
+            "SASS LDS | SASS LDG | SASS FFMA | SASS total |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for o in rep["ops"]:
+        for top in o["costliest_lines"]:
+            for r in rep["launches"]:
+                if r["op"] != o["name"]:
+                    continue
+                ln = next((x for x in r["lines"] if x["line"] == top["line"]), None)
+                if ln is None:
+                    continue
+                warps = r["blocks_total"] * -(-int(np.prod(r["block"])) // 32)
+                sl = ln.get("shared_load", {}).get("requests", 0) / warps
+                gl = ln.get("global_load", {}).get("requests", 0) / warps
+                sass = ln.get("sass_static", {})
+                out.append(f"| {o['name']} | {kernel_base(r['kernel'])} | {ln['line']} | {ln['cost_us']:.0f} | "
+                           f"{sl:.1f} | {gl:.1f} | {sass.get('shared_load', '-')} | {sass.get('global_load', '-')} | "
+                           f"{sass.get('ffma', '-')} | {sass.get('total', '-')} |")
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
 # One kernel of any file
 # ---------------------------------------------------------------------------------------
-def _aligned_zeros(nbytes: int, align: int = 256) -> np.ndarray:
-    raw = np.zeros(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
-
-
 def profile_source(source: str, kernel: str, grid, block, shared: int = 0, buffer_bytes: int = 1 << 20,
                    ints: Sequence[int] = (), device: str = "h200", sample: bool = False) -> dict:
     """Profile one extern "C" kernel with pointer and int parameters (every block unless
@@ -313,20 +368,20 @@ def profile_source(source: str, kernel: str, grid, block, shared: int = 0, buffe
     module = engine.build(path, (), include_dirs=_loader.include_dirs_for(path), sanitize=False, profile=True)
     fn = module.get_function(kernel)
     args, ints = [], list(ints)
-    keep = []
+    nbytes = -(-int(buffer_bytes) // 16) * 16       # whole elements of any pointee up to 16 bytes
     for i, p in enumerate(fn.params):
-        kind = p.kind.decode()
+        kind, size = p.kind.decode(), int(p.pointee_size)
         if kind == "p":
-            buf = _aligned_zeros(buffer_bytes)
-            size = int(p.pointee_size) or 1
-            keep.append(buf)
-            args.append(buf.view(np.dtype(f"u{size}") if size in (1, 2, 4, 8) else np.uint8)
-                        if p.pointee_kind.decode() != "f" else buf.view(np.dtype(f"f{size}") if size in (4, 8)
-                                                                         else np.uint16))
-        elif kind == "i":
+            buf = aligned_array((nbytes,), np.uint8)
+            if p.pointee_kind.decode() == "f" and size in (2, 4, 8):
+                buf = buf.view(f"f{size}")
+            elif size in (2, 4, 8):
+                buf = buf.view(f"u{size}")
+            args.append(buf)
+        elif kind == "i" and p.size in (1, 2, 4, 8):
             if not ints:
                 raise ValueError(f"kernel {kernel}: parameter {i} ({p.type_name.decode()}) needs an --int value")
-            args.append(np.array(ints.pop(0)).astype(f"i{p.size}")[()] if p.size in (1, 2, 4, 8) else None)
+            args.append(np.array(ints.pop(0)).astype(f"i{p.size}")[()])
         else:
             raise ValueError(f"kernel {kernel}: parameter {i} has type {p.type_name.decode()}; "
                              "only pointers and ints are supported")

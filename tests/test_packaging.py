@@ -21,7 +21,7 @@ def test_wheel_installs_adapters_subpackage(tmp_path):
     subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=600)
     # Package data: every kernel source and simulator header of the tree is in the wheel.
     data = sorted(str(f.relative_to(ROOT / "cupy_localrel")) for pattern in
-                  ("kernels/*.cu", "kernels/*.cuh", "kernels/*.json", "_sim/*.h")
+                  ("kernels/*.cu", "kernels/*.cuh", "kernels/*.json", "_sim/*.h", "_sim/*.cc")
                   for f in (ROOT / "cupy_localrel").glob(pattern))
     code = ("import cupy_localrel, cupy_localrel.adapters, pathlib;"
             "p = pathlib.Path(cupy_localrel.__file__).parent;"

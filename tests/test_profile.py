@@ -309,3 +309,48 @@ def test_profile_ops_command_json_schema(tmp_path, monkeypatch):
     assert (lr.heads, lr.dqk, lr.dv) == (8, 1, 8)
     sasa = case.geo
     assert (sasa.heads, sasa.dqk, sasa.dv) == (8, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU calibration script (benchmarks/gpu_check.sh step 6): what runs without a GPU
+# ---------------------------------------------------------------------------------------
+def test_gpu_check_script_parses():
+    import shutil
+    import subprocess
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run([bash, "-n", str(script)]).returncode == 0
+    assert "benchmarks.gpu_profile time" in script.read_text()
+
+
+def test_gpu_profile_merges_times_and_ncu_with_the_model(tmp_path):
+    from benchmarks import gpu_profile as GP
+    model = GP.latest_model()
+    assert model is not None, "the committed profile JSON (benchmarks/results/profile-*) is missing"
+    rep = GP.load_model(model)
+    sasa = [r for r in rep["launches"] if r["op"] == "sasa_forward"]
+    times = {"ops": [{"name": "sasa_forward", "measured_us": 2000.0,
+                      "launches": [{"kernel": r["kernel"], "measured_us": 2000.0} for r in sasa]}]}
+    header = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = []
+    for i, r in enumerate(rep["launches"]):
+        base = P.kernel_base(r["kernel"])
+        rows.append(f'"{i}","void {base}<float>(int*)","{GP.NCU_METRICS["global_load_sectors"]}","sector","1,000"')
+        rows.append(f'"{i}","void {base}<float>(int*)","{GP.NCU_METRICS["global_load_requests"]}","","250"')
+    ncu = GP.parse_ncu_csv("==PROF== Disconnected\n" + header + "\n".join(rows) + "\n")
+    assert len(ncu) == len(rep["launches"]) and ncu[0]["global_load_sectors"] == 1000.0
+    merged = GP.merge(rep, times, ncu)
+    row = next(r for r in merged["launches"] if r["op"] == "sasa_forward")
+    assert row["measured_us"] == 2000.0
+    assert row["measured_over_modelled"] == pytest.approx(2000.0 / row["modelled_us"])
+    assert row["ncu_global_load_sectors_per_request"] == 4.0
+    op = next(o for o in merged["ops"] if o["name"] == "sasa_forward")
+    assert op["measured_share"] == pytest.approx(op["floor_us"] / 2000.0)
+    assert "measured/modelled" in GP.to_markdown(merged)
+    bad = [dict(n, kernel="void other_kernel()") for n in ncu]
+    with pytest.raises(ValueError, match="does not match"):
+        GP.merge(rep, None, bad)
+    assert GP.main(["dry-run", "--model", model, "--out", str(tmp_path)]) == 0
+    assert "DRY RUN" in (tmp_path / "gpu-profile.md").read_text()

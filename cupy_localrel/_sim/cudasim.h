@@ -22,6 +22,9 @@
 //     the CUDA thread named) and ThreadSanitizer, where each CUDA thread is a TSan fiber and
 //     barriers/collectives/block order are release-acquire pairs, so TSan reports accesses
 //     of two CUDA threads that nothing orders (a "racecheck").
+//   * Profile builds (CUDASIM_PROFILE): TSan's instrumentation linked with the counting
+//     runtime profile_rt.cc instead of libtsan (memory traffic per warp request and source
+//     line; see profile.py). LaunchConfig.blocks runs only chosen blocks (sampling).
 //
 // Known limits: no inline PTX, mma/wmma/ldmatrix/cp.async, cooperative groups, textures,
 // __constant__ upload (get_global); fast-math intrinsics are the accurate libm functions;

@@ -286,34 +286,37 @@ void __tsan_release(void*) {}
 // Atomics: each read-modify-write counts as one atomic. Plain atomic loads and stores are not
 // counted: in kernel code they only come from the engine's emulation of CUDA's atomics (the
 // load before a compare-and-swap loop of atomicAdd on a float).
-#define CUDASIM_ATOMIC(bits, T)                                                                          \
+#define CUDASIM_RMW(bits, T, op, builtin)                                                      \
+  T __tsan_atomic##bits##_##op(volatile T* a, T v, int) {                                       \
+    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                  \
+    return builtin(a, v, __ATOMIC_SEQ_CST);                                                     \
+  }
+#define CUDASIM_CAS(bits, T, op)                                                                \
+  int __tsan_atomic##bits##_compare_exchange_##op(volatile T* a, T* c, T v, int, int) {         \
+    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                  \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);     \
+  }
+#define CUDASIM_ATOMIC(bits, T)                                                                 \
   T __tsan_atomic##bits##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
   void __tsan_atomic##bits##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) {                                            \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) {                                           \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) {                                           \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) {                                           \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) {                                            \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) {                                           \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) {                                          \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0)); return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
-  int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                           \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }            \
-  int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                  \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                           \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }            \
-  T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                      \
-    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                           \
-    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return c; }
+  CUDASIM_RMW(bits, T, exchange, __atomic_exchange_n)                                           \
+  CUDASIM_RMW(bits, T, fetch_add, __atomic_fetch_add)                                           \
+  CUDASIM_RMW(bits, T, fetch_sub, __atomic_fetch_sub)                                           \
+  CUDASIM_RMW(bits, T, fetch_and, __atomic_fetch_and)                                           \
+  CUDASIM_RMW(bits, T, fetch_or, __atomic_fetch_or)                                             \
+  CUDASIM_RMW(bits, T, fetch_xor, __atomic_fetch_xor)                                           \
+  CUDASIM_RMW(bits, T, fetch_nand, __atomic_fetch_nand)                                         \
+  CUDASIM_CAS(bits, T, strong)                                                                  \
+  CUDASIM_CAS(bits, T, weak)                                                                    \
+  T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {             \
+    record(a, sizeof(T), ATOMIC, __builtin_return_address(0));                                  \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
+    return c;                                                                                   \
+  }
 CUDASIM_ATOMIC(8, int8_t) CUDASIM_ATOMIC(16, int16_t) CUDASIM_ATOMIC(32, int32_t) CUDASIM_ATOMIC(64, int64_t)
 #undef CUDASIM_ATOMIC
+#undef CUDASIM_CAS
+#undef CUDASIM_RMW
 void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 

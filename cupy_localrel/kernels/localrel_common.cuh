@@ -187,15 +187,18 @@ __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, c
 // ---------------------------------------------------------------------------------------
 // The top-left input position of the halo of this tile: the smallest valid position any
 // slot of any output in the tile looks at, per axis (tables are per axis, so this is cheap).
+// Each warp computes it on its own: its lanes split the count x k entries and reduce with
+// __reduce_min_sync (every lane of the warp must call this; the tiled blocks are whole warps).
 __device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int first, int count, int total,
                                            int k) {
+  const int n = (min(first + count, total) - first) * k;   // the entries pos[first * k ..]
+  const int lane = (int)((threadIdx.y * blockDim.x + threadIdx.x) & 31);
   int lo = 0x7fffffff;
-  for (int i = first; i < min(first + count, total); ++i)
-    for (int t = 0; t < k; ++t) {
-      const int n = pos[i * k + t];
-      if (n >= 0) lo = min(lo, n);
-    }
-  return lo;
+  for (int idx = lane; idx < n; idx += 32) {
+    const int at = pos[first * k + idx];
+    if (at >= 0) lo = min(lo, at);
+  }
+  return __reduce_min_sync(0xffffffffu, lo);
 }
 
 // Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into

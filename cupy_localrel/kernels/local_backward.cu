@@ -277,7 +277,10 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // and table index ts.tab, from the tile's tables in shared memory.
   const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
-  for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = my_dp[(size_t)t * ss] = 0;
+  // Threads past the plane edge hold zeros for the table sums (the phases below write only
+  // the columns of threads inside).
+  if (!p.inside)
+    for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
   chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
@@ -503,9 +506,10 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   __syncthreads();
   const TileSlots ts(rows, cols);
 
-  for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = user_dl[(size_t)s * tile] = 0;
 
-  // (1) logits q_u . (k + rel_u), over q chunks.
+  // (1) logits q_u . (k + rel_u), over q chunks (the first chunk stores).
+  if (dqk <= 0 && p.inside)
+    for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = 0;
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
@@ -519,7 +523,11 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
         const int uh = ts.off(a, b);
-        if (uh < 0) continue;
+        A& up = user_p[(size_t)(a * w.mc + b) * tile];
+        if (uh < 0) {   // padding: no user
+          if (c0 == 0) up = 0;
+          continue;
+        }
         const int tab = ts.tab(a, b, w.tw);
         A dot = 0;
 #pragma unroll
@@ -529,7 +537,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
             if (flags & kHasRel) key += rels[d * tt + tab];
             dot += halo[d * halo_area + uh] * key;
           }
-        user_p[(size_t)(a * w.mc + b) * tile] += dot;
+        up = c0 == 0 ? dot : up + dot;   // the first chunk stores
       }
   }
 

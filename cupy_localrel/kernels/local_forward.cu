@@ -180,7 +180,6 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
-  for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
   chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
                           w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 

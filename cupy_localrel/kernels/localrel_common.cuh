@@ -295,6 +295,9 @@ struct TileSlots {
       : row_off(rows.off + threadIdx.y), row_tab(rows.tab + threadIdx.y), col_off(cols.off + threadIdx.x),
         col_tab(cols.tab + threadIdx.x), by(blockDim.y), bx(blockDim.x) {}
   __device__ int off(int sr, int sc) const { return row_off[sr * by] + col_off[sc * bx]; }
+  // The row part of off(sr, .), read once per slot row; off(sr, sc) = row(sr) + col(sc).
+  __device__ int row(int sr) const { return row_off[sr * by]; }
+  __device__ int col(int sc) const { return col_off[sc * bx]; }
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
 };
 
@@ -312,7 +315,8 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 
 // ---------------------------------------------------------------------------------------
 // Chunked phases of the tiled kernels. Each thread owns one column of a per-slot array in
-// shared memory (`mine`: entry s at mine[s * stride], stride >= tile) over an nr x nc grid of slots (window
+// shared memory (`mine`: entry s at mine[s * stride], stride >= tile; chunked_slot_logits
+// and chunked_slot_dots overwrite it: the first chunk stores, later chunks add) over an nr x nc grid of slots (window
 // slots, or users) listed by `ts`. Every channel chunk is staged over the tile's halo (from
 // `src`, channel stride `src_stride`) between two barriers, so every thread of the block
 // must call these (threads outside the plane only help staging). Sums run over the slots
@@ -333,6 +337,8 @@ __device__ __forceinline__ void chunked_slot_logits(
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
+  if (nch_total <= 0 && p.inside)   // no channel: every logit is 0 (before rel, bias)
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
@@ -343,9 +349,10 @@ __device__ __forceinline__ void chunked_slot_logits(
     A xreg[C];
 #pragma unroll
     for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
+        const int hs = row + ts.col(sc);
         const int tab = (flags & kHasRel) ? ts.tab(sr, sc, w.tw) : 0;   // once per slot, not per channel
         A dot = 0;
 #pragma unroll
@@ -356,8 +363,10 @@ __device__ __forceinline__ void chunked_slot_logits(
             dot += xreg[d] * key;
           }
         }
-        mine[(size_t)(sr * nc + sc) * stride] += dot;
+        A& m = mine[(size_t)(sr * nc + sc) * stride];
+        m = c0 == 0 ? dot : m + dot;
       }
+    }
   }
 }
 
@@ -372,6 +381,8 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
+  if (nch_total <= 0 && p.inside)
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
@@ -381,16 +392,22 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     A xreg[C];
 #pragma unroll
     for (int e = 0; e < C; ++e) xreg[e] = e < nch ? load(x, (size_t)(c0 + e) * x_stride) : A(0);
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
-        if (hs < 0) continue;
+        const int hs = row + ts.col(sc);
+        A& m = mine[(size_t)(sr * nc + sc) * stride];
+        if (hs < 0) {   // outside: nothing to add
+          if (c0 == 0) m = 0;
+          continue;
+        }
         A dot = 0;
 #pragma unroll
         for (int e = 0; e < C; ++e)
           if (e < nch) dot += xreg[e] * halo[e * halo_area + hs];
-        mine[(size_t)(sr * nc + sc) * stride] += dot;
+        m = c0 == 0 ? dot : m + dot;
       }
+    }
   }
 }
 
@@ -416,15 +433,17 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
     A acc[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[c] = 0;
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
+        const int hs = row + ts.col(sc);
         if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
         const A wt = mine[(size_t)(sr * nc + sc) * stride];
 #pragma unroll
         for (int c = 0; c < C; ++c)
           if (c < nch) acc[c] += wt * halo[c * halo_area + hs];
       }
+    }
 #pragma unroll
     for (int c = 0; c < C; ++c)
       if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);

@@ -424,9 +424,10 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     dst = c.t.xp.empty(shape, c.geo.dtype)
-    if c.geo.heads * entries:   # block: 32 entries x REDUCE_SEGMENTS segments of the partials
+    total = c.geo.heads * entries
+    if total:   # block: 32 outputs x REDUCE_SEGMENTS segments of the partials
         c.fn(BACKWARD_FILE, "table_reduce")(
-            (c.geo.heads * -(-entries // 32), 1, 1), (32, REDUCE_SEGMENTS, 1),
+            (-(-total // WARP), 1, 1), (WARP, REDUCE_SEGMENTS, 1),
             (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
     return dst
 

@@ -595,10 +595,10 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // ---------------------------------------------------------------------------------------
 // Stage 2 of dbias/drel: dst[h][e] = sum over batches b and tiles of part[(b*heads + h)
 // * tiles + tile][e]. `entries` per block: th*tw (bias) or Dqk*th*tw (rel). Block
-// (32, kReduceSegments): lane x owns entry e of a group of 32 (coalesced reads), row y sums
-// the y-th contiguous segment of the batch*tiles partials in order, and lane x of row 0
-// adds the segments' sums in order: a fixed order, more warps in flight than one serial sum.
-// Grid: heads * ceil(entries / 32) blocks.
+// (32, kReduceSegments): lane x owns output idx = h * entries + e of a run of 32 (coalesced
+// reads), row y sums the y-th contiguous segment of the batch*tiles partials in order, and
+// lane x of row 0 adds the segments' sums in order: a fixed order, more warps in flight than
+// one serial sum. Grid: ceil(heads * entries / 32) blocks.
 // ---------------------------------------------------------------------------------------
 constexpr int kReduceSegments = 4;
 
@@ -608,12 +608,13 @@ table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, 
              int tiles, int entries) {
   using A = acc_t<T>;
   __shared__ A seg[kReduceSegments][32];
-  const int groups = (entries + 31) / 32;
-  const int h = (int)(blockIdx.x / groups), e = (int)(blockIdx.x % groups) * 32 + (int)threadIdx.x;
+  const long long idx = (long long)blockIdx.x * 32 + threadIdx.x;
+  const bool valid = idx < (long long)heads * entries;
+  const int h = valid ? (int)(idx / entries) : 0, e = (int)(idx - (long long)h * entries);
   const long long n = (long long)batch * tiles;   // partials per entry, (b, tile) order
   const long long first = n * threadIdx.y / kReduceSegments, last = n * (threadIdx.y + 1) / kReduceSegments;
   A sum = 0;
-  if (e < entries) {
+  if (valid) {
     long long b = first / tiles, t = first - b * tiles;   // one division per thread
     for (long long j = first; j < last; ++j) {
       sum += part[((size_t)(b * heads + h) * tiles + t) * entries + e];
@@ -622,9 +623,9 @@ table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, 
   }
   seg[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
-  if (threadIdx.y == 0 && e < entries) {
+  if (threadIdx.y == 0 && valid) {
     A total = seg[0][threadIdx.x];
     for (int y = 1; y < kReduceSegments; ++y) total += seg[y][threadIdx.x];
-    store(dst + (size_t)h * entries + e, total);
+    store(dst + idx, total);
   }
 }

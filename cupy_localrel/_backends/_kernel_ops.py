@@ -43,6 +43,11 @@ from .._geometry import Geometry, lse_dtype
 
 FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
+# The fast paths opt in to more (cudaFuncSetAttribute through CuPy's
+# max_dynamic_shared_size_bytes) up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin;
+# sim stands for the smallest of the NVRTC targets, sm_80 (sm_90 allows 227 KiB).
+SIM_SMEM_OPTIN = 163 * 1024
+CUDA_ATTR_SMEM_OPTIN = 97       # cudaDevAttrMaxSharedMemoryPerBlockOptin
 SCRATCH_LIMIT = 256 * 2**20     # global scratch of one launch, for windows too large for it
 WARP = 32
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
@@ -72,6 +77,8 @@ class Target:
         self._functions: dict = {}
         self._tables: dict = {}
         self._dummies: dict = {}
+        self._optin: dict = {}       # device -> opt-in shared memory limit per block
+        self._raised: set = set()    # (device, kernel name) whose shared memory limit is raised
         self._lock = threading.Lock()
 
     @property
@@ -122,6 +129,27 @@ class Target:
         # Cached tables are read later from any stream: let the copy finish first (once).
         self.xp.cuda.get_current_stream().synchronize()
         return device
+
+    def smem_optin(self, device) -> int:
+        """The most dynamic shared memory a block may opt in to on ``device``: queried once
+        per device, and only by a plan that needs more than SMEM_LIMIT."""
+        limit = self._optin.get(device)
+        if limit is None:
+            if self.name == "cupy":
+                limit = int(self.xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SMEM_OPTIN, device))
+            else:
+                limit = SIM_SMEM_OPTIN
+            with self._lock:
+                limit = self._optin.setdefault(device, max(SMEM_LIMIT, limit))
+        return limit
+
+    def allow_smem(self, kernel, name: str, device, smem: int):
+        """Before a launch with ``smem`` bytes of dynamic shared memory: above SMEM_LIMIT, raise
+        the kernel's limit to the device's opt-in limit (once per kernel and device)."""
+        if smem > SMEM_LIMIT and (device, name) not in self._raised:
+            kernel.max_dynamic_shared_size_bytes = self.smem_optin(device)
+            with self._lock:
+                self._raised.add((device, name))
 
     def window(self, geo: Geometry, device=None):
         """The geometry buffer of ``geo`` on this target, cached per geometry and device."""
@@ -282,6 +310,12 @@ class _Call:
         inner = ", ".join([self.ctype, *map(str, params)])
         return self.t.function(filename, f"{template}<{inner}>", self.device)
 
+    def fn_smem(self, smem: int, filename, template, *params):
+        """:meth:`fn`, allowed ``smem`` bytes of dynamic shared memory (opting in above 48 KiB)."""
+        kernel = self.fn(filename, template, *params)
+        self.t.allow_smem(kernel, f"{filename}:{template}<{self.ctype}, {params}>", self.device, smem)
+        return kernel
+
     def query_grad_buffer(self, shape):
         """``dq``: at stride 1 every pixel is a window centre and query_grad writes it, so
         it needs no memset; at stride > 1 only the centres are written, the rest reads 0."""
@@ -327,7 +361,8 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
-    float64 (twice the shared memory for little use) and must fit SMEM_LIMIT. The halo is
+    float64 (twice the shared memory for little use) and must fit the shared memory a block
+    may opt in to on the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
     the largest span of the (-1 padded) tables over ``block`` consecutive rows/columns;
     ``other_bytes`` is the kernel's shared memory besides the halo.
     """
@@ -339,7 +374,9 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
     if c.flags & HAS_REL:
         staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
     smem = c.acc.itemsize * staging + other_bytes
-    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+    if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
+        return None
+    return ck, cv, smem, halo_h, halo_w
 
 
 def _tiled_config(geo: Geometry, c: _Call):
@@ -363,7 +400,7 @@ def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_til
     tiled = _tiled_config(geo, c) if allow_tiled else None
     if tiled is not None:
         ck, cv, smem, halo_h, halo_w = tiled
-        c.fn(FORWARD_FILE, "attention_forward_tiled", ck, cv)(
+        c.fn_smem(smem, FORWARD_FILE, "attention_forward_tiled", ck, cv)(
             _grid(c.planes, geo.out_h, geo.out_w, TILED_BLOCK), TILED_BLOCK,
             common + (c.flags, c.scale, np.int32(halo_h), np.int32(halo_w)), shared_mem=smem)
     else:
@@ -385,7 +422,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *
     if tiled is not None:
         ck, cv, smem_bytes, halo_h, halo_w = tiled
         block = TILED_BWD_BLOCK
-        kernel = c.fn(BACKWARD_FILE, "query_grad_tiled", ck, cv)
+        kernel = c.fn_smem(smem_bytes, BACKWARD_FILE, "query_grad_tiled", ck, cv)
         extra = (np.int32(halo_h), np.int32(halo_w))
     else:
         arrays = 2 * geo.slots if mode == MODE_ATTENTION else geo.slots   # dlogit (and weight)
@@ -439,7 +476,7 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     tail = (lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv, c.flags, c.scale)
     if tiled is not None:
         ck, cv, smem_bytes, halo_h, halo_w = tiled
-        c.fn(BACKWARD_FILE, "key_grad_tiled", ck, cv)(
+        c.fn_smem(smem_bytes, BACKWARD_FILE, "key_grad_tiled", ck, cv)(
             _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
             common + tail + (np.int32(halo_h), np.int32(halo_w)), shared_mem=smem_bytes)
         return

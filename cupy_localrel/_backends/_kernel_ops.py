@@ -18,8 +18,9 @@ float dummy standing in for absent pointers are cached per device.
 Kernel choice (see the .cu files for what each does):
 
 - fused forward: ``attention_forward_tiled`` (keys/values of a tile's halo staged in shared
-  memory) when the stride is 1, the dtype is not float64 and the tile fits 48 KiB of shared
-  memory; configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
+  memory) when the stride is 1, the dtype is not float64 and the tile fits the shared
+  memory a block may opt in to (48 KiB without opting in; Target.smem_optin);
+  configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
   stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
   16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).

@@ -1,4 +1,4 @@
-"""SPEC.md's operations on any array with ``__dlpack__``.
+"""docs/contract.md's operations on any array with ``__dlpack__``.
 
 NumPy, CuPy, torch, JAX, ... arrays go in; the results come back as the caller's kind
 of array. Conversions are zero-copy where the device allows: CPU arrays are viewed as
@@ -6,7 +6,8 @@ NumPy arrays (``numpy.from_dlpack``) and run on the NumPy reference, CUDA arrays
 arrays (``cupy.from_dlpack``) and run on the CuPy kernels; results go back through the
 input's own ``from_dlpack`` (``torch.from_dlpack``, ``jax.dlpack.from_dlpack``, ...).
 
-This adapter has no autograd (use :mod:`cupy_localrel.adapters.torch` for that); the
+Array arguments (``key_bias`` included) are converted; ``similarity=`` and the other
+keywords pass through unchanged. This adapter has no autograd (use :mod:`cupy_localrel.adapters.torch` for that); the
 ``*_backward`` functions are here for frameworks that bring their own.
 
 bfloat16: NumPy's DLPack import does not know bfloat16, so bfloat16 inputs are viewed
@@ -117,30 +118,32 @@ def _call(fn, arrays: dict, params: dict, first: str):
     return back(result)
 
 
-def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, **kwargs):
+def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, key_bias=None, **kwargs):
     """:func:`cupy_localrel.local_attention2d` on DLPack arrays; same arguments."""
-    return _call(_core.local_attention2d, dict(q=q, k=k, v=v, bias=bias, rel=rel),
+    return _call(_core.local_attention2d, dict(q=q, k=k, v=v, bias=bias, rel=rel, key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")
 
 
 def local_attention2d_backward(grad_out, q, k, v, out, lse, heads, kernel_size, *, bias=None,
-                               rel=None, **kwargs):
+                               rel=None, key_bias=None, **kwargs):
     """:func:`cupy_localrel.local_attention2d_backward` on DLPack arrays."""
     return _call(_core.local_attention2d_backward,
-                 dict(grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, bias=bias, rel=rel),
+                 dict(grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, bias=bias, rel=rel,
+                      key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")
 
 
-def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, **kwargs):
+def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, key_bias=None, **kwargs):
     """:func:`cupy_localrel.local_qk2d` on DLPack arrays."""
-    return _call(_core.local_qk2d, dict(q=q, k=k, bias=bias, rel=rel),
+    return _call(_core.local_qk2d, dict(q=q, k=k, bias=bias, rel=rel, key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")
 
 
-def local_qk2d_backward(grad_logits, q, k, heads, kernel_size, *, bias=None, rel=None, **kwargs):
+def local_qk2d_backward(grad_logits, q, k, heads, kernel_size, *, bias=None, rel=None, key_bias=None,
+                        **kwargs):
     """:func:`cupy_localrel.local_qk2d_backward` on DLPack arrays."""
     return _call(_core.local_qk2d_backward,
-                 dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel),
+                 dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel, key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")
 
 
@@ -156,29 +159,32 @@ def local_av2d_backward(grad_out, attn, v, kernel_size, **kwargs):
                  dict(kernel_size=kernel_size, **kwargs), "v")
 
 
-def local_relation2d(x, key, query, geometry, kernel_size, **kwargs):
+def local_relation2d(x, key, query, geometry, kernel_size, *, key_bias=None, **kwargs):
     """:func:`cupy_localrel.local_relation2d` on DLPack arrays."""
-    return _call(_core.local_relation2d, dict(x=x, key=key, query=query, geometry=geometry),
+    return _call(_core.local_relation2d,
+                 dict(x=x, key=key, query=query, geometry=geometry, key_bias=key_bias),
                  dict(kernel_size=kernel_size, **kwargs), "x")
 
 
-def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kernel_size, **kwargs):
+def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kernel_size, *,
+                              key_bias=None, **kwargs):
     """:func:`cupy_localrel.local_relation2d_backward` on DLPack arrays."""
     return _call(_core.local_relation2d_backward,
                  dict(grad_out=grad_out, x=x, key=key, query=query, geometry=geometry, out=out,
-                      lse=lse),
+                      lse=lse, key_bias=key_bias),
                  dict(kernel_size=kernel_size, **kwargs), "x")
 
 
-def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, **kwargs):
+def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, key_bias=None, **kwargs):
     """:func:`cupy_localrel.sasa2d` on DLPack arrays."""
-    return _call(_core.sasa2d, dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w),
+    return _call(_core.sasa2d, dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")
 
 
-def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, **kwargs):
+def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, *, key_bias=None,
+                    **kwargs):
     """:func:`cupy_localrel.sasa2d_backward` on DLPack arrays."""
     return _call(_core.sasa2d_backward,
                  dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out,
-                      lse=lse),
+                      lse=lse, key_bias=key_bias),
                  dict(heads=heads, kernel_size=kernel_size, **kwargs), "q")

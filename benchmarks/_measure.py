@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import platform
 import statistics
 import time
 import tracemalloc
@@ -148,3 +149,15 @@ def fmt_time(s) -> str:
     if s < 1:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the device line of a result table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -7,7 +7,7 @@ that each baseline can be checked against our reference on the same inputs befor
 timed (the benchmarks compare equal work).
 
 - :func:`lrnet_unfold`: the seed's ``LocalRelationalLayer`` aggregation, fixed so that it
-  runs: ``nn.Unfold`` output viewed as ``(B, heads, K, H, W)``, padding ``k//2`` (SPEC's
+  runs: ``nn.Unfold`` output viewed as ``(B, heads, K, H, W)``, padding ``k//2`` (the contract's
   ``border="zeros"``), the geometry prior a ``(heads, kh, kw)`` logit table, scale 1, the
   unfolded values weighted and summed (the ``k*k``-times-larger tensors are kept: that is
   the memory complaint).
@@ -406,7 +406,7 @@ def check_forward(case: Case, ours_out=None, tol: float | None = None) -> float:
 def check_output(case: Case, got: torch.Tensor, what: str, ours_out=None,
                  tol: float | None = None) -> float:
     """Max relative error of ``got`` (``what``'s output on ``case``) against our reference;
-    raises if over ``tol`` (default twice SPEC's tolerance of the dtype). ``ours_out`` as
+    raises if over ``tol`` (default twice the contract's tolerance of the dtype). ``ours_out`` as
     in :func:`check_forward`."""
     if ours_out is None:
         a = ours_arrays(Case(**{**case.__dict__, "inputs": {

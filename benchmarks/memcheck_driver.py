@@ -87,6 +87,16 @@ def main(argv=None) -> int:
                 cl.local_qk2d_backward(attn, q, k, heads, kernel, bias=bias, rel=rel, **win)
                 cl.local_av2d(attn, v, kernel, **win)
                 cl.local_av2d_backward(out, attn, v, kernel, **win)
+                # Every other similarity, with key_bias (-inf on a corner): the <..., SIM>
+                # instantiations of the general kernels.
+                key_bias = arr(2, heads, H, W)
+                key_bias[:, :, : H // 2, : W // 2] = -np.inf
+                for similarity in G.SIMILARITIES[1:]:
+                    sk = dict(win, similarity=similarity, key_bias=key_bias, bias=bias)
+                    o, s = cl.local_attention2d(q, k, v, heads, kernel, return_lse=True, **sk)
+                    cl.local_attention2d_backward(o, q, k, v, o, s, heads, kernel, **sk)
+                    cl.local_qk2d_backward(attn, q, k, heads, kernel, **sk)
+                    cl.local_qk2d(q, k, heads, kernel, **sk)
                 sync()
                 print("ok  ", label, flush=True)
             except Exception:

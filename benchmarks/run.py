@@ -58,6 +58,9 @@ from benchmarks import _measure as M
 from benchmarks import baselines as bl
 
 HEADLINE = dict(B=8, C=64, H=56, W=56, k=7)
+#: Small shapes (CPU): one image at LR-Net's and SASA's late-stage sizes, where a fixed
+#: per-call cost would show. Timed through the torch adapter as well.
+SMALL = [dict(B=1, C=64, H=28, W=28, k=7), dict(B=1, C=64, H=14, W=14, k=7)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +81,10 @@ def plan(device: str, quick: bool) -> list[dict]:
     for dt in dtypes:
         for b in unfold:
             items.append(dict(suite="headline", baseline=b, dtype=dt, **head))
+    if not gpu:
+        for shape in SMALL:
+            for b in unfold:
+                items.append(dict(suite="small", baseline=b, dtype="float32", **shape))
     # Sweeps: unfold baselines only (FlexAttention compiles per shape: headline only).
     hw = 56
     if gpu:
@@ -418,7 +425,7 @@ def measure_item(item: dict, dev, repeats: int, max_bytes: int, adapter,
 
     # Ours through the torch adapter, when there is one.
     if adapter is not None and not bname.endswith("flex") and (
-            item["suite"] in ("headline", "resolution") or dev.kind == "cuda"):
+            item["suite"] in ("headline", "resolution", "small") or dev.kind == "cuda"):
         aname = f"ours-torch[{bname}]"
         rows[aname] = dict(base, impl=aname, equal_to=bname)
         try:
@@ -512,15 +519,7 @@ def environment(dev) -> dict:
     return env
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+_cpu_model = M.cpu_model
 
 
 def device_slug(env: dict) -> str:
@@ -578,16 +577,43 @@ def headline_markdown(rows, env) -> str:
             f"{M.fmt_bytes(ours.get('fwdbwd_mem_bytes'))} ({_fmt_ratio(mr)}) | "
             f"{_fmt_ratio(ftr)} | {_fmt_ratio(fmr)} | "
             f"{_fmt_ratio(_ratio((via_torch or {}).get('fwdbwd_s'), base.get('fwdbwd_s')))} |")
-    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
-    shared = (f" 1-minute load average during the run {min(loads):.1f}-{max(loads):.1f} on "
-              f"{env['cpu_count']} CPUs (ours and the baseline of a row are timed with "
-              f"interleaved repeats, so the load hits both)." if loads and env["device"] == "cpu"
-              else "")
-    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}.{shared}",
+    lines += ["", f"Time: {env['time_method']}, median. Memory: {env['memory_method']}."
+                  f"{_load_note(rows, env)}",
               "Ours on CPU is the NumPy reference (single-threaded NumPy); torch baselines use "
               f"{env['torch_threads']} threads." if env["device"] == "cpu" else
               "Ours on GPU is the CuPy backend."]
     return "\n".join(lines) + "\n"
+
+
+def ratios_markdown(rows, suite) -> str:
+    """Side by side, one line per shape and baseline of ``suite``: fwd+bwd and fwd times of
+    the baseline, ours and ours through the torch adapter, with ratios to the baseline."""
+    lines = ["| baseline | B | C | HxW | k | fwd+bwd: baseline / ours / ours-torch | ratio ours "
+             "| ratio ours-torch | fwd: baseline / ours / ours-torch | fwd ratio ours-torch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for base, ours, via_torch in _paired(rows, suite):
+        if base is None or ours is None:
+            continue
+        t = via_torch or {}
+        lines.append(
+            f"| {base['impl']} | {base['B']} | {base['C']} | {base['H']}x{base['W']} | "
+            f"{base['k']} | {M.fmt_time(base.get('fwdbwd_s'))} / "
+            f"{M.fmt_time(ours.get('fwdbwd_s'))} / {M.fmt_time(t.get('fwdbwd_s'))} | "
+            f"{_fmt_ratio(_ratio(ours.get('fwdbwd_s'), base.get('fwdbwd_s')))} | "
+            f"{_fmt_ratio(_ratio(t.get('fwdbwd_s'), base.get('fwdbwd_s')))} | "
+            f"{M.fmt_time(base.get('fwd_s'))} / {M.fmt_time(ours.get('fwd_s'))} / "
+            f"{M.fmt_time(t.get('fwd_s'))} | "
+            f"{_fmt_ratio(_ratio(t.get('fwd_s'), base.get('fwd_s')))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_note(rows, env) -> str:
+    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
+    if not loads or env["device"] != "cpu":
+        return ""
+    return (f" 1-minute load average during the run {min(loads):.1f}-{max(loads):.1f} on "
+            f"{env['cpu_count']} CPUs (ours and the baseline of a row are timed with "
+            f"interleaved repeats, so the load hits both).")
 
 
 def _fmt_ratio(x):
@@ -599,11 +625,19 @@ def results_markdown(rows, env) -> str:
              f"date {env['date']}, commit `{env['commit']}`{' (dirty)' if env['dirty'] else ''}, "
              f"python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, "
              f"cupy {env['cupy']}, torch threads {env['torch_threads']}.", "",
-             f"Time: {env['time_method']} (median). Memory: {env['memory_method']}.", "",
-             "## Headline", "", headline_markdown(rows, env), "## All rows", "",
-             "| suite | impl | dtype | B | C | HxW | k | heads/Dqk/Dv | border | fwd | fwd+bwd | "
-             "fwd mem | fwd+bwd mem | check err | BW share fwd / fwd+bwd | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Time: {env['time_method']} (median). Memory: {env['memory_method']}."
+             f"{_load_note(rows, env)}", "",
+             ]
+    if any(r["suite"] == "headline" for r in rows):
+        lines += ["## Headline", "", headline_markdown(rows, env)]
+    for suite, title in (("small", "Small shapes"), ("resolution", "Resolution sweep")):
+        if any(r["suite"] == suite for r in rows):
+            lines += [f"## {title}: side by side (ratio = time / baseline's time)", "",
+                      ratios_markdown(rows, suite)]
+    lines += ["## All rows", "",
+              "| suite | impl | dtype | B | C | HxW | k | heads/Dqk/Dv | border | fwd | fwd+bwd | "
+              "fwd mem | fwd+bwd mem | check err | BW share fwd / fwd+bwd | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bw = "-"
         if r.get("fwd_bw_share") is not None:
@@ -678,8 +712,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     p.add_argument("--max-gib", type=float, default=None,
                    help="skip unfold baselines whose estimated peak exceeds this")
-    p.add_argument("--only", default=None, help="comma list of suites (headline,resolution,"
-                   "kernel,channels)")
+    p.add_argument("--only", default=None, help="comma list of suites (headline,small,"
+                   "resolution,kernel,channels)")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds (the rest is listed as not run)")
     p.add_argument("--no-progress", action="store_true")
@@ -786,11 +820,14 @@ def _terminate(signum, frame):
 def _render(out_dir, env, rows):
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_markdown(rows, env))
-    with open(os.path.join(out_dir, "headline.md"), "w") as f:
-        f.write(headline_markdown(rows, env))
+    headline = any(r["suite"] == "headline" for r in rows)   # not with --only small,...
+    if headline:
+        with open(os.path.join(out_dir, "headline.md"), "w") as f:
+            f.write(headline_markdown(rows, env))
+        print(headline_markdown(rows, env))
     pngs = plots([r for r in rows if r.get("heads") is not None], env, out_dir)
-    print(headline_markdown(rows, env))
-    print(f"wrote {out_dir}: results.json, results.md, headline.md, {len(pngs)} PNG plots")
+    print(f"wrote {out_dir}: results.json, results.md{', headline.md' if headline else ''}, "
+          f"{len(pngs)} PNG plots")
 
 
 def _write_json(out_dir, env, rows, partial):

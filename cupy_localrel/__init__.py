@@ -1,6 +1,6 @@
 """cupy-localrel: local (neighbourhood) attention kernels for vision models.
 
-The public surface is the functions below; semantics are in SPEC.md. Every function takes
+The public surface is the functions below; semantics are in docs/contract.md. Every function takes
 NumPy or CuPy arrays and a ``backend`` (``None``: by array type, ``"numpy"``, ``"cupy"``
 or ``"sim"``). Torch tensors and other DLPack arrays go through
 :mod:`cupy_localrel.adapters`.

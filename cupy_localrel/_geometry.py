@@ -1,7 +1,7 @@
 """Arguments and window geometry: the one home of both.
 
 Every public call is checked here once, before any backend runs, and every backend
-takes its window geometry from here. The border rule (SPEC.md, "Geometry") lives in
+takes its window geometry from here. The border rule (docs/contract.md, "Geometry") lives in
 :func:`axis_window`; nothing else in the package decides which input position a window
 slot looks at, whether it is valid, or which ``bias``/``rel`` entry it uses.
 
@@ -23,6 +23,10 @@ BORDERS = ("mask", "zeros", "shift")
 BACKENDS = ("numpy", "cupy", "sim")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CENTRED_BORDERS = ("mask", "zeros")
+#: ``phi(q, k)`` of the logit, summed over a head's channels (docs/contract.md "Similarity functions"),
+#: in the order of ``localrel::Similarity`` in kernels/localrel_common.cuh.
+SIMILARITIES = ("dot", "key", "neg_abs", "neg_abs_normalized", "neg_square_normalized",
+                "neg_square")
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ class AxisWindow:
 
 @functools.lru_cache(maxsize=256)
 def axis_window(length: int, kernel: int, dilation: int, stride: int, border: str) -> AxisWindow:
-    """Window geometry along one axis (SPEC.md, "Geometry").
+    """Window geometry along one axis (docs/contract.md, "Geometry").
 
     ``mask``/``zeros``: centred windows, slot ``t`` looks at ``c + (t - k//2) * d`` and is
     valid inside ``[0, L)``; the table index is ``t``.
@@ -147,6 +151,7 @@ class Geometry:
     border: str
     scale: float
     dtype: np.dtype
+    similarity: str = "dot"
     rows: AxisWindow = field(init=False, repr=False, compare=False)
     cols: AxisWindow = field(init=False, repr=False, compare=False)
 
@@ -176,7 +181,7 @@ class Geometry:
     @property
     def acc_dtype(self) -> np.dtype:
         """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
-        return np.dtype(np.float64) if self.dtype == np.float64 else np.dtype(np.float32)
+        return lse_dtype(self.dtype)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -219,6 +224,22 @@ def check_border(border) -> str:
     return border
 
 
+def check_similarity(similarity, rel=None, rel_name: str = "rel") -> str:
+    """A name of :data:`SIMILARITIES`; ``rel`` (``q . rel``) exists for ``"dot"`` only."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if rel is not None and similarity != "dot":
+        raise ValueError(f"{rel_name} (the q . rel term) is defined for similarity='dot' only, "
+                         f"got similarity={similarity!r}")
+    return similarity
+
+
+def check_key_bias(key_bias, geo: "Geometry", name: str = "key_bias") -> None:
+    """``key_bias`` ``(B, heads, H, W)``: one logit per key pixel and head."""
+    if key_bias is not None:
+        check_shape(key_bias, name, (geo.batch, geo.heads, geo.height, geo.width))
+
+
 def check_backend_name(backend):
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
@@ -236,10 +257,12 @@ def check_scale(scale, default: float) -> float:
         return float(default)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"scale must be a real number or None, got {scale!r}")
+    if not math.isfinite(scale):  # a NaN or infinite scale makes every output NaN
+        raise ValueError(f"scale must be finite, got {scale!r}")
     return float(scale)
 
 
-#: Default ``scale`` of ``local_relation2d`` and ``sasa2d`` (SPEC.md: both papers use none).
+#: Default ``scale`` of ``local_relation2d`` and ``sasa2d`` (docs/contract.md: both papers use none).
 PAPERS_SCALE = 1.0
 
 
@@ -248,12 +271,17 @@ def check_papers_scale(scale) -> float:
     return check_scale(scale, PAPERS_SCALE)
 
 
+def check_kernel_for_border(kernel: tuple[int, int], border: str) -> None:
+    """Centred windows (``mask``/``zeros``) need odd kernels; what a layer checks at build."""
+    if border in CENTRED_BORDERS and (kernel[0] % 2 == 0 or kernel[1] % 2 == 0):
+        raise ValueError(f"kernel_size must be odd with border={border!r}, got {kernel}")
+
+
 def check_window(height, width, kernel, dilation, border) -> None:
     """Kernel/border rules: odd kernels for centred modes; ``L // d >= k`` for shift."""
+    check_kernel_for_border(kernel, border)
     for axis, length, k, d in (("height", height, kernel[0], dilation[0]),
                                ("width", width, kernel[1], dilation[1])):
-        if border in CENTRED_BORDERS and k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd with border={border!r}, got {kernel}")
         if border == "shift" and length // d < k:
             raise ValueError(
                 f"kernel_size {kernel} with dilation {dilation} does not fit the input {axis} "
@@ -274,10 +302,30 @@ def array_kind(x) -> str:
     return "other"
 
 
+def native_byte_order(x):
+    """``x`` itself, or a native-byte-order copy of a NumPy array stored byte-swapped.
+
+    The contract accepts either byte order (docs/contract.md, "Dtypes and byte order"): the
+    public functions convert once, here, so that every backend computes on native arrays
+    at the dtype's full precision and returns native-order results. The caller's array is
+    never modified. (CuPy and torch arrays are always native.)
+    """
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def same_dtype(a, b) -> bool:
+    """One dtype up to byte order: same kind and size (``'>f4'`` is float32 too)."""
+    a, b = np.dtype(a), np.dtype(b)
+    return a.kind == b.kind and a.itemsize == b.itemsize
+
+
 def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
     """Check the given arrays (``None`` values skipped) for one kind and one float dtype.
 
-    Returns ``(kind, dtype)``: ``kind`` is ``"numpy"`` or ``"cupy"``.
+    Dtypes are compared up to byte order (:func:`same_dtype`). Returns ``(kind, dtype)``:
+    ``kind`` is ``"numpy"`` or ``"cupy"``, ``dtype`` in native byte order.
     """
     kinds, dtypes = {}, {}
     for name, x in arrays.items():
@@ -290,7 +338,7 @@ def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
                             "arrays through cupy_localrel.adapters.dlpack)")
         if np.dtype(x.dtype).name not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
-        kinds[name], dtypes[name] = kind, np.dtype(x.dtype)
+        kinds[name], dtypes[name] = kind, np.dtype(x.dtype).newbyteorder("=")
     if len(set(kinds.values())) > 1:
         raise TypeError("arrays must all be NumPy or all CuPy, got " +
                         ", ".join(f"{n}: {k}" for n, k in kinds.items()))
@@ -312,14 +360,14 @@ def check_shape(x, name: str, expected: tuple) -> None:
 
 
 def lse_dtype(dtype: np.dtype) -> np.dtype:
-    """``lse`` is float32, or float64 for float64 inputs (SPEC.md, "Layout and names")."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    """``lse`` is float32, or float64 for float64 inputs (docs/contract.md, "Layout and names")."""
+    return np.dtype(np.float64) if same_dtype(dtype, np.float64) else np.dtype(np.float32)
 
 
 def check_lse(lse, geo: Geometry) -> None:
     if array_kind(lse) == "other":
         raise TypeError(f"lse must be a NumPy or CuPy array, got {type(lse).__name__}")
-    if np.dtype(lse.dtype) != lse_dtype(geo.dtype):
+    if not same_dtype(lse.dtype, lse_dtype(geo.dtype)):
         raise TypeError(f"lse must have dtype {lse_dtype(geo.dtype)} for {geo.dtype} inputs, "
                         f"got {lse.dtype}")
     check_shape(lse, "lse", geo.lse_shape)
@@ -341,12 +389,14 @@ def _split_heads(channels: int, heads: int, name: str) -> int:
 
 
 def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, scale,
-                default_scale=None, v=None) -> Geometry:
-    """Check ``q``/``k`` (and ``v``, ``bias``, ``rel``) and describe the call.
+                default_scale=None, v=None, *, similarity="dot", key_bias=None) -> Geometry:
+    """Check ``q``/``k`` (and ``v``, ``bias``, ``rel``, ``key_bias``) and describe the call.
 
-    ``q``, ``k``: ``(B, heads*Dqk, H, W)``; ``v``: ``(B, heads*Dv, H, W)`` or ``None``.
+    ``q``, ``k``: ``(B, heads*Dqk, H, W)``; ``v``: ``(B, heads*Dv, H, W)`` or ``None``;
+    ``key_bias``: ``(B, heads, H, W)`` or ``None``.
     """
     kernel, dilation, stride, border = _window_params(kernel_size, dilation, stride, border)
+    similarity = check_similarity(similarity, rel)
     heads = check_heads(heads)
     check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
     check_shape(k, "k", q.shape) if k.ndim == 4 else check_ndim(k, "k", 4, "(B, heads*Dqk, H, W)")
@@ -363,11 +413,12 @@ def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, s
     if default_scale is None:
         default_scale = 1.0 / math.sqrt(dqk) if dqk else 1.0
     geo = Geometry(batch, heads, dqk, dv, height, width, kernel, dilation, stride, border,
-                   check_scale(scale, default_scale), np.dtype(q.dtype))
+                   check_scale(scale, default_scale), np.dtype(q.dtype).newbyteorder("="), similarity)
     if bias is not None:
         check_shape(bias, "bias", (heads, *geo.table_shape))
     if rel is not None:
         check_shape(rel, "rel", (heads, dqk, *geo.table_shape))
+    check_key_bias(key_bias, geo)
     return geo
 
 
@@ -382,9 +433,49 @@ def av_geometry(attn, v, kernel_size, dilation, stride, border) -> Geometry:
     v_batch, channels, height, width = (int(s) for s in v.shape)
     if v_batch != batch:
         raise ValueError(f"v must have the batch of attn ({batch}), got shape {tuple(v.shape)}")
-    dv = _split_heads(channels, heads, "v")
+    if channels % heads:
+        raise ValueError(f"attn's {heads} heads (attn.shape[1]) must divide the channels of v, "
+                         f"got {channels}")
+    dv = channels // heads
     check_window(height, width, kernel, dilation, border)
     geo = Geometry(batch, heads, 0, dv, height, width, kernel, dilation, stride, border,
-                   1.0, np.dtype(v.dtype))
-    check_shape(attn, "attn", geo.attn_shape)
+                   1.0, np.dtype(v.dtype).newbyteorder("="))
+    if int(attn.shape[2]) != geo.slots:
+        check_shape(attn, "attn", geo.attn_shape)
+    if tuple(attn.shape[3:]) != (geo.out_h, geo.out_w):
+        # attn fixes (Ho, Wo) but not (H, W) (any of ``stride`` sizes give one Ho): the
+        # message starts from v, whose size decides, and says what attn asks of it.
+        raise ValueError(f"v must have (H, W) with (ceil(H/{stride[0]}), ceil(W/{stride[1]})) "
+                         f"= attn's (Ho, Wo) {tuple(int(s) for s in attn.shape[3:])}, got "
+                         f"v of shape {tuple(v.shape)}")
     return geo
+
+
+def relation_heads(x, key, query, geometry, kernel_size, border) -> int:
+    """Check ``local_relation2d``'s arrays in its own names; returns ``heads``.
+
+    ``x`` ``(B, C, H, W)``; ``key``, ``query`` ``(B, heads, H, W)`` (one channel per head,
+    ``heads`` dividing ``C``); ``geometry`` ``(heads, kh, kw)`` (``2k-1`` per axis with
+    ``border="shift"``) or ``None``. The op then runs as ``local_attention2d`` with
+    ``q=query``, ``k=key``, ``v=x``, ``bias=geometry``, whose checks would name those.
+    """
+    check_ndim(x, "x", 4, "(B, C, H, W)")
+    check_ndim(key, "key", 4, "(B, C/m, H, W)")
+    check_ndim(query, "query", 4, "(B, C/m, H, W)")
+    batch, channels, height, width = (int(s) for s in x.shape)
+    heads = int(key.shape[1])
+    if heads < 1:
+        raise ValueError(f"key must have at least one channel (one per head), got shape "
+                         f"{tuple(key.shape)}")
+    if (int(key.shape[0]), int(key.shape[2]), int(key.shape[3])) != (batch, height, width):
+        raise ValueError(f"key must have shape (B, heads, H, W) = ({batch}, heads, {height}, "
+                         f"{width}) like x, got {tuple(key.shape)}")
+    check_shape(query, "query", (batch, heads, height, width))
+    if channels % heads:
+        raise ValueError(f"key's {heads} channels (one per head) must divide the channels of "
+                         f"x, got {channels}")
+    if geometry is not None:
+        kernel, border = to_pair(kernel_size, "kernel_size"), check_border(border)
+        check_shape(geometry, "geometry",
+                    (heads, table_length(kernel[0], border), table_length(kernel[1], border)))
+    return heads

@@ -130,9 +130,37 @@ def cupy_available() -> tuple[bool, str]:
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         status = True, f"CuPy {cupy.__version__}, {n} device(s), current: {name}"
     except Exception as e:
-        return False, f"no usable GPU through CuPy: {type(e).__name__}: {e}"
+        return False, _no_gpu_reason(e)
     _cupy_status = (cupy, status)
     return status
+
+
+def _driver_library_present() -> bool:
+    """The NVIDIA driver's user-space library (libcuda) loads: a driver is installed."""
+    import ctypes
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _no_gpu_reason(exc: Exception) -> str:
+    """Why CuPy cannot use a GPU, in plain words. Without any driver, the CUDA runtime
+    reports "driver version is insufficient", which reads as "upgrade your driver": say
+    instead that there is no GPU or driver."""
+    text = f"{type(exc).__name__}: {exc}"
+    if not _driver_library_present():
+        return ("no NVIDIA GPU or driver found on this machine (the driver library libcuda "
+                "is missing); backends 'numpy' and 'sim' run on the CPU")
+    if "NoDevice" in text or "no CUDA-capable device" in text:
+        return "no NVIDIA GPU found (a driver is installed but sees no device)"
+    if "InsufficientDriver" in text:
+        return (f"the NVIDIA driver is older than the CUDA runtime of this CuPy ({text}): "
+                "update the driver, or install a CuPy built for an older CUDA")
+    return f"no usable GPU through CuPy: {text}"
 
 
 def cuda_include_dir(major: int | None = None) -> Path | None:
@@ -213,7 +241,7 @@ def _load_cupy(path: Path, names: tuple, options: tuple):
     mod = cupy.RawModule(code=code, options=tuple(opts), name_expressions=names or None)
     try:
         # RawModule compiles lazily, at the first get_function: compile now, so that a broken
-        # NVRTC or missing headers give SPEC's clear RuntimeError rather than a bare
+        # NVRTC or missing headers give the contract's clear RuntimeError rather than a bare
         # CompileException in the middle of an op.
         mod.compile()
     except Exception as e:

@@ -1,4 +1,4 @@
-"""An independent scalar-loop oracle, written from SPEC.md alone.
+"""An independent scalar-loop oracle, written from docs/contract.md alone.
 
 It shares no code with the package (not even the geometry), loops over every pixel and
 slot in float64, and is only meant for tiny shapes. Backward passes are derived by hand
@@ -10,7 +10,7 @@ import numpy as np
 
 
 def slot_position(c, t, length, k, d, border):
-    """SPEC "Geometry": (input position or None if invalid, table index)."""
+    """docs/contract.md "Geometry": (input position or None if invalid, table index)."""
     if border in ("mask", "zeros"):
         n = c + (t - k // 2) * d
         return (n if 0 <= n < length else None), t
@@ -47,9 +47,40 @@ def _setup(q, heads, kernel_size, dilation, stride):
     return B, C // heads, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo
 
 
+def _sign(x):
+    return (x > 0) - (x < 0)      # sign(0) = 0: the subgradient of |x| at 0
+
+
+# The issue's table: phi(q, k) and its partial derivatives (dphi/dq, dphi/dk), one scalar each.
+SIMILARITY = {
+    "dot": (lambda q, k: q * k, lambda q, k: k, lambda q, k: q),
+    "key": (lambda q, k: k, lambda q, k: 0.0, lambda q, k: 1.0),
+    "neg_abs": (lambda q, k: -abs(q - k), lambda q, k: -_sign(q - k), lambda q, k: _sign(q - k)),
+    "neg_abs_normalized": (
+        lambda q, k: -abs(q - k) / (abs(q) + abs(k) + 1),
+        lambda q, k: (-_sign(q - k) * (abs(q) + abs(k) + 1) + abs(q - k) * _sign(q))
+        / (abs(q) + abs(k) + 1) ** 2,
+        lambda q, k: (_sign(q - k) * (abs(q) + abs(k) + 1) + abs(q - k) * _sign(k))
+        / (abs(q) + abs(k) + 1) ** 2),
+    "neg_square_normalized": (
+        lambda q, k: -(q - k) ** 2 / (abs(q * k) + 1),
+        lambda q, k: (-2 * (q - k) * (abs(q * k) + 1) + (q - k) ** 2 * _sign(q * k) * k)
+        / (abs(q * k) + 1) ** 2,
+        lambda q, k: (2 * (q - k) * (abs(q * k) + 1) + (q - k) ** 2 * _sign(q * k) * q)
+        / (abs(q * k) + 1) ** 2),
+    "neg_square": (lambda q, k: -(q - k) ** 2, lambda q, k: -2 * (q - k), lambda q, k: 2 * (q - k)),
+}
+
+
+def _key_bias_at(key_bias, b, h, ny, nx, valid):
+    """docs/contract.md: a valid slot adds key_bias at its key; an invalid one (zeros) adds 0."""
+    return float(key_bias[b, h, ny, nx]) if key_bias is not None and valid else 0.0
+
+
 def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, stride=1,
-       border="mask"):
+       border="mask", similarity="dot", key_bias=None):
     """Logits (B, heads, K, Ho, Wo), -inf at masked slots."""
+    phi = SIMILARITY[similarity][0]
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, Dqk, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(q, heads, kernel_size, dilation, stride)
     scale = 1 / math.sqrt(Dqk) if scale is None else scale
@@ -66,9 +97,10 @@ def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, st
                             continue
                         kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
                         relt = rel[h, :, ay, ax] if rel is not None else 0.0
-                        val = scale * float(np.dot(qc, kn + relt))
+                        val = scale * sum(phi(float(a), float(c)) for a, c in zip(qc, kn + relt))
                         if bias is not None:
                             val += bias[h, ay, ax]
+                        val += _key_bias_at(key_bias, b, h, ny, nx, valid)
                         logits[b, h, t, i, j] = val
     return logits
 
@@ -90,16 +122,30 @@ def av(attn, v, kernel_size, dilation=1, stride=1, border="mask"):
 
 
 def softmax(logits):
-    top = logits.max(axis=2, keepdims=True)
-    e = np.exp(logits - top)
-    s = e.sum(axis=2, keepdims=True)
-    return e / s, (top + np.log(s))[:, :, 0]
+    """Weights and lse over axis 2, window by window; a window whose logits are all -inf
+    has weights 0 and lse -inf (docs/contract.md "Empty windows")."""
+    p = np.zeros(logits.shape)
+    lse = np.full(logits.shape[:2] + logits.shape[3:], -np.inf)
+    B, heads, K, Ho, Wo = logits.shape
+    for b in range(B):
+        for h in range(heads):
+            for i in range(Ho):
+                for j in range(Wo):
+                    x = logits[b, h, :, i, j]
+                    if np.all(x == -np.inf):
+                        continue
+                    top = x.max()
+                    e = np.exp(x - top)
+                    p[b, h, :, i, j] = e / e.sum()
+                    lse[b, h, i, j] = top + math.log(e.sum())
+    return p, lse
 
 
 def attention(q, k, v, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1,
-              stride=1, border="mask"):
+              stride=1, border="mask", similarity="dot", key_bias=None):
     """(out, lse)."""
-    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border)
+    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
+                similarity, key_bias)
     p, lse = softmax(logits)
     return av(p, v, kernel_size, dilation, stride, border), lse
 
@@ -122,14 +168,17 @@ def av_backward(grad_out, attn, v, kernel_size, dilation=1, stride=1, border="ma
 
 
 def qk_backward(grad_logits, q, k, heads, kernel_size, bias=None, rel=None, scale=None,
-                dilation=1, stride=1, border="mask"):
-    """(dq, dk, dbias, drel); gradients at masked slots ignored."""
+                dilation=1, stride=1, border="mask", similarity="dot", key_bias=None):
+    """(dq, dk, dbias, drel, dkey_bias); gradients at masked slots, and at slots whose key
+    has key_bias -inf (removed), ignored."""
+    _, by_q, by_k = SIMILARITY[similarity]
     grad_logits, q, k = (np.asarray(a, np.float64) for a in (grad_logits, q, k))
     B, Dqk, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(q, heads, kernel_size, dilation, stride)
     scale = 1 / math.sqrt(Dqk) if scale is None else scale
     dq, dk = np.zeros(q.shape), np.zeros(k.shape)
     dbias = None if bias is None else np.zeros(np.shape(bias))
     drel = None if rel is None else np.zeros(np.shape(rel))
+    dkey_bias = None if key_bias is None else np.zeros(np.shape(key_bias))
     for b in range(B):
         for h in range(heads):
             ch = slice(h * Dqk, (h + 1) * Dqk)
@@ -139,26 +188,35 @@ def qk_backward(grad_logits, q, k, heads, kernel_size, bias=None, rel=None, scal
                     for t, ny, nx, ay, ax, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
                         if not valid and border == "mask":
                             continue
+                        if _key_bias_at(key_bias, b, h, ny, nx, valid) == -np.inf:
+                            continue
                         g = grad_logits[b, h, t, i, j]
                         kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
                         relt = rel[h, :, ay, ax] if rel is not None else 0.0
-                        dq[b, ch, i * sh, j * sw] += scale * g * (kn + relt)
+                        kr = kn + relt
+                        dq[b, ch, i * sh, j * sw] += scale * g * np.array(
+                            [by_q(float(a), float(c)) for a, c in zip(qc, kr)])
                         if valid:
-                            dk[b, ch, ny, nx] += scale * g * qc
+                            dk[b, ch, ny, nx] += scale * g * np.array(
+                                [by_k(float(a), float(c)) for a, c in zip(qc, kr)])
+                            if dkey_bias is not None:
+                                dkey_bias[b, h, ny, nx] += g
                         if dbias is not None:
                             dbias[h, ay, ax] += g
                         if drel is not None:
                             drel[h, :, ay, ax] += scale * g * qc
-    return dq, dk, dbias, drel
+    return dq, dk, dbias, drel, dkey_bias
 
 
 def attention_backward(grad_out, q, k, v, heads, kernel_size, bias=None, rel=None, scale=None,
-                       dilation=1, stride=1, border="mask"):
-    """(dq, dk, dv, dbias, drel) by the chain rule through qk, softmax and av."""
-    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border)
+                       dilation=1, stride=1, border="mask", similarity="dot", key_bias=None):
+    """(dq, dk, dv, dbias, drel, dkey_bias) by the chain rule through qk, softmax and av."""
+    logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
+                similarity, key_bias)
     p, _ = softmax(logits)
     dp, dv = av_backward(grad_out, p, v, kernel_size, dilation, stride, border)
     dlogits = p * (dp - (p * dp).sum(axis=2, keepdims=True))
-    dq, dk, dbias, drel = qk_backward(dlogits, q, k, heads, kernel_size, bias, rel, scale,
-                                      dilation, stride, border)
-    return dq, dk, dv, dbias, drel
+    dq, dk, dbias, drel, dkey_bias = qk_backward(dlogits, q, k, heads, kernel_size, bias, rel,
+                                                 scale, dilation, stride, border, similarity,
+                                                 key_bias)
+    return dq, dk, dv, dbias, drel, dkey_bias

@@ -98,6 +98,17 @@ def test_run_plan_and_tables(tmp_path):
     head = run.headline_markdown(rows, env)
     assert "lrnet-unfold" in head and "(1.00)" in head
     assert "| resolution |" in run.results_markdown(rows, env)
+    # the small shapes (CPU) with ours through the adapter: side-by-side ratios in one table
+    small = [i for i in items if i["suite"] == "small"]
+    assert {(i["B"], i["H"], i["k"]) for i in small} == {(1, 28, 7), (1, 14, 7)}
+    assert not any(i["suite"] == "small" for i in gpu_items)
+    for impl, t in (("lrnet-unfold", 0.04), ("ours[lrnet-unfold]", 0.02),
+                    ("ours-torch[lrnet-unfold]", 0.03)):
+        rows.append(dict(rows[0], suite="small", H=28, W=28, impl=impl, fwdbwd_s=t,
+                         **({"equal_to": "lrnet-unfold"} if impl.startswith("ours") else {})))
+    table = run.ratios_markdown(rows, "small")
+    assert "| lrnet-unfold | 1 | 64 | 28x28 | 7 | 40.0 ms / 20.0 ms / 30.0 ms | 0.50 | 0.75 |" in table
+    assert "## Small shapes" in run.results_markdown(rows, env)
     assert run.plots(rows, env, str(tmp_path)) == ["cpu-float32-lrnet-resolution.png"]
 
 

@@ -53,7 +53,7 @@ class TestTorch:
             a["q"], a["k"], a["v"], 2, 3, bias=a["bias"], rel=a["rel"], border="zeros"))
         g = dl.local_attention2d_backward(torch.ones_like(out), t["q"], t["k"], t["v"], out, lse,
                                           2, 3, bias=t["bias"], rel=t["rel"], border="zeros")
-        assert all(isinstance(x, torch.Tensor) for x in g)
+        assert all(isinstance(x, torch.Tensor) for x in g[:5]) and g.key_bias is None
         logits = dl.local_qk2d(t["q"], t["k"], 2, 3, rel=t["rel"])
         assert isinstance(logits, torch.Tensor) and logits.shape == (2, 2, 9, 5, 4)
         gq = dl.local_qk2d_backward(torch.ones_like(logits), t["q"], t["k"], 2, 3)
@@ -71,6 +71,36 @@ class TestTorch:
         gs = dl.sasa2d_backward(torch.ones_like(s), t["q"], t["k"], t["v"], t["rh"], t["rw"],
                                 s, sl, 2, 3)
         assert gs.rel_h.shape == t["rh"].shape
+
+    def test_similarity_and_key_bias_cross_dlpack(self):
+        """key_bias is converted like every array; similarity passes through; results and
+        the key_bias gradients are torch tensors equal to the core's."""
+        torch = self.torch
+        a = _arrays(seed=4)
+        kb = np.random.default_rng(5).standard_normal((2, 2, 5, 4))
+        kb[0, :, 3:] = -np.inf
+        t = self._t(dict(a, kb=kb))
+        kw = dict(similarity="neg_abs_normalized", key_bias=t["kb"])
+        core_kw = dict(kw, key_bias=kb)
+        out, lse = dl.local_attention2d(t["q"], t["k"], t["v"], 2, 3, return_lse=True, **kw)
+        want, want_lse = core.local_attention2d(a["q"], a["k"], a["v"], 2, 3, return_lse=True, **core_kw)
+        assert isinstance(out, torch.Tensor)
+        np.testing.assert_array_equal(out.numpy(), want)
+        g = dl.local_attention2d_backward(torch.ones_like(out), t["q"], t["k"], t["v"], out, lse, 2, 3, **kw)
+        want_g = core.local_attention2d_backward(np.ones_like(want), a["q"], a["k"], a["v"], want, want_lse,
+                                                 2, 3, **core_kw)
+        assert isinstance(g.key_bias, torch.Tensor)
+        np.testing.assert_array_equal(g.key_bias.numpy(), want_g.key_bias)
+        x, key, query = t["v"], t["q"][:, :2].contiguous(), t["k"][:, :2].contiguous()
+        r, rl = dl.local_relation2d(x, key, query, t["bias"], 3, return_lse=True, **kw)
+        gr = dl.local_relation2d_backward(torch.ones_like(r), x, key, query, t["bias"], r, rl, 3, **kw)
+        want_r = core.local_relation2d(a["v"], a["q"][:, :2], a["k"][:, :2], a["bias"], 3, **core_kw)
+        np.testing.assert_array_equal(r.numpy(), want_r)
+        assert isinstance(gr.key_bias, torch.Tensor) and gr.key_bias.shape == (2, 2, 5, 4)
+        gq = dl.local_qk2d_backward(torch.ones(2, 2, 9, 5, 4, dtype=torch.float64), t["q"], t["k"], 2, 3,
+                                    **kw)
+        want_q = core.local_qk2d_backward(np.ones((2, 2, 9, 5, 4)), a["q"], a["k"], 2, 3, **core_kw)
+        np.testing.assert_array_equal(gq.key_bias.numpy(), want_q.key_bias)
 
     def test_zero_copy_inputs_and_outputs(self):
         torch = self.torch

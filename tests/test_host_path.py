@@ -262,22 +262,26 @@ class _NaNEmpty:
         return np.full(shape, np.nan, dtype)
 
 
-@pytest.mark.parametrize("stride, border, dqk, dv, dtype", [
-    (1, "mask", 1, 4, "float32"),    # LR-Net-like heads: the tiled kernels
-    (1, "zeros", 4, 4, "float32"),   # SASA-like heads with rel
-    (1, "shift", 2, 3, "float64"),   # the general kernels at stride 1 (no fast path for float64)
-    (2, "mask", 2, 3, "float32"),    # stride 2: only centres have a query
+@pytest.mark.parametrize("stride, border, dqk, dv, dtype, similarity", [
+    (1, "mask", 1, 4, "float32", "dot"),    # LR-Net-like heads: the tiled kernels
+    (1, "zeros", 4, 4, "float32", "dot"),   # SASA-like heads with rel
+    (1, "shift", 2, 3, "float64", "dot"),   # the general kernels at stride 1 (no fast path for float64)
+    (2, "mask", 2, 3, "float32", "dot"),    # stride 2: only centres have a query
+    (1, "mask", 1, 4, "float32", "neg_abs"),   # another similarity with key_bias: d key_bias too
 ])
-def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, dv, dtype):
+def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, dv, dtype, similarity):
     from cupy_localrel._backends import backend_status
     if not backend_status("sim")[0]:
         pytest.skip("sim backend unavailable")
     from tests.helpers import ATOL, assert_close, make_inputs
-    x = make_inputs(1, 2, dqk, dv, 6, 7, 3, border, True, True, seed=5, dtype=dtype)
+    dot = similarity == "dot"
+    x = make_inputs(1, 2, dqk, dv, 6, 7, 3, border, True, dot, seed=5, dtype=dtype)
     out_hw = (-(-6 // stride), -(-7 // stride))
     grad = np.random.default_rng(6).standard_normal((1, 2 * dv, *out_hw)).astype(dtype)
     attn_grad = np.random.default_rng(7).standard_normal((1, 2, 9, *out_hw)).astype(dtype)
-    opts = dict(bias=x.bias, rel=x.rel, stride=stride, border=border)
+    key_bias = None if dot else np.random.default_rng(8).standard_normal((1, 2, 6, 7)).astype(dtype)
+    opts = dict(bias=x.bias, rel=x.rel, stride=stride, border=border, similarity=similarity,
+                key_bias=key_bias)
     av_opts = dict(stride=stride, border=border)
 
     def run(backend):

@@ -62,12 +62,12 @@ def test_stems_and_options():
 def test_parameter_and_flop_counts_at_224():
     with torch.device("meta"):
         conv = models.conv_resnet50()
-        sasa = models.sasa_resnet26(projection="dense")
+        sasa = models.sasa_resnet26()
         lr50 = models.lrnet50()
     # The convolutional baseline reproduces the paper's numbers (25.6M, 8.2 GFLOPs).
     assert abs(models.count_parameters(conv) / 1e6 - 25.6) < 0.1
     assert abs(models.count_flops(conv) / 1e9 - 8.2) < 0.1
-    # SASA-ResNet-26 with dense projections: the paper's 10.3M.
+    # SASA-ResNet-26 by default has dense projections: the paper's table, 10.3M.
     assert abs(models.count_parameters(sasa) / 1e6 - 10.3) < 0.1
     # LR-Net-50: the paper's 23.3M parameters and 4.3 G multiply-adds, within 5%.
     assert abs(models.count_parameters(lr50) / 23.3e6 - 1) < 0.05
@@ -121,3 +121,16 @@ def test_training_job_runs(capsys):
     assert rc in (0, 1)  # one epoch need not reach 95%
     assert "lrnet: test accuracy" in out and "sasa: test accuracy" in out
     assert "NumPy reference" in out
+
+
+def test_sasa_models_default_to_the_papers_table_and_keep_the_grouped_variant():
+    """The paper's table (SASA, ImageNet, conv stem): 10.3 / 14.1 / 18.0M parameters."""
+    for build, paper, grouped in ((models.sasa_resnet26, 10.3, 8.9),
+                                  (models.sasa_resnet38, 14.1, 11.8),
+                                  (models.sasa_resnet50, 18.0, 14.7)):
+        with torch.device("meta"):
+            default, text = build(), build(projection="grouped")
+        assert abs(models.count_parameters(default) / 1e6 - paper) < 0.15
+        assert abs(models.count_parameters(text) / 1e6 - grouped) < 0.05
+        assert all(m.query.groups == 1 for m in default.modules() if isinstance(m, SASA2d))
+        assert all(m.query.groups == m.heads for m in text.modules() if isinstance(m, SASA2d))

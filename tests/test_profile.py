@@ -120,6 +120,17 @@ def test_block_subset_runs_only_those_blocks(calib):
         calib.get_function("copy_coalesced")((8,), (32,), (inp, out), blocks=[1, 1])
 
 
+def test_profile_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv(engine.ENV_PROFILE, "1")
+    module = engine.build(CALIBRATION, sanitize=False)
+    assert module.profiling
+    inp, out = aligned(1 << 12), aligned(1 << 12)
+    module.get_function("copy_coalesced")((2,), (32,), (inp, out))
+    assert [c.kernel for c in module.launches] == ["copy_coalesced"]
+    monkeypatch.setenv(engine.ENV_PROFILE, "0")
+    assert not engine.build(CALIBRATION, sanitize=False).profiling
+
+
 def test_profile_and_sanitizer_are_exclusive():
     with pytest.raises(ValueError, match="profile mode"):
         engine.build(CALIBRATION, profile=True, sanitize="thread")

@@ -166,16 +166,21 @@ def test_opcheck_custom_ops():
     q, k, v, bias, rel = (a[n] for n in ("q", "k", "v", "bias", "rel"))
     ops = torch.ops.localrel
     common = ([1, 1], [1, 1], "mask", None)
+    key_bias = _rand(1, 2, 5, 4)
     torch.library.opcheck(ops.local_attention2d.default,
-                          (q, k, v, 2, [3, 3], bias, rel, None, *common))
+                          (q, k, v, 2, [3, 3], bias, rel, None, *common, "dot", None))
     torch.library.opcheck(ops.local_attention2d.default,
-                          (q, k, v, 2, [3, 3], None, None, 1.0, *common))
+                          (q, k, v, 2, [3, 3], None, None, 1.0, *common, "neg_square", key_bias))
+    torch.library.opcheck(ops.local_qk2d.default,
+                          (q, k, 2, [3, 3], bias, None, None, *common, "neg_abs", key_bias))
     torch.library.opcheck(ops.local_av2d.default,
                           (_rand(1, 2, 9, 5, 4), v, [3, 3], *common))
     torch.library.opcheck(ops.local_relation2d.default,
-                          (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common))
+                          (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common, "dot", None))
+    torch.library.opcheck(ops.local_relation2d.default,
+                          (v, q[:, :2], k[:, :2], bias, [3, 3], 1.0, *common, "key", key_bias))
     torch.library.opcheck(ops.sasa2d.default,
-                          (q, k, v, _rand(2, 1, 3), _rand(2, 1, 3), 2, [3, 3], 1.0, *common))
+                          (q, k, v, _rand(2, 1, 3), _rand(2, 1, 3), 2, [3, 3], 1.0, *common, key_bias))
 
 
 # ---------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _autocasting(t: torch.Tensor) -> bool:
 def check_tensors(op: str, tensors: dict) -> torch.Tensor:
     """One device and one floating dtype for all given tensors; returns the first.
 
-    Raises ``TypeError`` naming the offending arguments (SPEC.md, "Bad input": mixed
+    Raises ``TypeError`` naming the offending arguments (docs/contract.md, "Bad input": mixed
     array kinds and mixed dtypes are type errors; mixed devices are the torch analogue).
     Under autocast mixed dtypes are allowed here: the ops' autocast rules cast them all to
     one dtype before the op runs (and the op checks again).

@@ -6,7 +6,9 @@ formulas that call the backward ops, FLOP formulas for ``FlopCounterMode`` and, 
 torch version has it, a CUDA autocast rule (float16).
 
 No math here: every kernel converts its tensors (:mod:`._convert`) and calls the function
-of the same name in :mod:`cupy_localrel`. Optional tensors that were not given have no
+of the same name in :mod:`cupy_localrel`. 4-D outputs keep a ``channels_last`` input's
+memory format (gradients their input's), as ``Conv2d`` does. Double backward is not
+supported: differentiating a backward op raises a ``RuntimeError`` saying so. Optional tensors that were not given have no
 gradient; the backward ops return an empty tensor in their place (a custom op cannot
 return ``None``), which the autograd formulas turn back into ``None``.
 """
@@ -35,14 +37,46 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 def _run(fn, ref: Tensor, backend, arrays: dict, params: dict, keep=()):
-    """``fn(**arrays, **params)`` on the core; tensors in, tensors out."""
+    """``fn(**arrays, **params)`` on the core; tensors in, tensors out.
+
+    Outputs take the memory format of :func:`_memory_format`: a forward's 4-D outputs that
+    of its inputs, each gradient (a named tuple's field) that of its own input.
+    """
     bridge = Bridge(ref, backend)
+    fmt = _memory_format(*arrays.values())
     with bridge.context():
         result = fn(**{n: bridge.array(t) for n, t in arrays.items()}, **params,
                     backend=bridge.backend)
         if not isinstance(result, tuple):
-            return bridge.tensor(result)
-        return tuple(bridge.tensor(r, keep_dtype=i in keep) for i, r in enumerate(result))
+            return _to_format(bridge.tensor(result), fmt)
+        fields = getattr(result, "_fields", None)
+        return tuple(_to_format(bridge.tensor(r, keep_dtype=i in keep),
+                                _memory_format(arrays[fields[i]]) if fields else fmt)
+                     for i, r in enumerate(result))
+
+
+# Memory format. Like Conv2d, 4-D outputs are channels_last when an input is (so the next
+# conv pays no layout copy), and gradients have their input's format. The core computes
+# in NCHW either way; the fake kernels below allocate with the same rule.
+
+def _memory_format(*tensors) -> torch.memory_format:
+    """``channels_last`` if a given 4-D tensor is stored so (and not also NCHW-contiguous)."""
+    for t in tensors:
+        if (t is not None and t.dim() == 4 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last)):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def _to_format(t: Optional[Tensor], fmt) -> Optional[Tensor]:
+    if t is None or t.dim() != 4 or fmt is torch.contiguous_format:
+        return t
+    return t.contiguous(memory_format=fmt)
+
+
+def _like(t: Tensor) -> Tensor:
+    """Fake gradient of ``t``: its shape, dtype, device and memory format (as ``_run``)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_memory_format(t))
 
 
 def _window(kernel_size, dilation, stride):
@@ -57,11 +91,16 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_out_lse(x: Tensor, channels: int, heads: int, stride) -> tuple[Tensor, Tensor]:
-    """Meta outputs of a fused forward op: out (B, channels, Ho, Wo) like x, lse (B, heads, Ho, Wo)."""
+def _fake_out_lse(x: Tensor, channels: int, heads: int, stride,
+                  *inputs) -> tuple[Tensor, Tensor]:
+    """Meta outputs of a fused forward op: out (B, channels, Ho, Wo) like x, lse (B, heads,
+    Ho, Wo), in the memory format of the op's ``inputs`` (as ``_run``)."""
     ho, wo = _out_hw(x, stride)
-    return (x.new_empty((x.shape[0], channels, ho, wo)),
-            x.new_empty((x.shape[0], heads, ho, wo), dtype=_lse_dtype(x.dtype)))
+    fmt = _memory_format(*inputs)
+    return (torch.empty((x.shape[0], channels, ho, wo), dtype=x.dtype, device=x.device,
+                        memory_format=fmt),
+            torch.empty((x.shape[0], heads, ho, wo), dtype=_lse_dtype(x.dtype), device=x.device,
+                        memory_format=fmt))
 
 
 def _grad_or_empty(g, like: Tensor):
@@ -115,16 +154,19 @@ def _register_fake(op):
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, heads: int, kernel_size: List[int],
                    bias: Optional[Tensor], rel: Optional[Tensor], scale: Optional[float],
                    dilation: List[int], stride: List[int], border: str,
-                   backend: Optional[str]) -> Tuple[Tensor, Tensor]:
-    ref = check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel))
-    return _run(core.local_attention2d, ref, backend, dict(q=q, k=k, v=v, bias=bias, rel=rel),
-                dict(heads=heads, scale=scale, return_lse=True, border=border,
+                   backend: Optional[str], similarity: str,
+                   key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    ref = check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel, key_bias=key_bias))
+    return _run(core.local_attention2d, ref, backend,
+                dict(q=q, k=k, v=v, bias=bias, rel=rel, key_bias=key_bias),
+                dict(heads=heads, scale=scale, return_lse=True, border=border, similarity=similarity,
                      **_window(kernel_size, dilation, stride)), keep=(1,))
 
 
 @_register_fake("local_attention2d")
-def _(q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend):
-    return _fake_out_lse(q, v.shape[1], heads, stride)
+def _(q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend, similarity,
+      key_bias):
+    return _fake_out_lse(q, v.shape[1], heads, stride, q, k, v, bias, rel, key_bias)
 
 
 @_custom_op("local_attention2d_backward")
@@ -132,42 +174,48 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    heads: int, kernel_size: List[int], bias: Optional[Tensor],
                    rel: Optional[Tensor], scale: Optional[float], dilation: List[int],
                    stride: List[int], border: str,
-                   backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   backend: Optional[str], similarity: str,
+                   key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ref = check_tensors("local_attention2d_backward",
-                        dict(grad_out=grad_out, q=q, k=k, v=v, out=out, bias=bias, rel=rel))
+                        dict(grad_out=grad_out, q=q, k=k, v=v, out=out, bias=bias, rel=rel,
+                             key_bias=key_bias))
     g = _run(core.local_attention2d_backward, ref, backend,
-             dict(grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, bias=bias, rel=rel),
-             dict(heads=heads, scale=scale, border=border,
+             dict(grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, bias=bias, rel=rel,
+                  key_bias=key_bias),
+             dict(heads=heads, scale=scale, border=border, similarity=similarity,
                   **_window(kernel_size, dilation, stride)))
-    return g[0], g[1], g[2], _grad_or_empty(g[3], q), _grad_or_empty(g[4], q)
+    return (g[0], g[1], g[2], _grad_or_empty(g[3], q), _grad_or_empty(g[4], q),
+            _grad_or_empty(g[5], q))
 
 
 @_register_fake("local_attention2d_backward")
 def _(grad_out, q, k, v, out, lse, heads, kernel_size, bias, rel, scale, dilation, stride,
-      border, backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+      border, backend, similarity, key_bias):
+    return (_like(q), _like(k), _like(v),
             q.new_empty((0,) if bias is None else bias.shape),
-            q.new_empty((0,) if rel is None else rel.shape))
+            q.new_empty((0,)) if rel is None else _like(rel),
+            q.new_empty((0,)) if key_bias is None else _like(key_bias))
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend = inputs
+    (q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend, similarity,
+     key_bias) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, rel, out, lse)
-    ctx.params = (heads, kernel_size, scale, dilation, stride, border, backend)
+    ctx.save_for_backward(q, k, v, bias, rel, key_bias, out, lse)
+    ctx.params = (heads, kernel_size, scale, dilation, stride, border, backend, similarity)
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_grad(ctx, grad_out, grad_lse):
-    q, k, v, bias, rel, out, lse = ctx.saved_tensors
-    heads, kernel_size, scale, dilation, stride, border, backend = ctx.params
+    q, k, v, bias, rel, key_bias, out, lse = ctx.saved_tensors
+    heads, kernel_size, scale, dilation, stride, border, backend, similarity = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dbias, drel = torch.ops.localrel.local_attention2d_backward(
+    dq, dk, dv, dbias, drel, dkey_bias = torch.ops.localrel.local_attention2d_backward(
         grad_out.contiguous(), q, k, v, out, lse, heads, kernel_size, bias, rel, scale,
-        dilation, stride, border, backend)
+        dilation, stride, border, backend, similarity, key_bias)
     return (dq, dk, dv, None, None, _none_if_absent(dbias, bias), _none_if_absent(drel, rel),
-            None, None, None, None, None)
+            None, None, None, None, None, None, _none_if_absent(dkey_bias, key_bias))
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,15 +225,17 @@ def _attention_grad(ctx, grad_out, grad_lse):
 @_custom_op("local_qk2d")
 def _qk_fwd(q: Tensor, k: Tensor, heads: int, kernel_size: List[int], bias: Optional[Tensor],
             rel: Optional[Tensor], scale: Optional[float], dilation: List[int],
-            stride: List[int], border: str, backend: Optional[str]) -> Tensor:
-    ref = check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel))
-    return _run(core.local_qk2d, ref, backend, dict(q=q, k=k, bias=bias, rel=rel),
-                dict(heads=heads, scale=scale, border=border,
+            stride: List[int], border: str, backend: Optional[str], similarity: str,
+            key_bias: Optional[Tensor]) -> Tensor:
+    ref = check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel, key_bias=key_bias))
+    return _run(core.local_qk2d, ref, backend, dict(q=q, k=k, bias=bias, rel=rel, key_bias=key_bias),
+                dict(heads=heads, scale=scale, border=border, similarity=similarity,
                      **_window(kernel_size, dilation, stride)))
 
 
 @_register_fake("local_qk2d")
-def _(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend):
+def _(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend, similarity,
+      key_bias):
     ho, wo = _out_hw(q, stride)
     return q.new_empty((q.shape[0], heads, kernel_size[0] * kernel_size[1], ho, wo))
 
@@ -194,38 +244,41 @@ def _(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, back
 def _qk_bwd(grad_logits: Tensor, q: Tensor, k: Tensor, heads: int, kernel_size: List[int],
             bias: Optional[Tensor], rel: Optional[Tensor], scale: Optional[float],
             dilation: List[int], stride: List[int], border: str,
-            backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            backend: Optional[str], similarity: str,
+            key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ref = check_tensors("local_qk2d_backward",
-                        dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel))
+                        dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel, key_bias=key_bias))
     g = _run(core.local_qk2d_backward, ref, backend,
-             dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel),
-             dict(heads=heads, scale=scale, border=border,
+             dict(grad_logits=grad_logits, q=q, k=k, bias=bias, rel=rel, key_bias=key_bias),
+             dict(heads=heads, scale=scale, border=border, similarity=similarity,
                   **_window(kernel_size, dilation, stride)))
-    return g[0], g[1], _grad_or_empty(g[2], q), _grad_or_empty(g[3], q)
+    return g[0], g[1], _grad_or_empty(g[2], q), _grad_or_empty(g[3], q), _grad_or_empty(g[4], q)
 
 
 @_register_fake("local_qk2d_backward")
 def _(grad_logits, q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
-      backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape),
+      backend, similarity, key_bias):
+    return (_like(q), _like(k),
             q.new_empty((0,) if bias is None else bias.shape),
-            q.new_empty((0,) if rel is None else rel.shape))
+            q.new_empty((0,)) if rel is None else _like(rel),
+            q.new_empty((0,)) if key_bias is None else _like(key_bias))
 
 
 def _qk_setup(ctx, inputs, output):
-    q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend = inputs
-    ctx.save_for_backward(q, k, bias, rel)
-    ctx.params = (heads, kernel_size, scale, dilation, stride, border, backend)
+    (q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend, similarity,
+     key_bias) = inputs
+    ctx.save_for_backward(q, k, bias, rel, key_bias)
+    ctx.params = (heads, kernel_size, scale, dilation, stride, border, backend, similarity)
 
 
 def _qk_grad(ctx, grad_logits):
-    q, k, bias, rel = ctx.saved_tensors
-    heads, kernel_size, scale, dilation, stride, border, backend = ctx.params
-    dq, dk, dbias, drel = torch.ops.localrel.local_qk2d_backward(
+    q, k, bias, rel, key_bias = ctx.saved_tensors
+    heads, kernel_size, scale, dilation, stride, border, backend, similarity = ctx.params
+    dq, dk, dbias, drel, dkey_bias = torch.ops.localrel.local_qk2d_backward(
         grad_logits.contiguous(), q, k, heads, kernel_size, bias, rel, scale, dilation,
-        stride, border, backend)
+        stride, border, backend, similarity, key_bias)
     return (dq, dk, None, None, _none_if_absent(dbias, bias), _none_if_absent(drel, rel),
-            None, None, None, None, None)
+            None, None, None, None, None, None, _none_if_absent(dkey_bias, key_bias))
 
 
 @_custom_op("local_av2d")
@@ -239,7 +292,8 @@ def _av_fwd(attn: Tensor, v: Tensor, kernel_size: List[int], dilation: List[int]
 @_register_fake("local_av2d")
 def _(attn, v, kernel_size, dilation, stride, border, backend):
     ho, wo = _out_hw(v, stride)
-    return v.new_empty((v.shape[0], v.shape[1], ho, wo))
+    return torch.empty((v.shape[0], v.shape[1], ho, wo), dtype=v.dtype, device=v.device,
+                       memory_format=_memory_format(attn, v))
 
 
 @_custom_op("local_av2d_backward")
@@ -254,7 +308,7 @@ def _av_bwd(grad_out: Tensor, attn: Tensor, v: Tensor, kernel_size: List[int],
 
 @_register_fake("local_av2d_backward")
 def _(grad_out, attn, v, kernel_size, dilation, stride, border, backend):
-    return attn.new_empty(attn.shape), v.new_empty(v.shape)
+    return attn.new_empty(attn.shape), _like(v)
 
 
 def _av_setup(ctx, inputs, output):
@@ -278,114 +332,126 @@ def _av_grad(ctx, grad_out):
 @_custom_op("local_relation2d")
 def _relation_fwd(x: Tensor, key: Tensor, query: Tensor, geometry: Optional[Tensor],
                   kernel_size: List[int], scale: float, dilation: List[int], stride: List[int],
-                  border: str, backend: Optional[str]) -> Tuple[Tensor, Tensor]:
-    ref = check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry))
+                  border: str, backend: Optional[str], similarity: str,
+                  key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    ref = check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry,
+                                                 key_bias=key_bias))
     return _run(core.local_relation2d, ref, backend,
-                dict(x=x, key=key, query=query, geometry=geometry),
-                dict(scale=scale, return_lse=True, border=border,
+                dict(x=x, key=key, query=query, geometry=geometry, key_bias=key_bias),
+                dict(scale=scale, return_lse=True, border=border, similarity=similarity,
                      **_window(kernel_size, dilation, stride)), keep=(1,))
 
 
 @_register_fake("local_relation2d")
-def _(x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend):
-    return _fake_out_lse(x, x.shape[1], key.shape[1], stride)
+def _(x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend, similarity,
+      key_bias):
+    return _fake_out_lse(x, x.shape[1], key.shape[1], stride, x, key, query, geometry, key_bias)
 
 
 @_custom_op("local_relation2d_backward")
 def _relation_bwd(grad_out: Tensor, x: Tensor, key: Tensor, query: Tensor,
                   geometry: Optional[Tensor], out: Tensor, lse: Tensor, kernel_size: List[int],
                   scale: float, dilation: List[int], stride: List[int], border: str,
-                  backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  backend: Optional[str], similarity: str,
+                  key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ref = check_tensors("local_relation2d_backward",
                         dict(grad_out=grad_out, x=x, key=key, query=query, geometry=geometry,
-                             out=out))
+                             out=out, key_bias=key_bias))
     g = _run(core.local_relation2d_backward, ref, backend,
              dict(grad_out=grad_out, x=x, key=key, query=query, geometry=geometry, out=out,
-                  lse=lse),
-             dict(scale=scale, border=border, **_window(kernel_size, dilation, stride)))
-    return g[0], g[1], g[2], _grad_or_empty(g[3], x)
+                  lse=lse, key_bias=key_bias),
+             dict(scale=scale, border=border, similarity=similarity,
+                  **_window(kernel_size, dilation, stride)))
+    return g[0], g[1], g[2], _grad_or_empty(g[3], x), _grad_or_empty(g[4], x)
 
 
 @_register_fake("local_relation2d_backward")
 def _(grad_out, x, key, query, geometry, out, lse, kernel_size, scale, dilation, stride, border,
-      backend):
-    return (x.new_empty(x.shape), key.new_empty(key.shape), query.new_empty(query.shape),
-            x.new_empty((0,) if geometry is None else geometry.shape))
+      backend, similarity, key_bias):
+    return (_like(x), _like(key), _like(query),
+            x.new_empty((0,) if geometry is None else geometry.shape),
+            x.new_empty((0,)) if key_bias is None else _like(key_bias))
 
 
 def _relation_setup(ctx, inputs, output):
-    x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend = inputs
+    (x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend, similarity,
+     key_bias) = inputs
     out, lse = output
-    ctx.save_for_backward(x, key, query, geometry, out, lse)
-    ctx.params = (kernel_size, scale, dilation, stride, border, backend)
+    ctx.save_for_backward(x, key, query, geometry, key_bias, out, lse)
+    ctx.params = (kernel_size, scale, dilation, stride, border, backend, similarity)
     ctx.mark_non_differentiable(lse)
 
 
 def _relation_grad(ctx, grad_out, grad_lse):
-    x, key, query, geometry, out, lse = ctx.saved_tensors
-    kernel_size, scale, dilation, stride, border, backend = ctx.params
+    x, key, query, geometry, key_bias, out, lse = ctx.saved_tensors
+    kernel_size, scale, dilation, stride, border, backend, similarity = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dx, dkey, dquery, dgeo = torch.ops.localrel.local_relation2d_backward(
+    dx, dkey, dquery, dgeo, dkey_bias = torch.ops.localrel.local_relation2d_backward(
         grad_out.contiguous(), x, key, query, geometry, out, lse, kernel_size, scale,
-        dilation, stride, border, backend)
+        dilation, stride, border, backend, similarity, key_bias)
     return (dx, dkey, dquery, _none_if_absent(dgeo, geometry),
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None, _none_if_absent(dkey_bias, key_bias))
 
 
 @_custom_op("sasa2d")
 def _sasa_fwd(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, heads: int,
               kernel_size: List[int], scale: float, dilation: List[int], stride: List[int],
-              border: str, backend: Optional[str]) -> Tuple[Tensor, Tensor]:
-    ref = check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w))
-    return _run(core.sasa2d, ref, backend, dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w),
+              border: str, backend: Optional[str],
+              key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    ref = check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, key_bias=key_bias))
+    return _run(core.sasa2d, ref, backend,
+                dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, key_bias=key_bias),
                 dict(heads=heads, scale=scale, return_lse=True, border=border,
                      **_window(kernel_size, dilation, stride)), keep=(1,))
 
 
 @_register_fake("sasa2d")
-def _(q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend):
-    return _fake_out_lse(q, v.shape[1], heads, stride)
+def _(q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend, key_bias):
+    return _fake_out_lse(q, v.shape[1], heads, stride, q, k, v, rel_h, rel_w, key_bias)
 
 
 @_custom_op("sasa2d_backward")
 def _sasa_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
               out: Tensor, lse: Tensor, heads: int, kernel_size: List[int], scale: float,
               dilation: List[int], stride: List[int], border: str,
-              backend: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              backend: Optional[str],
+              key_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ref = check_tensors("sasa2d_backward", dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h,
-                                                rel_w=rel_w, out=out))
-    return _run(core.sasa2d_backward, ref, backend,
-                dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out,
-                     lse=lse),
-                dict(heads=heads, scale=scale, border=border,
-                     **_window(kernel_size, dilation, stride)))
+                                                rel_w=rel_w, out=out, key_bias=key_bias))
+    g = _run(core.sasa2d_backward, ref, backend,
+             dict(grad_out=grad_out, q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, out=out,
+                  lse=lse, key_bias=key_bias),
+             dict(heads=heads, scale=scale, border=border,
+                  **_window(kernel_size, dilation, stride)))
+    return (*g[:5], _grad_or_empty(g[5], q))
 
 
 @_register_fake("sasa2d_backward")
 def _(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, scale, dilation, stride,
-      border, backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            rel_h.new_empty(rel_h.shape), rel_w.new_empty(rel_w.shape))
+      border, backend, key_bias):
+    return (_like(q), _like(k), _like(v), rel_h.new_empty(rel_h.shape),
+            rel_w.new_empty(rel_w.shape), q.new_empty((0,)) if key_bias is None else _like(key_bias))
 
 
 def _sasa_setup(ctx, inputs, output):
-    q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend = inputs
+    (q, k, v, rel_h, rel_w, heads, kernel_size, scale, dilation, stride, border, backend,
+     key_bias) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, key_bias, out, lse)
     ctx.params = (heads, kernel_size, scale, dilation, stride, border, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _sasa_grad(ctx, grad_out, grad_lse):
-    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    q, k, v, rel_h, rel_w, key_bias, out, lse = ctx.saved_tensors
     heads, kernel_size, scale, dilation, stride, border, backend = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = torch.ops.localrel.sasa2d_backward(
+    *grads, dkey_bias = torch.ops.localrel.sasa2d_backward(
         grad_out.contiguous(), q, k, v, rel_h, rel_w, out, lse, heads, kernel_size, scale,
-        dilation, stride, border, backend)
-    return (*grads, None, None, None, None, None, None, None)
+        dilation, stride, border, backend, key_bias)
+    return (*grads, None, None, None, None, None, None, None, _none_if_absent(dkey_bias, key_bias))
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,6 +460,20 @@ def _sasa_grad(ctx, grad_out, grad_lse):
 
 _FORWARD_OPS = ("local_attention2d", "local_qk2d", "local_av2d", "local_relation2d", "sasa2d")
 
+DOUBLE_BACKWARD = ("double backward of localrel ops is not supported: {op} has no derivative "
+                   "(gradients of gradients, e.g. gradient penalties or Hessian-vector "
+                   "products, need another implementation; see docs/contract.md)")
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD.format(op=f"{NAMESPACE}::{op}"))
+    return backward
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
 if not _ALREADY_DEFINED:
     for _name, _grad, _setup in (("local_attention2d", _attention_grad, _attention_setup),
                                  ("local_qk2d", _qk_grad, _qk_setup),
@@ -401,6 +481,12 @@ if not _ALREADY_DEFINED:
                                  ("local_relation2d", _relation_grad, _relation_setup),
                                  ("sasa2d", _sasa_grad, _sasa_setup)):
         torch.library.register_autograd(f"{NAMESPACE}::{_name}", _grad, setup_context=_setup)
+        # The backward ops have no derivative: differentiating one (double backward, e.g.
+        # torch.autograd.grad(..., create_graph=True) and then .backward()) raises ours
+        # instead of torch's generic "no autograd formula" (docs/contract.md).
+        torch.library.register_autograd(f"{NAMESPACE}::{_name}_backward",
+                                        _no_double_backward(f"{_name}_backward"),
+                                        setup_context=_no_setup)
 
     # Under autocast the ops run in the usual low-precision dtype of the device (like
     # matmul-class ops): float16 on CUDA, bfloat16 on the CPU. Only torch versions with
@@ -416,14 +502,27 @@ def _window_work(batch, kernel_size, out_shape_hw):
     return batch * kernel_size[0] * kernel_size[1] * out_shape_hw[0] * out_shape_hw[1]
 
 
+#: FLOPs per channel of a slot's logit, ``phi(q_c, k_c)`` and its accumulation, per
+#: similarity: dot a multiply-add; key an add; neg_abs/neg_square a subtract, an abs or
+#: square and an add; the normalized ones add their denominator and a division.
+LOGIT_FLOPS = {"dot": 2, "key": 1, "neg_abs": 3, "neg_square": 3, "neg_abs_normalized": 7,
+               "neg_square_normalized": 7}
+
+
+def _qk_factor(similarity) -> float:
+    """The logits' cost per channel relative to the dot product's 2 FLOPs."""
+    return LOGIT_FLOPS.get(similarity, 2) / 2
+
+
 def _register_flops():
     """FLOPs count a multiply-add as 2 (like torch's conv/matmul formulas).
 
-    Forward: ``2 * B * K * Ho * Wo * (C_qk + C_v)`` (logits ``q . k`` plus weighted sum),
-    i.e. ``2 * B * heads * K * Ho * Wo * (Dqk + Dv)``. Backward: logits are recomputed
-    and ``dq``, ``dk``, ``dp`` and ``dv`` each cost one more pass:
-    ``2 * B * K * Ho * Wo * (3 C_qk + 2 C_v)``, about twice the forward.
-    Softmax, bias and ``rel`` additions are lower-order terms and not counted.
+    Forward: ``2 * B * K * Ho * Wo * (f C_qk + C_v)`` (logits plus weighted sum), i.e.
+    ``2 * B * heads * K * Ho * Wo * (f Dqk + Dv)``, with ``f = LOGIT_FLOPS[similarity] / 2``
+    (1 for the dot product). Backward: logits are recomputed and ``dq``, ``dk``, ``dp`` and
+    ``dv`` each cost one more pass: ``2 * B * K * Ho * Wo * (3 f C_qk + 2 C_v)``, about
+    twice the forward (the derivatives of ``phi`` are counted like ``phi``). Softmax,
+    ``bias``, ``key_bias`` and ``rel`` additions are lower-order terms and not counted.
     """
     from torch.utils import flop_counter
 
@@ -440,13 +539,16 @@ def _register_flops():
     ops = torch.ops.localrel
 
     @register_flop_formula(ops.local_attention2d)
-    def _(q, k, v, heads, kernel_size, *args, out_shape=None, **kwargs):
-        return 2 * _window_work(q[0], kernel_size, out_shape[0][2:]) * (q[1] + v[1])
+    def _(q, k, v, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend,
+          similarity="dot", *args, out_shape=None, **kwargs):
+        f = _qk_factor(similarity)
+        return int(2 * _window_work(q[0], kernel_size, out_shape[0][2:]) * (f * q[1] + v[1]))
 
     @register_flop_formula(ops.local_attention2d_backward)
-    def _(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        kernel_size = args[3]
-        return 2 * _window_work(q[0], kernel_size, grad_out[2:]) * (3 * q[1] + 2 * v[1])
+    def _(grad_out, q, k, v, out, lse, heads, kernel_size, bias, rel, scale, dilation, stride,
+          border, backend, similarity="dot", *args, out_shape=None, **kwargs):
+        f = _qk_factor(similarity)
+        return int(2 * _window_work(q[0], kernel_size, grad_out[2:]) * (3 * f * q[1] + 2 * v[1]))
 
     @register_flop_formula(ops.sasa2d)
     def _(q, k, v, rel_h, rel_w, heads, kernel_size, *args, out_shape=None, **kwargs):
@@ -458,21 +560,26 @@ def _register_flops():
         return 2 * _window_work(q[0], kernel_size, grad_out[2:]) * (3 * q[1] + 2 * v[1])
 
     @register_flop_formula(ops.local_relation2d)
-    def _(x, key, query, geometry, kernel_size, *args, out_shape=None, **kwargs):
-        return 2 * _window_work(x[0], kernel_size, out_shape[0][2:]) * (key[1] + x[1])
+    def _(x, key, query, geometry, kernel_size, scale, dilation, stride, border, backend,
+          similarity="dot", *args, out_shape=None, **kwargs):
+        f = _qk_factor(similarity)
+        return int(2 * _window_work(x[0], kernel_size, out_shape[0][2:]) * (f * key[1] + x[1]))
 
     @register_flop_formula(ops.local_relation2d_backward)
-    def _(grad_out, x, key, query, geometry, out, lse, kernel_size, *args, out_shape=None,
-          **kwargs):
-        return 2 * _window_work(x[0], kernel_size, grad_out[2:]) * (3 * key[1] + 2 * x[1])
+    def _(grad_out, x, key, query, geometry, out, lse, kernel_size, scale, dilation, stride,
+          border, backend, similarity="dot", *args, out_shape=None, **kwargs):
+        f = _qk_factor(similarity)
+        return int(2 * _window_work(x[0], kernel_size, grad_out[2:]) * (3 * f * key[1] + 2 * x[1]))
 
     @register_flop_formula(ops.local_qk2d)
-    def _(q, k, heads, kernel_size, *args, out_shape=None, **kwargs):
-        return 2 * _window_work(q[0], kernel_size, out_shape[3:]) * q[1]
+    def _(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border, backend,
+          similarity="dot", *args, out_shape=None, **kwargs):
+        return int(2 * _window_work(q[0], kernel_size, out_shape[3:]) * _qk_factor(similarity) * q[1])
 
     @register_flop_formula(ops.local_qk2d_backward)
-    def _(grad_logits, q, k, heads, kernel_size, *args, out_shape=None, **kwargs):
-        return 2 * _window_work(q[0], kernel_size, grad_logits[3:]) * 2 * q[1]
+    def _(grad_logits, q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
+          backend, similarity="dot", *args, out_shape=None, **kwargs):
+        return int(2 * _window_work(q[0], kernel_size, grad_logits[3:]) * 2 * _qk_factor(similarity) * q[1])
 
     @register_flop_formula(ops.local_av2d)
     def _(attn, v, kernel_size, *args, out_shape=None, **kwargs):
@@ -490,7 +597,7 @@ except (ImportError, RuntimeError, ValueError):  # pragma: no cover - reload/old
 
 
 # ---------------------------------------------------------------------------------------
-# Public functions (SPEC.md's names and arguments, on tensors)
+# Public functions (docs/contract.md's names and arguments, on tensors)
 # ---------------------------------------------------------------------------------------
 
 def _pairs(kernel_size, dilation, stride):
@@ -506,34 +613,47 @@ def _check_common(op, border, backend, heads=None):
 
 
 def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale=None,
-                      return_lse=False, dilation=1, stride=1, border="mask", backend=None):
+                      return_lse=False, dilation=1, stride=1, border="mask", backend=None,
+                      similarity="dot", key_bias=None):
     """Fused local attention on tensors; see :func:`cupy_localrel.local_attention2d`.
 
-    Differentiable in ``q``, ``k``, ``v``, ``bias`` and ``rel`` (``lse`` is not).
-    Returns ``out`` or ``(out, lse)``.
+    Differentiable in ``q``, ``k``, ``v``, ``bias``, ``rel`` and ``key_bias`` ``(B, heads,
+    H, W)`` (``lse`` is not), once: double backward raises ``RuntimeError`` (as for every
+    op here; docs/contract.md). Outputs are ``channels_last`` when an input is. Returns
+    ``out`` or ``(out, lse)``.
     """
-    check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel))
+    check_tensors("local_attention2d", dict(q=q, k=k, v=v, bias=bias, rel=rel, key_bias=key_bias))
     _check_common("local_attention2d", border, backend, heads)
+    G.check_similarity(similarity, rel)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
     scale = None if scale is None else G.check_scale(scale, None)  # None: 1/sqrt(Dqk)
     out, lse = torch.ops.localrel.local_attention2d(q, k, v, int(heads), ks, bias, rel, scale,
-                                                    dil, st, border, backend)
+                                                    dil, st, border, backend, similarity, key_bias)
     return (out, lse) if return_lse else out
 
 
 def local_qk2d(q, k, heads, kernel_size, *, bias=None, rel=None, scale=None, dilation=1,
-               stride=1, border="mask", backend=None):
-    """Window logits ``(B, heads, K, Ho, Wo)``; masked slots are ``-inf`` (no gradient)."""
-    check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel))
+               stride=1, border="mask", backend=None, similarity="dot", key_bias=None):
+    """Window logits ``(B, heads, K, Ho, Wo)``, ``key_bias`` included; masked slots are
+    ``-inf`` (no gradient).
+
+    Differentiable once (double backward raises ``RuntimeError``).
+    """
+    check_tensors("local_qk2d", dict(q=q, k=k, bias=bias, rel=rel, key_bias=key_bias))
     _check_common("local_qk2d", border, backend, heads)
+    G.check_similarity(similarity, rel)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
     scale = None if scale is None else G.check_scale(scale, None)  # None: 1/sqrt(Dqk)
     return torch.ops.localrel.local_qk2d(q, k, int(heads), ks, bias, rel, scale, dil, st,
-                                         border, backend)
+                                         border, backend, similarity, key_bias)
 
 
 def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", backend=None):
-    """Weighted window sums ``(B, heads*Dv, Ho, Wo)``; heads from ``attn.shape[1]``."""
+    """Weighted window sums ``(B, heads*Dv, Ho, Wo)``; heads from ``attn.shape[1]``.
+
+    Differentiable once (double backward raises ``RuntimeError``); ``channels_last`` ``v``
+    gives a ``channels_last`` output.
+    """
     check_tensors("local_av2d", dict(attn=attn, v=v))
     _check_common("local_av2d", border, backend)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
@@ -541,24 +661,37 @@ def local_av2d(attn, v, kernel_size, *, dilation=1, stride=1, border="mask", bac
 
 
 def local_relation2d(x, key, query, geometry, kernel_size, *, scale=1.0, return_lse=False,
-                     dilation=1, stride=1, border="mask", backend=None):
-    """LR-Net aggregation on tensors; see :func:`cupy_localrel.local_relation2d`."""
-    check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry))
+                     dilation=1, stride=1, border="mask", backend=None, similarity="dot",
+                     key_bias=None):
+    """LR-Net aggregation on tensors; see :func:`cupy_localrel.local_relation2d`.
+
+    ``key_bias`` ``(B, heads, H, W)``: key saliency or a padding mask (``-inf``).
+    Differentiable once (double backward raises ``RuntimeError``); outputs are
+    ``channels_last`` when an input is.
+    """
+    check_tensors("local_relation2d", dict(x=x, key=key, query=query, geometry=geometry,
+                                           key_bias=key_bias))
     _check_common("local_relation2d", border, backend)
+    G.check_similarity(similarity)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
     scale = G.check_papers_scale(scale)
     out, lse = torch.ops.localrel.local_relation2d(x, key, query, geometry, ks, scale,
-                                                   dil, st, border, backend)
+                                                   dil, st, border, backend, similarity, key_bias)
     return (out, lse) if return_lse else out
 
 
 def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=False,
-           dilation=1, stride=1, border="mask", backend=None):
-    """Stand-alone self-attention on tensors; see :func:`cupy_localrel.sasa2d`."""
-    check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w))
+           dilation=1, stride=1, border="mask", backend=None, key_bias=None):
+    """Stand-alone self-attention on tensors; see :func:`cupy_localrel.sasa2d`.
+
+    ``key_bias`` ``(B, heads, H, W)``: e.g. a padding mask (``-inf`` on padded pixels).
+    Differentiable once (double backward raises ``RuntimeError``); outputs are
+    ``channels_last`` when an input is.
+    """
+    check_tensors("sasa2d", dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w, key_bias=key_bias))
     _check_common("sasa2d", border, backend, heads)
     ks, dil, st = _pairs(kernel_size, dilation, stride)
     scale = G.check_papers_scale(scale)
     out, lse = torch.ops.localrel.sasa2d(q, k, v, rel_h, rel_w, int(heads), ks, scale,
-                                         dil, st, border, backend)
+                                         dil, st, border, backend, key_bias)
     return (out, lse) if return_lse else out

@@ -19,14 +19,25 @@ from cupy_localrel import _geometry as G
 
 from ._ops import local_av2d, local_qk2d, local_relation2d, sasa2d
 
-__all__ = ["LocalRelation2d", "SASA2d", "AttentionStem", "relative_offsets"]
+__all__ = ["LocalRelation2d", "SASA2d", "AttentionStem", "relative_offsets", "padding_key_bias"]
+
+
+def padding_key_bias(valid: torch.Tensor, heads: int, dtype=torch.float32) -> torch.Tensor:
+    """A padding mask as ``key_bias``: ``valid`` ``(B, H, W)`` (true on real pixels) ->
+    ``(B, heads, H, W)``, 0 on real pixels and ``-inf`` on padding, so that no window
+    attends a padded key (docs/contract.md, "Per-key logit")."""
+    if valid.dim() != 3:
+        raise ValueError(f"valid must be a (B, H, W) mask, got shape {tuple(valid.shape)}")
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    bias = bias.masked_fill(~valid.bool(), float("-inf"))
+    return bias[:, None].expand(-1, G.check_heads(heads), -1, -1).contiguous()
 
 
 def relative_offsets(kernel_size, border: str = "mask") -> torch.Tensor:
     """The true relative offsets ``(dy, dx)`` of each window slot, scaled to ``[-1, 1]``.
 
     Shape ``(1, 2, Th, Tw)`` (channel 0: row offset, channel 1: column offset), indexed
-    like the ``bias`` table of SPEC.md: ``(kh, kw)`` slots for centred borders (slot ``t``
+    like the ``bias`` table of docs/contract.md: ``(kh, kw)`` slots for centred borders (slot ``t``
     has offset ``t - k//2``), ``(2kh-1, 2kw-1)`` relative offsets ``-(k-1) .. k-1`` for
     ``border="shift"``. Dilation scales every offset alike, so it does not change them.
     """
@@ -56,6 +67,13 @@ class LocalRelation2d(nn.Module):
     conv inside the layer; ``border="zeros"`` reproduces the seed's zero padding (out-of-
     image neighbours take softmax weight with a zero key and value).
 
+    LR-Net's other compositions: ``similarity=`` picks ``phi(q, k)`` of the logit (the
+    official op's six, docs/contract.md), and ``key_saliency=True`` adds the key-saliency
+    term: one more 1x1-conv channel per head (``self.saliency``) whose output is the
+    ``key_bias`` of every window slot that looks at that key. ``forward(x, key_bias=...)``
+    also takes a ``(B, heads, H, W)`` key_bias, e.g. a padding mask
+    (:func:`padding_key_bias`), added to the saliency.
+
     Args:
         channels: ``C``, divisible by ``m``.
         kernel_size: window size (odd for ``"mask"``/``"zeros"``), default 7.
@@ -67,18 +85,27 @@ class LocalRelation2d(nn.Module):
             (the seed's multiplier 0.5, with a floor so narrow layers keep a usable prior).
         scale: appearance-composability scale (default 1, as the paper).
         final_conv: add the seed's trailing 1x1 conv.
+        similarity: ``"dot"`` (default), ``"key"``, ``"neg_abs"``, ``"neg_abs_normalized"``,
+            ``"neg_square_normalized"`` or ``"neg_square"``.
+        key_saliency: add the key-saliency conv (one channel per head).
     """
 
     def __init__(self, channels, kernel_size=7, m=8, stride=1, dilation=1, border="mask",
-                 *, geometry_hidden=None, scale=1.0, final_conv=False):
+                 *, geometry_hidden=None, scale=1.0, final_conv=False, similarity="dot",
+                 key_saliency=False):
         super().__init__()
-        if m < 1 or channels % m:
+        # Everything a forward would reject for any input is rejected here, by name.
+        G.check_heads(channels, "channels"), G.check_heads(m, "m")
+        if channels % m:
             raise ValueError(f"m={m} must divide channels={channels}")
+        if geometry_hidden is not None:
+            G.check_heads(geometry_hidden, "geometry_hidden")
         G.check_border(border)
         self.channels, self.m, self.heads = channels, m, channels // m
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, border)
         self.stride, self.dilation = G.to_pair(stride, "stride"), G.to_pair(dilation, "dilation")
-        self.border, self.scale = border, float(scale)
+        self.border, self.scale = border, G.check_papers_scale(scale)
         self.key = nn.Conv2d(channels, self.heads, 1)
         self.query = nn.Conv2d(channels, self.heads, 1)
         hidden = geometry_hidden or max(8, self.heads // 2)
@@ -86,20 +113,28 @@ class LocalRelation2d(nn.Module):
                                             nn.Conv2d(hidden, self.heads, 1))
         self.register_buffer("offsets", relative_offsets(self.kernel_size, border))
         self.final = nn.Conv2d(channels, channels, 1) if final_conv else None
+        self.similarity = G.check_similarity(similarity)
+        self.saliency = nn.Conv2d(channels, self.heads, 1) if key_saliency else None
 
     def geometry(self) -> torch.Tensor:
-        """The geometry-prior logits ``(heads, Th, Tw)`` (the ``bias`` of SPEC.md)."""
+        """The geometry-prior logits ``(heads, Th, Tw)`` (the ``bias`` of docs/contract.md)."""
         return self.geometry_prior(self.offsets)[0]
 
-    def forward(self, x):
+    def forward(self, x, key_bias=None):
+        """``x`` ``(B, C, H, W)``; ``key_bias`` ``(B, heads, H, W)`` or ``None`` (e.g. a
+        padding mask, added to the key saliency when the layer has one)."""
+        if self.saliency is not None:
+            saliency = self.saliency(x)
+            key_bias = saliency if key_bias is None else saliency + key_bias
         out = local_relation2d(x, self.key(x), self.query(x), self.geometry(), self.kernel_size,
                                scale=self.scale, dilation=self.dilation, stride=self.stride,
-                               border=self.border)
+                               border=self.border, similarity=self.similarity, key_bias=key_bias)
         return out if self.final is None else self.final(out)
 
     def extra_repr(self):
         return (f"channels={self.channels}, kernel_size={self.kernel_size}, m={self.m}, "
-                f"stride={self.stride}, dilation={self.dilation}, border={self.border!r}")
+                f"stride={self.stride}, dilation={self.dilation}, border={self.border!r}, "
+                f"similarity={self.similarity!r}, key_saliency={self.saliency is not None}")
 
 
 class SASA2d(nn.Module):
@@ -128,6 +163,8 @@ class SASA2d(nn.Module):
                  border="mask", downsample="pool", *, dilation=1, scale=1.0, bias=False,
                  rel_std=1.0, projection="grouped"):
         super().__init__()
+        G.check_heads(heads)
+        G.check_heads(in_channels, "in_channels"), G.check_heads(out_channels, "out_channels")
         if in_channels % heads or out_channels % heads:
             raise ValueError(f"heads={heads} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
@@ -140,10 +177,12 @@ class SASA2d(nn.Module):
             raise ValueError(f"downsample must be 'pool' or 'subsample', got {downsample!r}")
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, border)
         self.stride, self.dilation = G.to_pair(stride, "stride"), G.to_pair(dilation, "dilation")
         if projection not in ("grouped", "dense"):
             raise ValueError(f"projection must be 'grouped' or 'dense', got {projection!r}")
-        self.border, self.downsample, self.scale = border, downsample, float(scale)
+        self.border, self.downsample = border, downsample
+        self.scale = G.check_papers_scale(scale)
         groups = heads if projection == "grouped" else 1
         self.query = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)
         self.key = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=bias)
@@ -156,11 +195,13 @@ class SASA2d(nn.Module):
         for conv in (self.query, self.key, self.value):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
+    def forward(self, x, key_bias=None):
+        """``x`` ``(B, C_in, H, W)``; ``key_bias`` ``(B, heads, H, W)`` or ``None``: a per-key
+        logit, e.g. a padding mask (:func:`padding_key_bias`: ``-inf`` on padded pixels)."""
         op_stride = (1, 1) if self.pool is not None else self.stride
         out = sasa2d(self.query(x), self.key(x), self.value(x), self.rel_h, self.rel_w,
                      self.heads, self.kernel_size, scale=self.scale, dilation=self.dilation,
-                     stride=op_stride, border=self.border)
+                     stride=op_stride, border=self.border, key_bias=key_bias)
         return out if self.pool is None else self.pool(out)
 
     def extra_repr(self):
@@ -186,11 +227,13 @@ class AttentionStem(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=5, heads=4, mixtures=4,
                  border="mask", stride=1):
         super().__init__()
+        G.check_heads(heads), G.check_heads(mixtures, "mixtures")
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"out_channels/heads must be an even integer, got "
                              f"{out_channels}/{heads}")
         self.heads, self.mixtures, self.out_channels = heads, mixtures, out_channels
         self.kernel_size = G.to_pair(kernel_size, "kernel_size")
+        G.check_kernel_for_border(self.kernel_size, G.check_border(border))
         self.border, self.stride = border, G.to_pair(stride, "stride")
         kh, kw = self.kernel_size
         half = out_channels // heads // 2
@@ -206,7 +249,7 @@ class AttentionStem(nn.Module):
         kh, kw = self.kernel_size
         heads, mixtures = self.heads, self.mixtures
         half = self.rel_h.shape[1]
-        # rel[h, :half, a, b] = rel_h[h, :, a]; rel[h, half:, a, b] = rel_w[h, :, b] (SPEC.md).
+        # rel[h, :half, a, b] = rel_h[h, :, a]; rel[h, half:, a, b] = rel_w[h, :, b] (docs/contract.md).
         rel = torch.cat([self.rel_h[:, :, :, None].expand(heads, half, kh, kw),
                          self.rel_w[:, :, None, :].expand(heads, half, kh, kw)], dim=1)
         logits = local_qk2d(self.query(x), self.key(x), heads, self.kernel_size,

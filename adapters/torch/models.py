@@ -8,6 +8,9 @@
   stride 2, as LR-Net replaces the 7x7 conv too) or ``stem="conv"``.
 - ``sasa_resnet26/38/50``: SASA (Ramachandran et al. 2019). Every 3x3 conv becomes a 7x7
   :class:`~.layers.SASA2d` with 8 heads; stride 2 is attention then a 2x2 average pool.
+  q/k/v are dense 1x1 projections by default (``projection="dense"``: the parameter counts
+  of the paper's table, docs/papers.md); ``projection="grouped"`` gives the block-diagonal
+  projections of the paper's text.
   ``stem="conv"`` (the 7x7 conv stem) or ``stem="attention"``
   (:class:`~.layers.AttentionStem`, BN and a 4x4 max pool).
 
@@ -40,17 +43,17 @@ __all__ = [
     "count_parameters", "count_flops", "model_table",
 ]
 
-#: Bottlenecks per stage: SASA's ResNet-26/38/50 (PAPERS.md).
+#: Bottlenecks per stage: SASA's ResNet-26/38/50 (docs/papers.md).
 DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
-#: LR-Net's ResNet-26 has 2 bottlenecks in every stage (LR-Net paper; not in
-#: PAPERS.md, but the conv network at this depth has the 16.0M parameters of that paper's
+#: LR-Net's ResNet-26 has 2 bottlenecks in every stage (LR-Net paper; not in its
+#: summary in docs/papers.md, but the conv network at this depth has the 16.0M parameters of that paper's
 #: ResNet-26 baseline, and LR-Net-26 then lands on its 14.7M). LR-Net reports no 38-layer
 #: network: lrnet38 takes the usual 12-block layout.
 LRNET_DEPTHS = {26: (2, 2, 2, 2), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 
 #: Bottleneck width of LR-Net relative to ResNet's (64/128/256/512 planes).
 LRNET_WIDTH_FACTOR = 1.875
-# PAPERS.md does not list LR-Net's per-stage widths. 1.875 (120/240/480/960 instead of
+# LR-Net's paper (docs/papers.md) does not list its per-stage widths. 1.875 (120/240/480/960 instead of
 # 64/128/256/512) is calibrated so that LR-Net-50 lands on the paper's 23.3M parameters and
 # 4.3 G multiply-adds within a few percent; LR-Net-26 then lands on its 14.7M too (see
 # benchmarks/model_table.md).
@@ -159,9 +162,12 @@ class LocalResNet(nn.Module):
 # The named models
 # ---------------------------------------------------------------------------------------
 
-def _lr_spatial(kernel_size, m, border):
+def _lr_spatial(kernel_size, m, border, **layer_options):
+    """Builder of the bottlenecks' LocalRelation2d; ``layer_options``: its keyword-only
+    options (``similarity``, ``key_saliency``, ...)."""
     def build(width, stride):
-        return LocalRelation2d(width, kernel_size, m=m, stride=stride, border=border)
+        return LocalRelation2d(width, kernel_size, m=m, stride=stride, border=border,
+                               **layer_options)
     return build
 
 
@@ -182,7 +188,7 @@ def _lrnet(depth, *, num_classes=1000, kernel_size=7, m=8, border="mask", stem="
 
 
 def _sasa(depth, *, num_classes=1000, kernel_size=7, heads=8, border="mask", stem="conv",
-          downsample="pool", projection="grouped", **kwargs):
+          downsample="pool", projection="dense", **kwargs):
     stem_options = {"border": border, **(kwargs.pop("stem_options", None) or {})}
     return LocalResNet(DEPTHS[depth],
                        _sasa_spatial(kernel_size, heads, border, downsample, projection),
@@ -211,17 +217,18 @@ def lrnet50(**kwargs):
 
 
 def sasa_resnet26(**kwargs):
-    """SASA ResNet-26 (``stem="conv"`` or ``"attention"``)."""
+    """SASA ResNet-26 (``stem="conv"`` or ``"attention"``; paper, conv stem: 10.3M
+    parameters, 4.5 GFLOPs, 75.8% top-1; dense q/k/v by default, see the module doc)."""
     return _sasa(26, **kwargs)
 
 
 def sasa_resnet38(**kwargs):
-    """SASA ResNet-38."""
+    """SASA ResNet-38 (paper, conv stem: 14.1M parameters, 5.7 GFLOPs, 77.1% top-1)."""
     return _sasa(38, **kwargs)
 
 
 def sasa_resnet50(**kwargs):
-    """SASA ResNet-50."""
+    """SASA ResNet-50 (paper, conv stem: 18.0M parameters, 7.0 GFLOPs, 77.4% top-1)."""
     return _sasa(50, **kwargs)
 
 
@@ -273,9 +280,9 @@ PAPER = {
     "conv_resnet26 (2-2-2-2, LR-Net's)": (None, None),
     "sasa_resnet26 (conv stem)": (10.3, 4.5), "sasa_resnet38 (conv stem)": (14.1, 5.7),
     "sasa_resnet50 (conv stem)": (18.0, 7.0),
-    "sasa_resnet26 (conv stem, dense q/k/v)": (10.3, 4.5),
-    "sasa_resnet38 (conv stem, dense q/k/v)": (14.1, 5.7),
-    "sasa_resnet50 (conv stem, dense q/k/v)": (18.0, 7.0),
+    "sasa_resnet26 (conv stem, grouped q/k/v)": (10.3, 4.5),
+    "sasa_resnet38 (conv stem, grouped q/k/v)": (14.1, 5.7),
+    "sasa_resnet50 (conv stem, grouped q/k/v)": (18.0, 7.0),
     "sasa_resnet26 (attention stem)": (10.3, 4.7), "sasa_resnet38 (attention stem)": (14.1, 6.0),
     "sasa_resnet50 (attention stem)": (18.0, 7.2),
     # LR-Net reports GFLOPs as multiply-adds: 2.6 and 4.3 G madds -> 5.2 and 8.6 G FLOPs.
@@ -289,9 +296,9 @@ _TABLE_MODELS = {
     "sasa_resnet26 (conv stem)": partial(sasa_resnet26, stem="conv"),
     "sasa_resnet38 (conv stem)": partial(sasa_resnet38, stem="conv"),
     "sasa_resnet50 (conv stem)": partial(sasa_resnet50, stem="conv"),
-    "sasa_resnet26 (conv stem, dense q/k/v)": partial(sasa_resnet26, projection="dense"),
-    "sasa_resnet38 (conv stem, dense q/k/v)": partial(sasa_resnet38, projection="dense"),
-    "sasa_resnet50 (conv stem, dense q/k/v)": partial(sasa_resnet50, projection="dense"),
+    "sasa_resnet26 (conv stem, grouped q/k/v)": partial(sasa_resnet26, projection="grouped"),
+    "sasa_resnet38 (conv stem, grouped q/k/v)": partial(sasa_resnet38, projection="grouped"),
+    "sasa_resnet50 (conv stem, grouped q/k/v)": partial(sasa_resnet50, projection="grouped"),
     "sasa_resnet26 (attention stem)": partial(sasa_resnet26, stem="attention"),
     "sasa_resnet38 (attention stem)": partial(sasa_resnet38, stem="attention"),
     "sasa_resnet50 (attention stem)": partial(sasa_resnet50, stem="attention"),
@@ -327,17 +334,21 @@ def model_table(size=224, num_classes=1000) -> str:
     lines += [
         "",
         "Notes:",
+        "- Paper columns: SASA, Ramachandran et al. 2019, ImageNet table (conv-stem and "
+        "full-attention rows, conv baselines); LR-Net, Hu et al. 2019, ImageNet results "
+        "(LR-Net-26 and -50). Summarised with sources in [docs/papers.md](../docs/papers.md).",
         "- The convolutional baselines match the SASA paper, which checks the counting. "
-        "LR-Net's ResNet-26 has 2 bottlenecks per stage (the LR-Net paper; not in "
-        "PAPERS.md): at that depth the conv network has 16.0M parameters, the count of "
-        "that paper's ResNet-26 baseline.",
-        "- SASA's default here is the paper's text: block-diagonal (grouped) q/k/v "
-        "projections. The paper's parameter counts match *dense* 1x1 projections "
-        "(`projection=\"dense\"`), shown for comparison.",
+        "LR-Net's ResNet-26 has 2 bottlenecks per stage (the LR-Net paper): at that depth "
+        "the conv network has 16.0M parameters, the count of that paper's ResNet-26 "
+        "baseline.",
+        "- SASA's default here is the paper's table: dense 1x1 q/k/v projections, whose "
+        "parameter counts match it. The paper's text describes block-diagonal (grouped) "
+        "projections (`projection=\"grouped\"`), shown for comparison: fewer parameters "
+        "than the table.",
         "- The attention stem is a simplification (5x5 centred window instead of 4x4, "
         "4 heads, 4 value mixtures, dense projections), so its FLOPs differ from the paper.",
         f"- LR-Net widens the bottleneck by {LRNET_WIDTH_FACTOR} (calibrated on LR-Net-50; "
-        "PAPERS.md has no per-stage widths); its stem is a 1x1 conv and a 7x7 local "
+        "the paper gives no per-stage widths); its stem is a 1x1 conv and a 7x7 local "
         "relation layer with stride 2. LR-Net reports no 38-layer network: lrnet38 takes "
         "the 2-3-5-2 layout of SASA's ResNet-38.",
     ]

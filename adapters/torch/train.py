@@ -24,13 +24,16 @@ from .models import LocalResNet, _lr_spatial, _sasa_spatial
 MODELS = ("lrnet", "sasa")
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """The small networks of the demo (8x8 inputs, one channel)."""
+def build_model(name: str, num_classes: int = 10, **layer_options) -> nn.Module:
+    """The small networks of the demo (8x8 inputs, one channel). ``layer_options`` go to
+    the LR-Net's LocalRelation2d layers (``similarity=``, ``key_saliency=``)."""
     common = dict(num_classes=num_classes, in_channels=1, small_input=True, base_width=16)
     if name == "lrnet":
         # heads = width / m: 16/4 = 4 and 32/4 = 8 weight maps.
-        return LocalResNet((1, 1), _lr_spatial(5, 4, "mask"), stem="conv", width_factor=1.0,
-                           **common)
+        return LocalResNet((1, 1), _lr_spatial(5, 4, "mask", **layer_options), stem="conv",
+                           width_factor=1.0, **common)
+    if layer_options:
+        raise ValueError(f"layer options {sorted(layer_options)} are for the lrnet model only")
     if name == "sasa":
         return LocalResNet((1, 1), _sasa_spatial(5, 4, "mask", "pool", "grouped"), stem="conv",
                            **common)
@@ -68,11 +71,12 @@ def evaluate(model, x, y, device, batch_size=256) -> float:
     return correct / len(x)
 
 
-def train_one(name, data, device, *, epochs, batch_size, lr, seed, progress=True):
+def train_one(name, data, device, *, epochs, batch_size, lr, seed, progress=True,
+              layer_options=None):
     from tqdm import tqdm
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = data
-    model = build_model(name).to(device)
+    model = build_model(name, **(layer_options or {})).to(device)
     per_epoch = len(x_tr) // batch_size  # the last partial batch is dropped
     steps = epochs * per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)

@@ -3,15 +3,17 @@
 Each backend is a module with the same function set, taking a checked
 :class:`~cupy_localrel._geometry.Geometry` and arrays of its own kind:
 
-- ``attention_forward(geo, q, k, v, bias, rel) -> (out, lse)``
-- ``attention_backward(geo, grad_out, q, k, v, out, lse, bias, rel) -> (dq, dk, dv, dbias, drel)``
-- ``qk_forward(geo, q, k, bias, rel) -> logits``
-- ``qk_backward(geo, grad_logits, q, k, bias, rel) -> (dq, dk, dbias, drel)``
+- ``attention_forward(geo, q, k, v, bias, rel, key_bias=None) -> (out, lse)``
+- ``attention_backward(geo, grad_out, q, k, v, out, lse, bias, rel, key_bias=None)
+  -> (dq, dk, dv, dbias, drel, dkey_bias)``
+- ``qk_forward(geo, q, k, bias, rel, key_bias=None) -> logits``
+- ``qk_backward(geo, grad_logits, q, k, bias, rel, key_bias=None)
+  -> (dq, dk, dbias, drel, dkey_bias)``
 - ``av_forward(geo, attn, v) -> out``
 - ``av_backward(geo, grad_out, attn, v) -> (dattn, dv)``
 
-Gradients of optional inputs that were not given (``bias``/``rel`` is ``None``) are
-``None``. Arguments are already checked; a backend never re-checks them.
+The similarity function is ``geo.similarity``. Gradients of optional inputs that were not
+given (``bias``/``rel``/``key_bias`` is ``None``) are ``None``. Arguments are already checked; a backend never re-checks them.
 """
 from __future__ import annotations
 

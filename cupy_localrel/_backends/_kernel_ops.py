@@ -32,6 +32,10 @@ Kernel choice (see the .cu files for what each does):
   and ``key_grad`` keep them in a global scratch buffer (at most SCRATCH_LIMIT per launch).
 - ``local_qk2d``/``local_av2d``: one general kernel each way (``qk_forward``, ``av_forward``;
   ``query_grad<T, 1>`` + ``key_grad<T, 1>``; ``av_dattn`` + ``key_grad<T, 2>``).
+- similarity functions other than the dot product, and ``key_bias``, run the general kernels
+  (the similarity is their last template parameter, ``<..., SIM>``, omitted for the dot
+  product, whose instantiations keep their names and code); the fast paths serve the dot
+  product without ``key_bias``.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import threading
 import numpy as np
 
 from .. import _loader
-from .._geometry import Geometry, lse_dtype
+from .._geometry import SIMILARITIES, Geometry, lse_dtype
 
 FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
@@ -58,7 +62,7 @@ TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
 REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
-HAS_BIAS, HAS_REL = 1, 2        # localrel::Flags
+HAS_BIAS, HAS_REL, HAS_KEY_BIAS = 1, 2, 4   # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -295,12 +299,16 @@ def _compute_halo_extent(pos: np.ndarray, tile: int) -> int:
 class _Call:
     """Per-call scalars and dummies in the kernels' parameter types."""
 
-    def __init__(self, target: Target, geo: Geometry, bias=None, rel=None):
+    def __init__(self, target: Target, geo: Geometry, bias=None, rel=None, key_bias=None):
         self.t, self.geo = target, geo
         self.ctype = _CTYPE[geo.dtype.name]
         self.acc = lse_dtype(geo.dtype)           # float32, or float64 for float64 inputs
         self.scale = self.acc.type(geo.scale)
-        self.flags = np.int32((HAS_BIAS if bias is not None else 0) | (HAS_REL if rel is not None else 0))
+        self.flags = np.int32((HAS_BIAS if bias is not None else 0) | (HAS_REL if rel is not None else 0)
+                              | (HAS_KEY_BIAS if key_bias is not None else 0))
+        # localrel::Similarity; the fast paths exist for the dot product without key_bias.
+        self.sim = SIMILARITIES.index(geo.similarity)
+        self.fast = self.sim == 0 and key_bias is None
         self.heads, self.dqk, self.dv = np.int32(geo.heads), np.int32(geo.dqk), np.int32(geo.dv)
         self.planes = geo.batch * geo.heads
         self.device = target.device_key()         # read once per call
@@ -323,6 +331,11 @@ class _Call:
         allocate = self.t.xp.empty if self.geo.stride == (1, 1) else self.t.xp.zeros
         return allocate(shape, self.geo.dtype)
 
+    def fn_sim(self, filename, template, *params):
+        """A kernel whose last template parameter is the similarity (default: the dot product,
+        left out of the name, so the dot instantiations keep theirs)."""
+        return self.fn(filename, template, *params, *((self.sim,) if self.sim else ()))
+
 
 def _or(x, fallback):
     """Kernels take a pointer for every optional input; a flag says whether it is read."""
@@ -333,14 +346,15 @@ def _or(x, fallback):
 # The backend function set (see cupy_localrel/_backends/__init__.py)
 # ---------------------------------------------------------------------------------------
 
-def qk_forward(t: Target, geo: Geometry, q, k, bias, rel):
-    q, k, bias, rel = map(t.contiguous, (q, k, bias, rel))
-    c = _Call(t, geo, bias, rel)
+def qk_forward(t: Target, geo: Geometry, q, k, bias, rel, key_bias=None):
+    q, k, bias, rel, key_bias = map(t.contiguous, (q, k, bias, rel, key_bias))
+    c = _Call(t, geo, bias, rel, key_bias)
     logits = t.xp.empty(geo.attn_shape, geo.dtype)
     block = _plane_block(geo.out_h, geo.out_w)
-    c.fn(FORWARD_FILE, "qk_forward")(
+    c.fn_sim(FORWARD_FILE, "qk_forward")(
         _grid(c.planes, geo.out_h, geo.out_w, block), block,
-        (c.win, q, k, _or(bias, q), _or(rel, q), logits, c.heads, c.dqk, c.flags, c.scale))
+        (c.win, q, k, _or(bias, q), _or(rel, q), _or(key_bias, q), logits, c.heads, c.dqk,
+         c.flags, c.scale))
     return logits
 
 
@@ -362,12 +376,13 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
-    float64 (twice the shared memory for little use) and must fit the shared memory a block
-    may opt in to on the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
+    float64 (twice the shared memory for little use), serve the dot product without
+    ``key_bias`` only (``c.fast``) and must fit the shared memory a block may opt in to on
+    the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
     the largest span of the (-1 padded) tables over ``block`` consecutive rows/columns;
     ``other_bytes`` is the kernel's shared memory besides the halo.
     """
-    if geo.stride != (1, 1) or geo.dtype == np.float64:
+    if geo.stride != (1, 1) or geo.dtype == np.float64 or not c.fast:
         return None
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     halo_h, halo_w = _halo_extent(rows_table, block[1]), _halo_extent(cols_table, block[0])
@@ -392,28 +407,32 @@ def _tile_tables(slots: tuple[int, int], block) -> int:
     return 4 * 2 * (slots[0] * block[1] + slots[1] * block[0])
 
 
-def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, *, allow_tiled=True):
-    q, k, v, bias, rel = map(t.contiguous, (q, k, v, bias, rel))
-    c = _Call(t, geo, bias, rel)
+def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, key_bias=None, *,
+                      allow_tiled=True):
+    q, k, v, bias, rel, key_bias = map(t.contiguous, (q, k, v, bias, rel, key_bias))
+    c = _Call(t, geo, bias, rel, key_bias)
     out = t.xp.empty(geo.out_shape, geo.dtype)
     lse = t.xp.empty(geo.lse_shape, c.acc)
-    common = (c.win, q, k, v, _or(bias, q), _or(rel, q), out, lse, c.heads, c.dqk, c.dv)
+    inputs = (c.win, q, k, v, _or(bias, q), _or(rel, q))
+    results = (out, lse, c.heads, c.dqk, c.dv)
     tiled = _tiled_config(geo, c) if allow_tiled else None
     if tiled is not None:
         ck, cv, smem, halo_h, halo_w = tiled
         c.fn_smem(smem, FORWARD_FILE, "attention_forward_tiled", ck, cv)(
             _grid(c.planes, geo.out_h, geo.out_w, TILED_BLOCK), TILED_BLOCK,
-            common + (c.flags, c.scale, np.int32(halo_h), np.int32(halo_w)), shared_mem=smem)
+            inputs + results + (c.flags, c.scale, np.int32(halo_h), np.int32(halo_w)),
+            shared_mem=smem)
     else:
         chunks = max(1, -(-geo.dv // VPT))   # Dv == 0: one chunk still writes lse
         block = _plane_block(geo.out_h, geo.out_w)
-        c.fn(FORWARD_FILE, "attention_forward", VPT)(
+        c.fn_sim(FORWARD_FILE, "attention_forward", VPT)(
             _grid(c.planes * chunks, geo.out_h, geo.out_w, block), block,
-            common + (np.int32(chunks), c.flags, c.scale))
+            inputs + (_or(key_bias, q),) + results + (np.int32(chunks), c.flags, c.scale))
     return out, lse
 
 
-def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *, allow_tiled=True):
+def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, key_bias=None, *,
+                allow_tiled=True):
     """Launch query_grad (or its fast path); returns (dbias, drel) after the table reduction."""
     geo, xp = c.geo, c.t.xp
     th, tw = geo.table_shape
@@ -432,19 +451,20 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, *
             return acc * (arrays + 1) * block[0] * block[1] + tables(block)
 
         block, smem_bytes, scratch_bytes = _work_arrays_plan(geo.out_h, geo.out_w, smem)
-        kernel = c.fn(BACKWARD_FILE, "query_grad", mode)
+        kernel = c.fn_sim(BACKWARD_FILE, "query_grad", mode)
     tiles = _tiles(geo.out_h, geo.out_w, block)
     blocks = c.planes * tiles
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
     part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
-    args = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q),
-            _or(rel, q), dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
-            c.flags, c.scale)
+    inputs = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q), _or(rel, q))
+    results = (dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
+               c.flags, c.scale)
     if tiled is not None:
-        kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block, args + extra,
+        kernel(_grid(c.planes, geo.out_h, geo.out_w, block), block, inputs + results + extra,
                shared_mem=smem_bytes)
     else:
-        _launch_work(c, kernel, geo.out_h, geo.out_w, block, args, smem_bytes, scratch_bytes)
+        _launch_work(c, kernel, geo.out_h, geo.out_w, block,
+                     inputs + (_or(key_bias, q),) + results, smem_bytes, scratch_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
     drel = None if rel is None else _table_reduce(c, part_rel, rel.shape, tiles, geo.dqk * th * tw)
     return dbias, drel
@@ -470,16 +490,19 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     return dst
 
 
-def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv, *, allow_tiled=True):
+def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv,
+              key_bias=None, dkey_bias=None, *, allow_tiled=True):
+    """Launch key_grad (or its fast path): dk, dv and (with ``key_bias``) ``dkey_bias``."""
     geo = c.geo
     tiled = _tiled_key_config(geo, c) if allow_tiled and mode == MODE_ATTENTION else None
     common = (c.win, grad, q, k, v)
-    tail = (lse, delta, bias, rel, dk, dv, c.heads, c.dqk, c.dv, c.flags, c.scale)
+    scalars = (c.heads, c.dqk, c.dv, c.flags, c.scale)
     if tiled is not None:
         ck, cv, smem_bytes, halo_h, halo_w = tiled
         c.fn_smem(smem_bytes, BACKWARD_FILE, "key_grad_tiled", ck, cv)(
             _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
-            common + tail + (np.int32(halo_h), np.int32(halo_w)), shared_mem=smem_bytes)
+            common + (lse, delta, bias, rel, dk, dv) + scalars + (np.int32(halo_h), np.int32(halo_w)),
+            shared_mem=smem_bytes)
         return
     per_user = (2 if mode == MODE_ATTENTION else 1) * c.acc.itemsize   # weight and/or logit grad
 
@@ -487,8 +510,12 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
         return _users(geo) * block[0] * block[1] * per_user
 
     block, smem_bytes, scratch_bytes = _work_arrays_plan(geo.height, geo.width, smem)
-    _launch_work(c, c.fn(BACKWARD_FILE, "key_grad", mode), geo.height, geo.width, block,
-                 common + (attn,) + tail, smem_bytes, scratch_bytes)
+    # kAV does not depend on the similarity: its one instantiation per dtype is the default's.
+    kernel = c.fn_sim(BACKWARD_FILE, "key_grad", mode) if mode != MODE_AV else \
+        c.fn(BACKWARD_FILE, "key_grad", mode)
+    _launch_work(c, kernel, geo.height, geo.width, block,
+                 common + (attn, lse, delta, bias, rel, _or(key_bias, q), dk, dv, _or(dkey_bias, dk))
+                 + scalars, smem_bytes, scratch_bytes)
 
 
 def _users(geo: Geometry) -> int:
@@ -509,16 +536,23 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, rows_users, cols_users, other)
 
 
-def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel):
-    grad_logits, q, k, bias, rel = map(t.contiguous, (grad_logits, q, k, bias, rel))
-    c = _Call(t, geo, bias, rel)
+def _key_bias_grad(t: Target, geo: Geometry, key_bias):
+    """The ``key_bias`` gradient buffer (every pixel written by key_grad), or ``None``."""
+    return None if key_bias is None else t.xp.empty(key_bias.shape, geo.dtype)
+
+
+def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
+    grad_logits, q, k, bias, rel, key_bias = map(t.contiguous, (grad_logits, q, k, bias, rel, key_bias))
+    c = _Call(t, geo, bias, rel, key_bias)
     dq = c.query_grad_buffer(q.shape)       # only window centres have a query (stride > 1)
     dk = t.xp.empty(k.shape, geo.dtype)     # every key pixel is written
-    dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, bias, rel, dq, None)
-    if geo.dqk:
+    dkey_bias = _key_bias_grad(t, geo, key_bias)
+    dbias, drel = _query_grad(c, MODE_QK, grad_logits, q, k, None, None, bias, rel, dq, None,
+                              key_bias)
+    if geo.dqk or key_bias is not None:
         _key_grad(c, MODE_QK, grad_logits, q, k, q, q, c.acc_dummy, c.acc_dummy, _or(bias, q),
-                  _or(rel, q), dk, q)
-    return dq, dk, dbias, drel
+                  _or(rel, q), dk, q, key_bias, dkey_bias)
+    return dq, dk, dbias, drel, dkey_bias
 
 
 def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
@@ -534,18 +568,20 @@ def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
     return dattn, dv
 
 
-def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, *,
-                       allow_tiled=True):
+def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bias, rel,
+                       key_bias=None, *, allow_tiled=True):
     # `out` is not read: delta = sum_t p_t dp_t comes from the recomputed weights (as in the
     # reference), not from grad_out . out with `out` rounded to the input dtype.
-    grad_out, q, k, v, lse, bias, rel = map(t.contiguous, (grad_out, q, k, v, lse, bias, rel))
-    c = _Call(t, geo, bias, rel)
+    grad_out, q, k, v, lse, bias, rel, key_bias = map(
+        t.contiguous, (grad_out, q, k, v, lse, bias, rel, key_bias))
+    c = _Call(t, geo, bias, rel, key_bias)
     dq = c.query_grad_buffer(q.shape)
     dk, dv = t.xp.empty(k.shape, geo.dtype), t.xp.empty(v.shape, geo.dtype)
+    dkey_bias = _key_bias_grad(t, geo, key_bias)
     delta = t.xp.empty(geo.lse_shape, c.acc)   # sum_t p_t dp_t per query (lse-sized)
     dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, lse, bias, rel, dq, delta,
-                              allow_tiled=allow_tiled)
-    if geo.dqk or geo.dv:
+                              key_bias, allow_tiled=allow_tiled)
+    if geo.dqk or geo.dv or key_bias is not None:
         _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv,
-                  allow_tiled=allow_tiled)
-    return dq, dk, dv, dbias, drel
+                  key_bias, dkey_bias, allow_tiled=allow_tiled)
+    return dq, dk, dv, dbias, drel, dkey_bias

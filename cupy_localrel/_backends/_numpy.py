@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._geometry import Geometry, lse_dtype
+from .._geometry import Geometry, axis_window, lse_dtype
 
 _MIB = 1 << 20
 _budget = 256 * _MIB
@@ -119,10 +119,17 @@ class _Slot:
     ay: np.ndarray     # (rows,) table row
     ax: np.ndarray     # (Wo,) table column
 
-    @property
+    @functools.cached_property
     def valid(self) -> np.ndarray:
         """``(rows, Wo)`` bool."""
         return (self.ys >= 0)[:, None] & (self.xs >= 0)[None, :]
+
+    @functools.cached_property
+    def table_entry(self):
+        """``(ay, ax)`` when every output of the slot uses one table entry (centred
+        windows), else ``None``."""
+        ay, ax = _constant(self.ay), _constant(self.ax)
+        return None if ay is None or ax is None else (ay, ax)
 
     @functools.cached_property
     def strided(self):
@@ -137,6 +144,7 @@ class _Slot:
         (oi, ii), (oj, ij) = ry, rx
         return (oi, oj), (ii, ij)
 
+    @functools.cached_property
     def injective(self) -> bool:
         """No two outputs of this slot look at the same input (true for centred windows)."""
         y, x = self.ys[self.ys >= 0], self.xs[self.xs >= 0]
@@ -144,14 +152,30 @@ class _Slot:
 
 
 def _slots(geo: Geometry, c: _Chunk):
-    """Yield ``(t, _Slot)`` for every window slot, row-major from the top-left."""
-    rows, cols = geo.rows, geo.cols
-    for ty in range(geo.kernel[0]):
-        ys = rows.pos[c.i, ty].astype(np.int64)
-        ys = np.where(ys >= 0, ys - c.in_rows.start, -1)
-        for tx in range(geo.kernel[1]):
-            yield ty * geo.kernel[1] + tx, _Slot(ys, cols.pos[:, tx].astype(np.int64),
-                                                  rows.table[c.i, ty], cols.table[:, tx])
+    """``(t, _Slot)`` for every window slot, row-major from the top-left."""
+    return _slot_plan(geo.height, geo.width, geo.kernel, geo.dilation, geo.stride, geo.border,
+                      c.i.start, c.i.stop, c.in_rows.start)
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_plan(height, width, kernel, dilation, stride, border, i0, i1, r0):
+    """The slots of output rows ``i0:i1`` (inputs from row ``r0``), with what each slot
+    derives (slices, masks, table entries) computed once: pure geometry, so cached and
+    shared by every call of the same shape, which removes most of a small call's cost."""
+    rows = axis_window(height, kernel[0], dilation[0], stride[0], border)
+    cols = axis_window(width, kernel[1], dilation[1], stride[1], border)
+    plan = []
+    for ty in range(kernel[0]):
+        ys = rows.pos[i0:i1, ty].astype(np.int64)
+        ys = np.where(ys >= 0, ys - r0, -1)
+        for tx in range(kernel[1]):
+            s = _Slot(ys, cols.pos[:, tx].astype(np.int64), rows.table[i0:i1, ty],
+                      cols.table[:, tx])
+            s.strided, s.valid, s.table_entry, s.injective  # noqa: B018 - fill the caches
+            for a in (s.ys, s.xs, s.valid):
+                a.flags.writeable = False                   # shared: nobody may change it
+            plan.append((ty * kernel[1] + tx, s))
+    return tuple(plan)
 
 
 def _axis_slices(pos: np.ndarray):
@@ -202,7 +226,7 @@ def _scatter_add(dst_rows, src, s: _Slot):
     vy, vx = s.ys >= 0, s.xs >= 0
     index = (Ellipsis, s.ys[vy][:, None], s.xs[vx][None, :])
     values = src[..., vy, :][..., vx]
-    if s.injective():
+    if s.injective:
         dst_rows[index] += values
     else:  # shift windows: several outputs may share an input in one slot
         np.add.at(dst_rows, index, values)
@@ -219,8 +243,8 @@ def _constant(a: np.ndarray):
 def _table(t, s: _Slot):
     """``t[..., ay, ax]`` per output of the slot: ``(..., rows, Wo)``, or a broadcastable
     ``(..., 1, 1)`` view when the index is the same for every output (centred windows)."""
-    ay, ax = _constant(s.ay), _constant(s.ax)
-    if ay is not None and ax is not None:
+    if s.table_entry is not None:
+        ay, ax = s.table_entry
         return t[..., ay, ax, None, None]
     return t[..., s.ay[:, None], s.ax[None, :]]
 
@@ -228,8 +252,8 @@ def _table(t, s: _Slot):
 def _table_add(dst, src, s: _Slot):
     """``dst[..., ay, ax] += src[..., i, j]`` summed over outputs: one reduction when the
     index is constant (centred windows), else a tiny one-hot product."""
-    ay, ax = _constant(s.ay), _constant(s.ax)
-    if ay is not None and ax is not None:
+    if s.table_entry is not None:
+        ay, ax = s.table_entry
         dst[..., ay, ax] += src.sum(axis=(-2, -1))
         return
     one_y = np.eye(dst.shape[-2], dtype=src.dtype)[s.ay]  # (rows, Ty)
@@ -238,11 +262,54 @@ def _table_add(dst, src, s: _Slot):
 
 
 # ---------------------------------------------------------------------------------------
+# Similarity functions: phi(q, k) per channel and its two partial derivatives
+# ---------------------------------------------------------------------------------------
+
+def _phi(similarity: str, q, k):
+    """``phi(q, k)`` elementwise (docs/contract.md "Similarity functions"); ``"dot"`` is ``q * k``."""
+    if similarity == "dot":
+        return q * k
+    if similarity == "key":
+        return np.broadcast_to(k, np.broadcast_shapes(q.shape, k.shape))
+    if similarity == "neg_abs":
+        return -np.abs(q - k)
+    if similarity == "neg_abs_normalized":
+        return -np.abs(q - k) / (np.abs(q) + np.abs(k) + 1)
+    if similarity == "neg_square_normalized":
+        return -(q - k) ** 2 / (np.abs(q * k) + 1)
+    return -(q - k) ** 2                                   # neg_square
+
+
+def _dphi(similarity: str, q, k):
+    """``(dphi/dq, dphi/dk)`` elementwise; ``|x|`` has the subgradient ``sign(0) = 0``."""
+    d = q - k
+    if similarity == "dot":
+        return k, q
+    if similarity == "key":
+        return np.zeros_like(d), np.ones_like(d)
+    if similarity == "neg_abs":
+        return -np.sign(d), np.sign(d)
+    if similarity == "neg_abs_normalized":
+        den = np.abs(q) + np.abs(k) + 1
+        a = np.abs(d) / den ** 2
+        return -np.sign(d) / den + a * np.sign(q), np.sign(d) / den + a * np.sign(k)
+    if similarity == "neg_square_normalized":
+        den = np.abs(q * k) + 1
+        e = d * d / den ** 2 * np.sign(q * k)
+        return -2 * d / den + e * k, 2 * d / den + e * q
+    return -2 * d, 2 * d                                   # neg_square
+
+
+# ---------------------------------------------------------------------------------------
 # Chunk kernels: logits, weighted sums and their gradients
 # ---------------------------------------------------------------------------------------
 
-def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool):
-    """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked."""
+def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows=None):
+    """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked.
+
+    ``kb_rows``: the chunk's ``key_bias`` rows ``(nb, nh, 1, rows, W)`` or ``None``; an
+    invalid slot gets 0 from it.
+    """
     qc = _centres(q_rows, geo, c)                         # (nb, nh, Dqk, rows, Wo)
     bias_h = None if bias is None else bias[c.h].astype(geo.acc_dtype, copy=False)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -251,9 +318,14 @@ def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool):
         key = _gather(k_rows, s)
         if rel_h is not None:
             key = key + _table(rel_h, s)[None]
-        logit = geo.scale * np.einsum("bhdij,bhdij->bhij", qc, key)
+        if geo.similarity == "dot":
+            logit = geo.scale * np.einsum("bhdij,bhdij->bhij", qc, key)
+        else:
+            logit = geo.scale * _phi(geo.similarity, qc, key).sum(axis=2)
         if bias_h is not None:
             logit += _table(bias_h, s)[None]
+        if kb_rows is not None:
+            logit += _gather(kb_rows, s)[:, :, 0]
         if mask_invalid:
             logit = np.where(s.valid, logit, -np.inf)
         logits[:, :, t] = logit
@@ -291,8 +363,10 @@ def _chunk_av_grads(geo, c, grad_out, weights, v_rows, dv_rows):
     return dweights
 
 
-def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel):
-    """Adds the gradients of the chunk's logits into ``dq``/``dk``/``dbias``/``drel``."""
+def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
+                    dkb_rows=None):
+    """Adds the gradients of the chunk's logits into ``dq``/``dk``/``dbias``/``drel`` (and
+    ``key_bias``'s rows ``dkb_rows``: each valid slot's logit gradient lands on its key)."""
     qc = _centres(q_rows, geo, c)
     dqc = _centres(dq_rows, geo, c)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -302,17 +376,33 @@ def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbia
         if rel_h is not None:
             key = key + _table(rel_h, s)[None]
             _table_add(drel[c.h], (g * qc).sum(axis=0), s)
-        dqc += g * key
-        _scatter_add(dk_rows, g * qc, s)
+        if geo.similarity == "dot":
+            dqc += g * key
+            _scatter_add(dk_rows, g * qc, s)
+        else:
+            by_q, by_k = _dphi(geo.similarity, qc, key)
+            dqc += g * by_q
+            _scatter_add(dk_rows, g * by_k, s)
         if dbias is not None:
             _table_add(dbias[c.h], dlogits[:, :, t].sum(axis=0), s)
+        if dkb_rows is not None:
+            _scatter_add(dkb_rows, dlogits[:, :, t, None], s)
 
 
 def _softmax(logits):
-    """``(weights, lse)`` over axis 2; ``-inf`` logits get weight exactly 0."""
+    """``(weights, lse)`` over axis 2; ``-inf`` logits get weight exactly 0. A window whose
+    logits are all ``-inf`` (no slot takes part) gets weights 0 and ``lse = -inf``."""
     top = logits.max(axis=2, keepdims=True)
-    lse = top + np.log(np.exp(logits - top).sum(axis=2, keepdims=True))
-    return np.exp(logits - lse), lse[:, :, 0]
+    top = np.where(top == -np.inf, 0, top)                 # empty window: nothing to shift
+    with np.errstate(divide="ignore"):                     # log(0) = -inf: the empty window
+        lse = top + np.log(np.exp(logits - top).sum(axis=2, keepdims=True))
+    return _weights(logits, lse), lse[:, :, 0]
+
+
+def _weights(logits, lse):
+    """``exp(logits - lse)``, exactly 0 at ``-inf`` logits (also where ``lse = -inf``)."""
+    with np.errstate(invalid="ignore"):                    # -inf - -inf, replaced below
+        return np.where(logits == -np.inf, 0, np.exp(logits - lse))
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,6 +428,11 @@ def _out_rows(x, geo, c, per_head):
     return part.reshape(part.shape[0], c.h.stop - c.h.start, per_head, *part.shape[2:])
 
 
+def _key_bias_rows(key_bias, geo, c):
+    """The chunk's ``key_bias`` rows ``(nb, nh, 1, rows, W)``, or ``None``."""
+    return None if key_bias is None else _heads_view(key_bias, geo, c, 1, c.in_rows)
+
+
 def _small_grads(geo, bias, rel):
     dbias = None if bias is None else np.zeros(bias.shape, geo.acc_dtype)
     drel = None if rel is None else np.zeros(rel.shape, geo.acc_dtype)
@@ -352,31 +447,41 @@ def _cast(geo, *arrays):
 # The backend's function set
 # ---------------------------------------------------------------------------------------
 
-def qk_forward(geo: Geometry, q, k, bias, rel):
+def qk_forward(geo: Geometry, q, k, bias, rel, key_bias=None):
     """Logits ``(B, heads, K, Ho, Wo)``; masked slots ``-inf`` with ``border="mask"``."""
     logits = np.empty(geo.attn_shape, geo.dtype)
     for c in _chunks(geo, 2 * geo.dqk):
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
         k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
         logits[c.b, c.h, :, c.i] = _chunk_logits(geo, c, q_rows, k_rows, bias, rel,
-                                                 geo.border == "mask")
+                                                 geo.border == "mask",
+                                                 _key_bias_rows(key_bias, geo, c))
     return logits
 
 
-def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel):
+def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
     dq, dk = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype)
     dbias, drel = _small_grads(geo, bias, rel)
+    dkey_bias = None if key_bias is None else np.zeros(key_bias.shape, key_bias.dtype)
     for c in _chunks(geo, 4 * geo.dqk):
         g = grad_logits[c.b, c.h, :, c.i].astype(geo.acc_dtype, copy=False)
         if geo.border == "mask":  # gradients at masked slots are ignored
             g = _mask_slots(geo, c, g)
+        kb_rows = _key_bias_rows(key_bias, geo, c)
+        if kb_rows is not None:   # and at slots whose key is removed (key_bias -inf)
+            removed = np.stack([_gather(kb_rows, s)[:, :, 0] == -np.inf
+                                for _, s in _slots(geo, c)], axis=2)
+            g = np.where(removed, 0, g)
         dq_rows, dk_rows = _grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk)
+        dkb_rows = None if key_bias is None else _grad_rows(geo, c, 1)
         _chunk_qk_grads(geo, c, g, _heads_view(q, geo, c, geo.dqk, c.in_rows),
                         _heads_view(k, geo, c, geo.dqk, c.in_rows), rel, dq_rows, dk_rows,
-                        dbias, drel)
+                        dbias, drel, dkb_rows)
         _land(dq, dq_rows, c, geo.dqk)
         _land(dk, dk_rows, c, geo.dqk)
-    return (dq, dk) + _cast(geo, dbias, drel)
+        if dkb_rows is not None:
+            _land(dkey_bias, dkb_rows, c, 1)
+    return (dq, dk) + _cast(geo, dbias, drel) + (dkey_bias,)
 
 
 def _mask_slots(geo, c, per_slot):
@@ -406,39 +511,44 @@ def av_backward(geo: Geometry, grad_out, attn, v):
     return dattn, dv
 
 
-def attention_forward(geo: Geometry, q, k, v, bias, rel):
+def attention_forward(geo: Geometry, q, k, v, bias, rel, key_bias=None):
     out = np.empty(geo.out_shape, geo.dtype)
     lse = np.empty(geo.lse_shape, lse_dtype(geo.dtype))
     for c in _chunks(geo, 2 * geo.dqk + 2 * geo.dv):
         logits = _chunk_logits(geo, c, _heads_view(q, geo, c, geo.dqk, c.in_rows),
                                _heads_view(k, geo, c, geo.dqk, c.in_rows), bias, rel,
-                               geo.border == "mask")
+                               geo.border == "mask", _key_bias_rows(key_bias, geo, c))
         weights, lse[c.b, c.h, c.i] = _softmax(logits)
         _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(
             geo, c, weights, _heads_view(v, geo, c, geo.dv, c.in_rows))
     return out, lse
 
 
-def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel):
+def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, key_bias=None):
     dq, dk, dv = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
     dbias, drel = _small_grads(geo, bias, rel)
+    dkey_bias = None if key_bias is None else np.zeros(key_bias.shape, key_bias.dtype)
     for c in _chunks(geo, 4 * geo.dqk + 3 * geo.dv):
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
         k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
-        logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask")
+        logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask",
+                               _key_bias_rows(key_bias, geo, c))
         # Recompute the weights from the saved log-sum-exp instead of storing them.
-        weights = np.exp(logits - lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
+        weights = _weights(logits, lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
         del logits
         g = _out_rows(grad_out, geo, c, geo.dv).astype(geo.acc_dtype, copy=False)
         dq_rows, dk_rows, dv_rows = (_grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk),
                                      _grad_rows(geo, c, geo.dv))
+        dkb_rows = None if key_bias is None else _grad_rows(geo, c, 1)
         dweights = _chunk_av_grads(geo, c, g, weights,
                                    _heads_view(v, geo, c, geo.dv, c.in_rows), dv_rows)
         # Softmax backward: dlogit_t = p_t * (dp_t - sum_s p_s dp_s).
         dweights -= (weights * dweights).sum(axis=2, keepdims=True)
         dweights *= weights
-        _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel)
+        _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
+                        dkb_rows)
         for dst, rows_grad, per_head in ((dq, dq_rows, geo.dqk), (dk, dk_rows, geo.dqk),
-                                         (dv, dv_rows, geo.dv)):
-            _land(dst, rows_grad, c, per_head)
-    return (dq, dk, dv) + _cast(geo, dbias, drel)
+                                         (dv, dv_rows, geo.dv), (dkey_bias, dkb_rows, 1)):
+            if dst is not None:
+                _land(dst, rows_grad, c, per_head)
+    return (dq, dk, dv) + _cast(geo, dbias, drel) + (dkey_bias,)

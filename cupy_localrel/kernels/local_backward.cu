@@ -17,17 +17,22 @@
 // same value in exact arithmetic, but `out` arrives rounded to the input dtype (and the
 // reference ignores it), so the kernels do not read `out` at all.
 //
-// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
-//   query_grad<T, MODE>    MODE kAttention: delta, dq, table partials of the fused op.
+// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double;
+// SIM = the similarity function, localrel::Similarity, default kDot):
+//   query_grad<T, MODE, SIM>
+//                          MODE kAttention: delta, dq, table partials of the fused op.
 //                          MODE kQK: dq and table partials of local_qk2d.
 //   query_grad_tiled<T, CK, CV>
 //                          the fast path of query_grad<T, kAttention> (stride 1): the keys
 //                          and values of the tile's halo staged in shared memory.
-//   key_grad<T, MODE>      MODE kAttention: dk and dv; kQK: dk; kAV: dv (local_av2d).
+//   key_grad<T, MODE, SIM> MODE kAttention: dk and dv; kQK: dk; kAV: dv (local_av2d);
+//                          and d key_bias (kAttention, kQK) with kHasKeyBias: each key
+//                          gathers the logit gradients of its users, like dk.
 //   key_grad_tiled<T, CK, CV>
 //                          the fast path of key_grad<T, kAttention> (stride 1): queries and
 //                          output gradients of the tile's users staged in shared memory.
 //   av_dattn<T>            d attn of local_av2d (per output pixel and slot).
+// The tiled kernels serve the dot product without key_bias only (the host's choice).
 //   table_reduce<T>        stage 2 of the dbias/drel reduction.
 #include "localrel_common.cuh"
 
@@ -84,7 +89,7 @@ __device__ void tile_table_sum(A (&sum)[NQ], const A* __restrict__ dlogit, const
 }
 
 // Invert one axis's table over the tile: slot_of_entry[r][a] = t with tab[first + r][t] == a.
-// A table row is strictly increasing in t (SPEC "Geometry"), so t is unique.
+// A table row is strictly increasing in t (docs/contract.md "Geometry"), so t is unique.
 __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restrict__ tab, int first,
                              int count, int total, int k, int entries, int tid, int nthreads) {
   for (int idx = tid; idx < count * entries; idx += nthreads) slot_of_entry[idx] = -1;
@@ -140,11 +145,11 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
 
 }  // namespace
 
-template <class T, int MODE>
+template <class T, int MODE, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
            const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
-           T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+           const T* __restrict__ key_bias, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
            acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
            acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
@@ -165,19 +170,22 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   const T* kb = k + qk_off;
   const T* rel_h = rel + (size_t)h * dqk * tt;
   const T* bias_h = bias + (size_t)h * tt;
+  const T* kbias = key_bias + (size_t)p.plane * hw;
 
   // (1) dlogit of every slot. Threads past the plane edge hold zeros for the table sums.
   A* my = dlogit + p.tid;
   if (!p.inside) {
     for (int t = 0; t < K; ++t) my[(size_t)t * tile] = 0;
   } else if (MODE == kQK) {
-    // grad_logits (B, heads, K, Ho, Wo); with border="mask" gradients at masked slots are ignored.
+    // grad_logits (B, heads, K, Ho, Wo); with border="mask" gradients at masked slots are
+    // ignored, and so are those at slots whose key is removed (key_bias -inf).
     const T* g = grad + (size_t)p.plane * K * ohw + o;
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const Slot s = slot_of(w, p.r, p.c, ty, tx);
         const int t = ty * w.kw + tx;
-        my[(size_t)t * tile] = takes_part(w, s) ? load(g, t * ohw) : A(0);
+        const bool removed = (flags & kHasKeyBias) && s.valid() && load(kbias, s.in(w.W)) == neg_inf<A>();
+        my[(size_t)t * tile] = takes_part(w, s) && !removed ? load(g, t * ohw) : A(0);
       }
   } else {
     // Softmax backward: dlogit_t = p_t (dp_t - delta), dp_t = grad_out . v_t (0 for an
@@ -193,7 +201,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
         const size_t t = (size_t)(ty * w.kw + tx) * tile;
         A pt = 0, dp = 0;
         if (takes_part(w, s)) {
-          pt = acc_exp(slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale) - lse_o);
+          pt = weight_from_lse(slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias), lse_o);
           if (s.valid())
             for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in(w.W));
         }
@@ -205,17 +213,19 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
     for (int t = 0; t < K; ++t) my[(size_t)t * tile] = my_p[(size_t)t * tile] * (my[(size_t)t * tile] - dsum);
   }
 
-  // (2) dq at the centre: scale * sum_t dlogit_t (k_t + rel_t); an invalid slot has key 0.
+  // (2) dq at the centre: scale * sum_t dlogit_t dphi/dq(q, k_t) (k_t + rel_t for the dot
+  // product); an invalid slot has key 0.
   if (p.inside) {
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
     for (int d = 0; d < dqk; ++d) {
       A sum = 0;
+      const A qd = SIM == kDot ? A(0) : load(qc, d * hw);   // the dot product needs no q here
       for (int ty = 0; ty < w.kh; ++ty)
         for (int tx = 0; tx < w.kw; ++tx) {
           const Slot s = slot_of(w, p.r, p.c, ty, tx);
           A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
-          if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
-          sum += my[(size_t)(ty * w.kw + tx) * tile] * key;
+          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
+          sum += my[(size_t)(ty * w.kw + tx) * tile] * Sim<SIM>::dq(qd, key);
         }
       store(dqc + d * hw, scale * sum);
     }
@@ -302,7 +312,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
         const size_t t = (size_t)(ty * w.kw + tx) * ss;
         if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask": p_t = dp_t = 0
         const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
-        my_dl[t] = acc_exp(logit - lse_o);
+        my_dl[t] = weight_from_lse(logit, lse_o);   // 0 in an empty window (lse -inf)
         dsum += my_dl[t] * my_dp[t];
       }
     delta[(size_t)p.plane * ohw + o] = dsum;
@@ -372,13 +382,13 @@ __device__ __forceinline__ bool user_of(const Window& w, int y, int x, int a, in
 
 }  // namespace
 
-template <class T, int MODE>
+template <class T, int MODE, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
-         const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ dk,
-         T* __restrict__ dv_out, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+         const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
+         T* __restrict__ dk, T* __restrict__ dv_out, T* __restrict__ dkey_bias, int heads, int dqk, int dv, int flags, acc_t<T> scale,
          acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -398,6 +408,9 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * (MODE == kQK ? K : dv) * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
+  // This key's own key_bias: in every logit that sees it; -inf removes the key.
+  const bool has_kb = MODE != kAV && (flags & kHasKeyBias);
+  const A kb_n = has_kb ? load(key_bias, (size_t)p.plane * hw + n) : A(0);
 
   // (1) the weight and/or logit gradient of every (output, slot) pair that uses pixel n.
   for (int a = 0; a < w.mr; ++a)
@@ -410,7 +423,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
       if (MODE == kAV) {
         user_p[slot] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
       } else if (MODE == kQK) {
-        user_dl[slot] = load(gb, t * ohw + o);
+        user_dl[slot] = has_kb && kb_n == neg_inf<A>() ? A(0) : load(gb, t * ohw + o);
       } else {
         // Recompute the weight from lse; the key is this thread's own, always valid here.
         const int tab = w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
@@ -418,12 +431,13 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
         A dot = 0;
         for (int d = 0; d < dqk; ++d) {
           A key = load(kn, d * hw);
-          if (flags & kHasRel) key += load(rel_h, d * tt + tab);
-          dot += load(qc, d * hw) * key;
+          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + tab);
+          dot += Sim<SIM>::phi(load(qc, d * hw), key);
         }
         A logit = scale * dot;
         if (flags & kHasBias) logit += load(bias, (size_t)h * tt + tab);
-        const A pt = acc_exp(logit - lse[(size_t)p.plane * ohw + o]);
+        if (has_kb) logit += kb_n;
+        const A pt = weight_from_lse(logit, lse[(size_t)p.plane * ohw + o]);
         A dp = 0;
         for (int e = 0; e < dv; ++e) dp += load(gb, e * ohw + o) * load(vn, e * hw);
         user_p[slot] = pt;
@@ -431,18 +445,29 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
       }
     }
 
-  // (2) dk: scale * sum_u dl_u q(centre of u).
+  // (2) dk: scale * sum_u dl_u dphi/dk(q(centre of u), k) (q itself for the dot product).
   if (MODE != kAV)
     for (int d = 0; d < dqk; ++d) {
       A sum = 0;
+      const A kd = SIM == kDot ? A(0) : load(kn, d * hw);   // the dot product needs no k here
       for (int a = 0; a < w.mr; ++a)
         for (int b = 0; b < w.mc; ++b) {
           User u;
           if (user_of(w, p.r, p.c, a, b, u))
-            sum += user_dl[(size_t)(a * w.mc + b) * tile] * load(qb, d * hw + w.centre(u.i, u.j));
+            sum += user_dl[(size_t)(a * w.mc + b) * tile] * Sim<SIM>::dk(load(qb, d * hw + w.centre(u.i, u.j)), kd);
         }
       store(dk + qk_off + n + d * hw, scale * sum);
     }
+  // d key_bias: sum_u dl_u, the logit gradients of every pair that sees this key.
+  if (has_kb) {
+    A sum = 0;
+    for (int a = 0; a < w.mr; ++a)
+      for (int b = 0; b < w.mc; ++b) {
+        User u;
+        if (user_of(w, p.r, p.c, a, b, u)) sum += user_dl[(size_t)(a * w.mc + b) * tile];
+      }
+    store(dkey_bias + (size_t)p.plane * hw + n, sum);
+  }
   // (3) dv: sum_u p_u grad_out(u).
   if (MODE != kQK)
     for (int e = 0; e < dv; ++e) {
@@ -557,7 +582,8 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
         const size_t s = (size_t)(a * w.mc + b) * tile;
         const size_t o = (size_t)p.plane * ohw + (size_t)(oy0 + uh / halo_w) * w.Wo + (ox0 + uh % halo_w);
         const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(a, b, w.tw)) : A(0));
-        const A pt = acc_exp(logit - lse[o]);
+        // 0 in an empty window (lse -inf), where exp(logit - lse) would be NaN.
+        const A pt = weight_from_lse(logit, lse[o]);
         user_p[s] = pt;
         user_dl[s] = pt * (user_dl[s] - delta[o]);
       }

@@ -1,14 +1,16 @@
 // local_forward.cu - forward kernels of local_qk2d, local_av2d and the fused local_attention2d.
 //
-// Layout (SPEC.md): q/k (B, heads*Dqk, H, W), v (B, heads*Dv, H, W), logits/attn
+// Layout (docs/contract.md): q/k (B, heads*Dqk, H, W), v (B, heads*Dv, H, W), logits/attn
 // (B, heads, K, Ho, Wo), out (B, heads*Dv, Ho, Wo), lse (B, heads, Ho, Wo). Channels are
 // planes, so threads of a warp on neighbouring output columns read neighbouring addresses
 // of every channel plane: the generic kernels are coalesced without any staging.
 //
-// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double):
-//   qk_forward<T>               one thread per output pixel, writes its K logits.
+// Kernels (T = __half, __nv_bfloat16, float, double; A = float, or double for double;
+// SIM = the similarity function, localrel::Similarity, default kDot):
+//   qk_forward<T, SIM>          one thread per output pixel, writes its K logits.
 //   av_forward<T, VPT>          one thread per output pixel and chunk of VPT value channels.
-//   attention_forward<T, VPT>   the general fused path: online softmax, one thread per
+//   attention_forward<T, VPT, SIM>
+//                               the general fused path: online softmax, one thread per
 //                               output pixel and value chunk; writes out (and lse) only.
 //   attention_forward_tiled<T, CK, CV>
 //                               the fast path: a block owns a tile of queries of one
@@ -16,6 +18,9 @@
 //                               are staged in shared memory in chunks of CK (CV) channels,
 //                               so each key/value element is read from global memory once
 //                               per tile instead of once per window that holds it.
+//                               Dot product and no key_bias only (the host's choice).
+// key_bias (B, heads, H, W), read only when flags has kHasKeyBias, adds to the logit of
+// every valid slot that looks at its pixel.
 #include "localrel_common.cuh"
 
 using namespace localrel;
@@ -23,11 +28,11 @@ using namespace localrel;
 // ---------------------------------------------------------------------------------------
 // local_qk2d forward
 // ---------------------------------------------------------------------------------------
-template <class T>
+template <class T, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
-           const T* __restrict__ bias, const T* __restrict__ rel, T* __restrict__ logits,
-           int heads, int dqk, int flags, acc_t<T> scale) {
+           const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
+           T* __restrict__ logits, int heads, int dqk, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
@@ -38,12 +43,13 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
   const T* kb = k + qk_off;
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
   const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const T* kbias = key_bias + (size_t)p.plane * w.in_plane();
   T* dst = logits + (size_t)p.plane * w.slots() * w.out_plane() + (size_t)p.r * w.Wo + p.c;
   for (int ty = 0; ty < w.kh; ++ty)
     for (int tx = 0; tx < w.kw; ++tx) {
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
       // border="mask": an invalid slot has no logit (-inf gives it weight 0 in any softmax).
-      const A logit = takes_part(w, s) ? slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale)
+      const A logit = takes_part(w, s) ? slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias)
                                        : neg_inf<A>();
       store(dst + (size_t)(ty * w.kw + tx) * w.out_plane(), logit);
     }
@@ -89,12 +95,12 @@ av_forward(const int* __restrict__ geo, const T* __restrict__ attn, const T* __r
 // max m and sum l rescale the accumulators), so the weights never leave registers.
 // The chunk that holds value channel 0 also writes lse (with Dv == 0 one empty chunk runs).
 // ---------------------------------------------------------------------------------------
-template <class T, int VPT>
+template <class T, int VPT, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                   const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
-                  T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
-                  int chunks, int flags, acc_t<T> scale) {
+                  const T* __restrict__ key_bias, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                  int heads, int dqk, int dv, int chunks, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
@@ -108,6 +114,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
   const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
   const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const T* kbias = key_bias + (size_t)bh * w.in_plane();
   A m = neg_inf<A>(), l = 0, acc[VPT];
 #pragma unroll
   for (int e = 0; e < VPT; ++e) acc[e] = 0;
@@ -115,8 +122,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
     for (int tx = 0; tx < w.kw; ++tx) {
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
       if (!takes_part(w, s)) continue;
-      const A x = slot_logit(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale);
-      // A -inf logit (a -inf bias) weighs exactly 0. Skipping it also keeps
+      const A x = slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias);
+      // A -inf logit (a -inf bias or key_bias) weighs exactly 0. Skipping it also keeps
       // exp(-inf - -inf) = NaN out of the sums while every logit so far is -inf.
       if (x == neg_inf<A>()) continue;
       const A m_new = acc_max(m, x);
@@ -130,14 +137,14 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
       }
       m = m_new;
     }
-  const A inv_l = A(1) / l;
+  // Every logit -inf (no slot takes part, docs/contract.md "Empty windows"): l = 0 and m = -inf give
+  // out = 0 (not 0/0) and lse = m + log(0) = -inf. A NaN logit leaves l NaN: both NaN.
+  const A inv_l = l == A(0) ? A(0) : A(1) / l;
   T* dst = out + ((size_t)bh * dv + e0) * w.out_plane() + o;
 #pragma unroll
   for (int e = 0; e < VPT; ++e)
     if (e < ne) store(dst + e * w.out_plane(), acc[e] * inv_l);
-  // Every logit -inf: out is 0/0 = NaN above, and lse NaN too, as the softmax of the
-  // reference and of the tiled kernel (-inf - -inf) give.
-  if (e0 == 0) lse[(size_t)bh * w.out_plane() + o] = (l > A(0)) ? m + acc_log(l) : quiet_nan<A>();
+  if (e0 == 0) lse[(size_t)bh * w.out_plane() + o] = m + acc_log(l);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -194,12 +201,14 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
         x = scale * x + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
         m = acc_max(m, x);
       }
+    // -inf logits weigh 0 (weight_from_lse): a window where no slot takes part gets
+    // l = 0, lse = -inf and weights 0, so out = 0 (docs/contract.md "Empty windows").
     A l = 0;
-    for (int t = 0; t < K; ++t) l += acc_exp(logit[(size_t)t * tile + p.tid] - m);
+    for (int t = 0; t < K; ++t) l += weight_from_lse(logit[(size_t)t * tile + p.tid], m);
     const A lse_v = m + acc_log(l);
     for (int t = 0; t < K; ++t) {
       A& x = logit[(size_t)t * tile + p.tid];
-      x = acc_exp(x - lse_v);
+      x = weight_from_lse(x, lse_v);
     }
     lse[(size_t)p.plane * w.out_plane() + (size_t)p.r * w.Wo + p.c] = lse_v;
   }

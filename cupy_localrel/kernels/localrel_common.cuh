@@ -69,7 +69,7 @@ template <> __device__ __forceinline__ double quiet_nan<double>() {
 // ---------------------------------------------------------------------------------------
 enum WindowField {
   kH, kW, kHo, kWo, kKh, kKw,
-  kSh, kSw,            // stride: output i is centred on input i*stride (SPEC "Geometry")
+  kSh, kSw,            // stride: output i is centred on input i*stride (docs/contract.md "Geometry")
   kMr, kMc,            // users per input row / column (width of the users tables)
   kTh, kTw,            // bias/rel table extent per axis (k, or 2k-1 for shift)
   kZeros,              // 1: invalid slots take part in the softmax with key 0, value 0
@@ -158,26 +158,99 @@ __device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block 
   return p;
 }
 
-// Flags of the optional inputs (kernel argument `flags`).
-enum Flags { kHasBias = 1, kHasRel = 2 };
+// Flags of the optional inputs (kernel argument `flags`), uniform over a launch.
+enum Flags { kHasBias = 1, kHasRel = 2, kHasKeyBias = 4 };
 
-// The logit of one slot: scale * q . (k + rel) + bias (SPEC "Logits"); an invalid slot has
-// key 0. `qc`, `kb`: channel 0 of this head's q at the centre / k plane; channel stride HW.
-template <class T>
+// ---------------------------------------------------------------------------------------
+// Similarity functions (docs/contract.md "Similarity functions"): the logit sums phi(q_c, k_c) over a
+// head's channels. A template parameter of the general kernels (default kDot), so that the
+// kDot instantiations compile to exactly the dot-product code they had before similarities
+// existed: Sim<kDot>::phi(q, k) is the expression `q * k`. Order: _geometry.SIMILARITIES.
+// dq/dk are the partial derivatives; |x| has the subgradient sign(0) = 0 at 0.
+// ---------------------------------------------------------------------------------------
+enum Similarity {
+  kDot = 0, kKey = 1, kNegAbs = 2, kNegAbsNormalized = 3, kNegSquareNormalized = 4, kNegSquare = 5
+};
+
+template <class A> __device__ __forceinline__ A sign_of(A x) { return A((x > A(0)) - (x < A(0))); }
+template <class A> __device__ __forceinline__ A abs_of(A x) { return x < A(0) ? -x : x; }
+
+template <int SIM> struct Sim;
+template <> struct Sim<kDot> {
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) { return q * k; }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) { return k; }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) { return q; }
+};
+template <> struct Sim<kKey> {
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) { return k; }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) { return A(0); }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) { return A(1); }
+};
+template <> struct Sim<kNegAbs> {
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) { return -abs_of(q - k); }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) { return -sign_of(q - k); }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) { return sign_of(q - k); }
+};
+template <> struct Sim<kNegAbsNormalized> {   // -|q-k| / (|q|+|k|+1)
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) {
+    return -abs_of(q - k) / (abs_of(q) + abs_of(k) + A(1));
+  }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) {
+    const A den = abs_of(q) + abs_of(k) + A(1);
+    return -sign_of(q - k) / den + abs_of(q - k) / (den * den) * sign_of(q);
+  }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) {
+    const A den = abs_of(q) + abs_of(k) + A(1);
+    return sign_of(q - k) / den + abs_of(q - k) / (den * den) * sign_of(k);
+  }
+};
+template <> struct Sim<kNegSquareNormalized> {   // -(q-k)^2 / (|q k|+1)
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) {
+    return -(q - k) * (q - k) / (abs_of(q * k) + A(1));
+  }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) {
+    const A d = q - k, den = abs_of(q * k) + A(1);
+    return A(-2) * d / den + d * d / (den * den) * sign_of(q * k) * k;
+  }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) {
+    const A d = q - k, den = abs_of(q * k) + A(1);
+    return A(2) * d / den + d * d / (den * den) * sign_of(q * k) * q;
+  }
+};
+template <> struct Sim<kNegSquare> {
+  template <class A> static __device__ __forceinline__ A phi(A q, A k) { return -(q - k) * (q - k); }
+  template <class A> static __device__ __forceinline__ A dq(A q, A k) { return A(-2) * (q - k); }
+  template <class A> static __device__ __forceinline__ A dk(A q, A k) { return A(2) * (q - k); }
+};
+
+// The weight exp(logit - lse) of a slot, exactly 0 for a -inf logit: also in a window where
+// no slot takes part (every logit -inf, lse -inf: docs/contract.md "Empty windows"), where the plain
+// formula would give exp(-inf - -inf) = NaN. NaN logits or lse still give NaN.
+template <class A>
+__device__ __forceinline__ A weight_from_lse(A logit, A lse) {
+  return logit == neg_inf<A>() ? A(0) : acc_exp(logit - lse);
+}
+
+// The logit of one slot: scale * sum_c phi(q_c, k_c + rel_c) + bias + key_bias (docs/contract.md
+// "Logits"); an invalid slot has key 0 and key_bias 0; rel exists for kDot only. `qc`, `kb`:
+// channel 0 of this head's q at the centre / k plane, channel stride HW; `kbias`: this
+// plane's key_bias (read only with kHasKeyBias).
+template <int SIM = kDot, class T>
 __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, const T* __restrict__ qc,
                                                const T* __restrict__ kb, const T* __restrict__ rel_h,
                                                const T* __restrict__ bias_h, int dqk, int flags,
-                                               acc_t<T> scale) {
+                                               acc_t<T> scale, const T* __restrict__ kbias = nullptr) {
   using A = acc_t<T>;
   const size_t hw = w.in_plane(), tt = (size_t)w.th * w.tw;
   A dot = 0;
   for (int d = 0; d < dqk; ++d) {
     A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
-    if (flags & kHasRel) key += load(rel_h, d * tt + s.tab);
-    dot += load(qc, d * hw) * key;
+    if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
+    dot += Sim<SIM>::phi(load(qc, d * hw), key);
   }
   A logit = scale * dot;
   if (flags & kHasBias) logit += load(bias_h, (size_t)s.tab);
+  if ((flags & kHasKeyBias) && s.valid()) logit += load(kbias, s.in(w.W));
   return logit;
 }
 

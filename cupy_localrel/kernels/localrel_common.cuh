@@ -337,11 +337,13 @@ __device__ __forceinline__ TileAxis carve_axis(int*& cursor, int slots, int n) {
 __device__ __forceinline__ void fill_window_axis(TileAxis a, const int* __restrict__ pos,
                                                  const int* __restrict__ tab, int k, int first, int n,
                                                  int total, int origin, int step, int tid, int nthreads) {
+  // Lanes walk the tables' rows (contiguous in global memory: coalesced), and store
+  // transposed into [slot][n] (a once-per-block fill; the slot loops read it broadcast).
   for (int idx = tid; idx < k * n; idx += nthreads) {
-    const int s = idx / n, i = first + idx % n;
-    const int at = i < total ? pos[i * k + s] : -1;
-    a.off[idx] = at >= 0 ? (at - origin) * step : kOutside;
-    a.tab[idx] = i < total ? tab[i * k + s] : 0;
+    const int r = idx / k, s = idx - r * k, i = first + r;
+    const int at = i < total ? pos[(size_t)first * k + idx] : -1;
+    a.off[s * n + r] = at >= 0 ? (at - origin) * step : kOutside;
+    a.tab[s * n + r] = i < total ? tab[(size_t)first * k + idx] : 0;
   }
 }
 
@@ -352,11 +354,11 @@ __device__ __forceinline__ void fill_users_axis(TileAxis a, const int* __restric
                                                 const int* __restrict__ window_tab, int k, int m, int first,
                                                 int n, int total, int origin, int step, int tid,
                                                 int nthreads) {
-  for (int idx = tid; idx < m * n; idx += nthreads) {
-    const int s = idx / n, y = first + idx % n;
-    const int o = y < total ? users_out[y * m + s] : -1;
-    a.off[idx] = o >= 0 ? (o - origin) * step : kOutside;
-    a.tab[idx] = o >= 0 ? window_tab[o * k + users_slot[y * m + s]] : 0;
+  for (int idx = tid; idx < m * n; idx += nthreads) {   // coalesced rows, as fill_window_axis
+    const int r = idx / m, s = idx - r * m, y = first + r;
+    const int o = y < total ? users_out[(size_t)first * m + idx] : -1;
+    a.off[s * n + r] = o >= 0 ? (o - origin) * step : kOutside;
+    a.tab[s * n + r] = o >= 0 ? window_tab[o * k + users_slot[(size_t)first * m + idx]] : 0;
   }
 }
 

@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     # Record which instantiations get launched: the point is to cover every one.
     launched, original = set(), K.Target.function
 
-    def recording(self, filename, name):
+    def recording(self, filename, name, device=None):
         launched.add((filename, name))
-        return original(self, filename, name)
+        return original(self, filename, name, device)
 
     K.Target.function = recording
 

@@ -52,6 +52,15 @@ class _SampledKernel:
     def __init__(self, target: "ProfileTarget", kernel):
         self.target, self.kernel = target, kernel
 
+    # The opt-in limit of dynamic shared memory (cudaFuncSetAttribute) is the kernel's.
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self.kernel.max_dynamic_shared_size_bytes
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        self.kernel.max_dynamic_shared_size_bytes = value
+
     def __call__(self, grid, block, args, shared_mem=0, **kw):
         total = int(np.prod(grid))
         planes = self.target.planes

@@ -35,6 +35,8 @@ class FakeCupy:
         self.events: list[tuple[str, object]] = []
         self.devices = devices
         self.current = 0
+        self.smem_optin = 227 * 1024   # cudaDevAttrMaxSharedMemoryPerBlockOptin (sm_90)
+        self.functions: dict = {}      # kernel name -> its Function (the last one handed out)
         self.module = self._build(version)
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -192,6 +194,7 @@ class FakeCupy:
         class Function:
             def __init__(self, name):
                 self.name = name
+                self.max_dynamic_shared_size_bytes = 48 * 1024   # raised by cudaFuncSetAttribute
 
             def __call__(self, grid, block, args, shared_mem=0):
                 for what, dims in (("grid", grid), ("block", block)):
@@ -205,7 +208,7 @@ class FakeCupy:
                     else:
                         assert isinstance(a, np.generic), \
                             f"{self.name}: argument {i} is a {type(a).__name__}, not a NumPy scalar"
-                assert 0 <= shared_mem <= 48 * 1024, (self.name, shared_mem)
+                assert 0 <= shared_mem <= self.max_dynamic_shared_size_bytes, (self.name, shared_mem)
                 fake.record("launch", self.name)
 
         class RawModule:
@@ -220,12 +223,13 @@ class FakeCupy:
                 fake.record("get_function", name)
                 if name not in self.names:
                     raise KeyError(f"no kernel {name!r} among the module's name expressions")
-                return Function(name)
+                fake.functions[name] = Function(name)
+                return fake.functions[name]
 
         runtime = types.SimpleNamespace(
             getDeviceCount=query("getDeviceCount", lambda: fake.devices),
             getDeviceProperties=query("getDeviceProperties", lambda d: {"name": b"fake GPU"}),
-            deviceGetAttribute=query("deviceGetAttribute", lambda attr, d: 0),
+            deviceGetAttribute=query("deviceGetAttribute", lambda attr, d: fake.smem_optin if attr == 97 else 0),
             getDevice=get_device, deviceSynchronize=device_synchronize)
         cuda = types.SimpleNamespace(
             Device=Device, runtime=runtime, get_current_stream=lambda: Stream(),

@@ -304,3 +304,25 @@ def test_results_of_empty_are_written_in_full(monkeypatch, stride, border, dqk, 
             continue
         assert not np.isnan(np.asarray(g, np.float64)).any(), f"result {i} has unwritten entries"
         assert_close(g, w, ATOL[dtype], name=f"result {i}")
+
+
+def test_large_window_opts_in_to_shared_memory_once(fake):
+    """A window whose tiled kernels need more than 48 KiB (here query_grad_tiled) queries the
+    device's opt-in limit once and raises that kernel's limit (the fake refuses a launch
+    above a kernel's limit); the next call queries nothing."""
+    x = _inputs(fake, 2, 8, 8, bias=False, rel=True)
+    rel = fake.array(np.zeros((2, 8, 9, 9), np.float32))
+
+    def call():
+        out, lse = cl.local_attention2d(x["q"], x["k"], x["v"], 2, 9, rel=rel, return_lse=True)
+        return cl.local_attention2d_backward(x["grad_out"], x["q"], x["k"], x["v"], out, lse, 2, 9, rel=rel)
+
+    fake.reset()
+    call()
+    assert fake.counts()["device_query"] >= 1
+    raised = {name: fn.max_dynamic_shared_size_bytes for name, fn in fake.functions.items()
+              if "_tiled" in name}
+    assert len(raised) == 3 and [v for v in raised.values() if v > 48 * 1024] == [227 * 1024], raised
+    fake.reset()
+    call()
+    assert fake.counts()["device_query"] == 0

@@ -500,3 +500,24 @@ def test_backward_takes_delta_from_the_weights_not_from_out(backend, dtype):
     second = cl.local_attention2d_backward(grad, d["q"], d["k"], d["v"], wrong_out, lse, 2, **kw)
     for f, s in zip(first, second):
         np.testing.assert_array_equal(Arrays.get(f), Arrays.get(s))
+
+
+@pytest.mark.parametrize("border", BORDERS)
+def test_large_windows_take_the_fast_path_above_48_kib(border, sim_seed):
+    """k = 9..13 opt in to more than 48 KiB of dynamic shared memory on the tiled kernels
+    (forward, query side and, except k = 13 with shift, key side), and still match the
+    reference on sim, whose kernels refuse more than 48 KiB unless the limit is raised."""
+    from cupy_localrel._backends import _kernel_ops as K
+    _require("sim")
+    target = K.Target("sim")
+    for k in (9, 11, 13):
+        x = _inputs(1, 1, 8, 8, 56, 56, k, border, True, True, np.float32, 3)
+        geo = G.qk_geometry(x["q"], x["k"], 1, k, 1, 1, border, x["bias"], x["rel"], None, v=x["v"])
+        c = K._Call(target, geo, x["bias"], x["rel"])
+        plan = K._tiled_config(geo, c)
+        assert plan is not None and K.SMEM_LIMIT < plan[2] <= K.SIM_SMEM_OPTIN, (k, plan)
+        th, tw = geo.table_shape
+        query_side = K._tiled_backward_config(geo, c, lambda b: 4 * (b[1] * th + b[0] * tw))
+        assert query_side is not None, k
+        assert K._tiled_key_config(geo, c) is not None or (border == "shift" and k == 13)
+    _check_all_ops("sim", border, 13, 1, 1, "float32", True, True, shape=(1, 1, 8, 8, 17, 19))

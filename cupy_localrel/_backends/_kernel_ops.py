@@ -18,8 +18,9 @@ float dummy standing in for absent pointers are cached per device.
 Kernel choice (see the .cu files for what each does):
 
 - fused forward: ``attention_forward_tiled`` (keys/values of a tile's halo staged in shared
-  memory) when the stride is 1, the dtype is not float64 and the tile fits 48 KiB of shared
-  memory; configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
+  memory) when the stride is 1, the dtype is not float64 and the tile fits the shared
+  memory a block may opt in to (48 KiB without opting in; Target.smem_optin);
+  configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
   stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
   16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).
@@ -47,6 +48,11 @@ from .._geometry import SIMILARITIES, Geometry, lse_dtype
 
 FORWARD_FILE, BACKWARD_FILE = "local_forward.cu", "local_backward.cu"
 SMEM_LIMIT = 48 * 1024          # dynamic shared memory usable without opting in
+# The fast paths opt in to more (cudaFuncSetAttribute through CuPy's
+# max_dynamic_shared_size_bytes) up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin;
+# sim stands for the smallest of the NVRTC targets, sm_80 (sm_90 allows 227 KiB).
+SIM_SMEM_OPTIN = 163 * 1024
+CUDA_ATTR_SMEM_OPTIN = 97       # cudaDevAttrMaxSharedMemoryPerBlockOptin
 SCRATCH_LIMIT = 256 * 2**20     # global scratch of one launch, for windows too large for it
 WARP = 32
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
@@ -54,6 +60,8 @@ VPT = 8                         # value channels per thread of the general kerne
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
+REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
+TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
 HAS_BIAS, HAS_REL, HAS_KEY_BIAS = 1, 2, 4   # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
@@ -74,6 +82,8 @@ class Target:
         self._functions: dict = {}
         self._tables: dict = {}
         self._dummies: dict = {}
+        self._optin: dict = {}       # device -> opt-in shared memory limit per block
+        self._raised: set = set()    # (device, kernel name) whose shared memory limit is raised
         self._lock = threading.Lock()
 
     @property
@@ -124,6 +134,27 @@ class Target:
         # Cached tables are read later from any stream: let the copy finish first (once).
         self.xp.cuda.get_current_stream().synchronize()
         return device
+
+    def smem_optin(self, device) -> int:
+        """The most dynamic shared memory a block may opt in to on ``device``: queried once
+        per device, and only by a plan that needs more than SMEM_LIMIT."""
+        limit = self._optin.get(device)
+        if limit is None:
+            if self.name == "cupy":
+                limit = int(self.xp.cuda.runtime.deviceGetAttribute(CUDA_ATTR_SMEM_OPTIN, device))
+            else:
+                limit = SIM_SMEM_OPTIN
+            with self._lock:
+                limit = self._optin.setdefault(device, max(SMEM_LIMIT, limit))
+        return limit
+
+    def allow_smem(self, kernel, name: str, device, smem: int):
+        """Before a launch with ``smem`` bytes of dynamic shared memory: above SMEM_LIMIT, raise
+        the kernel's limit to the device's opt-in limit (once per kernel and device)."""
+        if smem > SMEM_LIMIT and (device, name) not in self._raised:
+            kernel.max_dynamic_shared_size_bytes = self.smem_optin(device)
+            with self._lock:
+                self._raised.add((device, name))
 
     def window(self, geo: Geometry, device=None):
         """The geometry buffer of ``geo`` on this target, cached per geometry and device."""
@@ -288,6 +319,12 @@ class _Call:
         inner = ", ".join([self.ctype, *map(str, params)])
         return self.t.function(filename, f"{template}<{inner}>", self.device)
 
+    def fn_smem(self, smem: int, filename, template, *params):
+        """:meth:`fn`, allowed ``smem`` bytes of dynamic shared memory (opting in above 48 KiB)."""
+        kernel = self.fn(filename, template, *params)
+        self.t.allow_smem(kernel, f"{filename}:{template}<{self.ctype}, {params}>", self.device, smem)
+        return kernel
+
     def query_grad_buffer(self, shape):
         """``dq``: at stride 1 every pixel is a window centre and query_grad writes it, so
         it needs no memset; at stride > 1 only the centres are written, the rest reads 0."""
@@ -340,7 +377,8 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
     float64 (twice the shared memory for little use), serve the dot product without
-    ``key_bias`` only (``c.fast``) and must fit SMEM_LIMIT. The halo is
+    ``key_bias`` only (``c.fast``) and must fit the shared memory a block may opt in to on
+    the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
     the largest span of the (-1 padded) tables over ``block`` consecutive rows/columns;
     ``other_bytes`` is the kernel's shared memory besides the halo.
     """
@@ -348,8 +386,13 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
         return None
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
     halo_h, halo_w = _halo_extent(rows_table, block[1]), _halo_extent(cols_table, block[0])
-    smem = c.acc.itemsize * max(ck, cv) * halo_h * halo_w + other_bytes
-    return None if smem > SMEM_LIMIT else (ck, cv, smem, halo_h, halo_w)
+    staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
+    if c.flags & HAS_REL:
+        staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
+    smem = c.acc.itemsize * staging + other_bytes
+    if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
+        return None
+    return ck, cv, smem, halo_h, halo_w
 
 
 def _tiled_config(geo: Geometry, c: _Call):
@@ -375,7 +418,7 @@ def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, key_bias=Non
     tiled = _tiled_config(geo, c) if allow_tiled else None
     if tiled is not None:
         ck, cv, smem, halo_h, halo_w = tiled
-        c.fn(FORWARD_FILE, "attention_forward_tiled", ck, cv)(
+        c.fn_smem(smem, FORWARD_FILE, "attention_forward_tiled", ck, cv)(
             _grid(c.planes, geo.out_h, geo.out_w, TILED_BLOCK), TILED_BLOCK,
             inputs + results + (c.flags, c.scale, np.int32(halo_h), np.int32(halo_w)),
             shared_mem=smem)
@@ -399,7 +442,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     if tiled is not None:
         ck, cv, smem_bytes, halo_h, halo_w = tiled
         block = TILED_BWD_BLOCK
-        kernel = c.fn(BACKWARD_FILE, "query_grad_tiled", ck, cv)
+        kernel = c.fn_smem(smem_bytes, BACKWARD_FILE, "query_grad_tiled", ck, cv)
         extra = (np.int32(halo_h), np.int32(halo_w))
     else:
         arrays = 2 * geo.slots if mode == MODE_ATTENTION else geo.slots   # dlogit (and weight)
@@ -428,9 +471,11 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
 
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
-    """Plan of query_grad_tiled: dlogit and dp [K][tile], qs[tile], inverse and per-tile tables."""
+    """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
+    reads over the banks), qs[TABLE_CHANNELS][tile], inverse and per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    other = c.acc.itemsize * (2 * geo.slots + 1) * bx * by + tables(TILED_BWD_BLOCK) \
+    other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by) \
+        + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, geo.rows.pos, geo.cols.pos, other)
 
@@ -438,9 +483,9 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
     dst = c.t.xp.empty(shape, c.geo.dtype)
     total = c.geo.heads * entries
-    if total:
+    if total:   # block: 32 outputs x REDUCE_SEGMENTS segments of the partials
         c.fn(BACKWARD_FILE, "table_reduce")(
-            (-(-total // MAX_THREADS), 1, 1), (MAX_THREADS, 1, 1),
+            (-(-total // WARP), 1, 1), (WARP, REDUCE_SEGMENTS, 1),
             (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
     return dst
 
@@ -454,7 +499,7 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     scalars = (c.heads, c.dqk, c.dv, c.flags, c.scale)
     if tiled is not None:
         ck, cv, smem_bytes, halo_h, halo_w = tiled
-        c.fn(BACKWARD_FILE, "key_grad_tiled", ck, cv)(
+        c.fn_smem(smem_bytes, BACKWARD_FILE, "key_grad_tiled", ck, cv)(
             _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
             common + (lse, delta, bias, rel, dk, dv) + scalars + (np.int32(halo_h), np.int32(halo_w)),
             shared_mem=smem_bytes)

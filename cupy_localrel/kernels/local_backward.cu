@@ -63,13 +63,17 @@ __device__ __forceinline__ unsigned char* block_scratch(unsigned char* smem, A* 
 // ---------------------------------------------------------------------------------------
 namespace {
 
-// The tile's sum of dlogit (times qs when given) over every (output, slot) whose table
-// index is (ay, ax), in a fixed order: rows, then columns of the tile.
-template <class A>
-__device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ qs,
-                            const int* __restrict__ row_slot, const int* __restrict__ col_slot,
-                            int ay, int ax, int kw, int th, int tw, int tile) {
-  A sum = 0;
+// The tile's sums of dlogit (times each of the NQ channel rows qs[n][o] when qs is given)
+// over every (output, slot) whose table index is (ay, ax), in a fixed order: rows, then
+// columns of the tile. Slot t of output o is dlogit[t * stride + o]: lanes (one table entry
+// each) read different slots of one output, so a stride of tile + 1 words (not a multiple
+// of the 32 banks) spreads them over the banks. Each dlogit load feeds NQ channels.
+template <int NQ, class A>
+__device__ void tile_table_sum(A (&sum)[NQ], const A* __restrict__ dlogit, const A* __restrict__ qs,
+                               const int* __restrict__ row_slot, const int* __restrict__ col_slot,
+                               int ay, int ax, int kw, int th, int tw, int tile, int stride) {
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) sum[n] = 0;
   for (int r = 0; r < (int)blockDim.y; ++r) {
     const int ty = row_slot[r * th + ay];
     if (ty < 0) continue;
@@ -77,11 +81,11 @@ __device__ A tile_table_sum(const A* __restrict__ dlogit, const A* __restrict__ 
       const int tx = col_slot[c * tw + ax];
       if (tx < 0) continue;
       const int o = r * blockDim.x + c;
-      const A g = dlogit[(size_t)(ty * kw + tx) * tile + o];
-      sum += qs ? g * qs[o] : g;
+      const A g = dlogit[(size_t)(ty * kw + tx) * stride + o];
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) sum[n] += qs ? g * qs[n * tile + o] : g;
     }
   }
-  return sum;
 }
 
 // Invert one axis's table over the tile: slot_of_entry[r][a] = t with tab[first + r][t] == a.
@@ -99,31 +103,43 @@ __device__ void invert_table(int* __restrict__ slot_of_entry, const int* __restr
 
 // Stage 1 of dbias/drel for one block of outputs: part_bias[block][entry] and
 // part_rel[block][d][entry], summed over the tile's (output, slot) pairs in a fixed order.
-// `dlogit` [K][tile] holds every thread's logit gradients (zeros for threads outside the
-// plane). Every thread of the block must call this (it has barriers).
-template <class A, class T>
+// `dlogit` [K][stride] holds every thread's logit gradients (zeros for threads outside the
+// plane; stride 0 means tile); qs has room for NQ channel rows of the tile's queries.
+// Every thread of the block must call this (it has barriers).
+template <int NQ = 1, class A, class T>
 __device__ void table_partials(const Window& w, const TilePos& p, const A* __restrict__ dlogit,
                                A* __restrict__ qs, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                const T* __restrict__ qc, int dqk, int flags, A scale,
-                               A* __restrict__ part_bias, A* __restrict__ part_rel, int tile) {
+                               A* __restrict__ part_bias, A* __restrict__ part_rel, int tile, int stride = 0) {
   if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
+  if (stride == 0) stride = tile;
   __syncthreads();   // every thread has written its dlogit column before others read it
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
   invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, w.tw, p.tid, tile);
   __syncthreads();
   const int entries = w.th * w.tw;
   if (flags & kHasBias)
-    for (int e = p.tid; e < entries; e += tile)
-      part_bias[(size_t)p.block * entries + e] =
-          tile_table_sum<A>(dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+    for (int e = p.tid; e < entries; e += tile) {
+      A sum[1];
+      tile_table_sum<1, A>(sum, dlogit, nullptr, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile,
+                           stride);
+      part_bias[(size_t)p.block * entries + e] = sum[0];
+    }
   if (flags & kHasRel)
-    for (int d = 0; d < dqk; ++d) {
-      __syncthreads();   // everybody is done reading the previous channel
-      qs[p.tid] = p.inside ? scale * load(qc, d * w.in_plane()) : A(0);
+    for (int d0 = 0; d0 < dqk; d0 += NQ) {
+      const int nq = min(NQ, dqk - d0);
+      __syncthreads();   // everybody is done reading the previous channels
+      for (int n = 0; n < NQ; ++n)
+        qs[n * tile + p.tid] = (p.inside && n < nq) ? scale * load(qc, (d0 + n) * w.in_plane()) : A(0);
       __syncthreads();
-      for (int e = p.tid; e < entries; e += tile)
-        part_rel[((size_t)p.block * dqk + d) * entries + e] =
-            tile_table_sum<A>(dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile);
+      for (int e = p.tid; e < entries; e += tile) {
+        A sum[NQ];
+        tile_table_sum<NQ, A>(sum, dlogit, qs, row_slot, col_slot, e / w.tw, e % w.tw, w.kw, w.th, w.tw, tile,
+                              stride);
+#pragma unroll
+        for (int n = 0; n < NQ; ++n)
+          if (n < nq) part_rel[((size_t)p.block * dqk + d0 + n) * entries + e] = sum[n];
+      }
     }
 }
 
@@ -222,12 +238,18 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // ---------------------------------------------------------------------------------------
 // Query side, fast path (stride 1): query_grad<T, kAttention> with the tile's key and value
 // halo staged in shared memory, chunk by chunk, as in attention_forward_tiled. Shared:
-//   dlogit[K][TILE], dp[K][TILE] (A)    logits then their gradients; grad_out . v per slot
-//   halo[max(CK,CV)][halo_h*halo_w] (A), qs[TILE] (A), row_slot, col_slot (int),
+//   dlogit[K][TILE+1], dp[K][TILE+1] (A)   logits then their gradients; grad_out . v per
+//                           slot (the + 1 keeps tile_table_sum's lanes in different banks)
+//   halo[max(CK,CV)][halo_h*halo_w] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
+//   (A), row_slot, col_slot (int),
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
 // ---------------------------------------------------------------------------------------
+// Query channels per pass of query_grad_tiled's drel partials (qs rows; each dlogit load
+// feeds this many sums). The host's shared-memory plan (_kernel_ops) counts the same.
+constexpr int kTableChannels = 8;
+
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
@@ -241,12 +263,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const TilePos p = tile_pos(w.Ho, w.Wo);
   const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
   const int halo_area = halo_h * halo_w;
+  const int ss = tile + 1;   // slot stride of dlogit/dp: see tile_table_sum
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
-  A* dp = dlogit + (size_t)K * tile;
-  A* halo = dp + (size_t)K * tile;
-  A* qs = halo + (size_t)(CK > CV ? CK : CV) * halo_area;
-  int* row_slot = reinterpret_cast<int*>(qs + tile);
+  A* dp = dlogit + (size_t)K * ss;
+  A* halo = dp + (size_t)K * ss;
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
+  A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
+  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -265,14 +289,17 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // and table index ts.tab, from the tile's tables in shared memory.
   const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
-  for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] = my_dp[(size_t)t * tile] = 0;
+  // Threads past the plane edge hold zeros for the table sums (the phases below write only
+  // the columns of threads inside).
+  if (!p.inside)
+    for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
-  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
-                          halo_w, tile);
+  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
+                          halo_w, tile, ss);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
-  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
+  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta).
@@ -282,14 +309,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
-        const size_t t = (size_t)(ty * w.kw + tx) * tile;
+        const size_t t = (size_t)(ty * w.kw + tx) * ss;
         if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask": p_t = dp_t = 0
         const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
         my_dl[t] = weight_from_lse(logit, lse_o);   // 0 in an empty window (lse -inf)
         dsum += my_dl[t] * my_dp[t];
       }
     delta[(size_t)p.plane * ohw + o] = dsum;
-    for (int t = 0; t < K; ++t) my_dl[(size_t)t * tile] *= my_dp[(size_t)t * tile] - dsum;
+    for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
   }
 
   // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.
@@ -297,6 +324,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     const int nch = min(CK, dqk - c0);
     __syncthreads();
     stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A acc[CK];
@@ -305,12 +333,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
-        const A dl = my_dl[(size_t)(ty * w.kw + tx) * tile];
+        const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
+        const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(ty, tx, w.tw));
+            if (flags & kHasRel) key += rels[d * tt + tab];
             acc[d] += dl * key;
           }
       }
@@ -321,7 +350,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   }
 
   // (5) stage 1 of dbias/drel.
-  table_partials(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias, part_rel, tile);
+  table_partials<kTableChannels>(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias,
+                                 part_rel, tile, ss);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -458,7 +488,8 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // outputs whose windows reach the tile; with stride 1 a query sits at its output's
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
-//   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels
+//   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels (with rel,
+//                                           CK channels of rel after CK of q: staging_floats)
 //   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
 // dlogit, (4) dk over q chunks, (5) dv over grad chunks.
@@ -494,7 +525,8 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
 
   // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
   // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
-  int* cursor = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
+  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
   fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
@@ -502,13 +534,15 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   __syncthreads();
   const TileSlots ts(rows, cols);
 
-  for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = user_dl[(size_t)s * tile] = 0;
 
-  // (1) logits q_u . (k + rel_u), over q chunks.
+  // (1) logits q_u . (k + rel_u), over q chunks (the first chunk stores).
+  if (dqk <= 0 && p.inside)
+    for (int s = 0; s < U; ++s) user_p[(size_t)s * tile] = 0;
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
     stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
@@ -517,45 +551,62 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
         const int uh = ts.off(a, b);
-        if (uh < 0) continue;
+        A& up = user_p[(size_t)(a * w.mc + b) * tile];
+        if (uh < 0) {   // padding: no user
+          if (c0 == 0) up = 0;
+          continue;
+        }
         const int tab = ts.tab(a, b, w.tw);
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = kreg[d];
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + tab);
+            if (flags & kHasRel) key += rels[d * tt + tab];
             dot += halo[d * halo_area + uh] * key;
           }
-        user_p[(size_t)(a * w.mc + b) * tile] += dot;
+        up = c0 == 0 ? dot : up + dot;   // the first chunk stores
       }
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.
-  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
+  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 
-  // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user.
+  // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user. lse and
+  // delta of the users' outputs are staged over the output halo first (the halo buffer is
+  // free between the chunked phases, and holds >= 2 channels): coalesced reads, instead of
+  // a gather and a division per user.
+  static_assert((CK > CV ? CK : CV) >= 2, "lse and delta are staged in two halo channels");
+  A* lse_h = halo;
+  A* delta_h = halo + halo_area;
+  __syncthreads();   // phase (2)'s readers are done with the halo
+  for (int idx = p.tid; idx < halo_area; idx += tile) {
+    const int y = oy0 + idx / halo_w, x = ox0 + idx % halo_w;
+    const bool in = y < w.Ho && x < w.Wo;
+    const size_t o = (size_t)p.plane * ohw + (size_t)(in ? y : 0) * w.Wo + (in ? x : 0);
+    lse_h[idx] = in ? lse[o] : A(0);
+    delta_h[idx] = in ? delta[o] : A(0);
+  }
+  __syncthreads();
   if (p.inside)
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);
+        const int uh = ts.off(a, b);   // the user's output, as a halo offset (stride 1)
         if (uh < 0) continue;
-        // The user's output (i, j) = (oy0 + uh / halo_w, ox0 + uh % halo_w) (stride 1).
         const size_t s = (size_t)(a * w.mc + b) * tile;
-        const size_t o = (size_t)p.plane * ohw + (size_t)(oy0 + uh / halo_w) * w.Wo + (ox0 + uh % halo_w);
         const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(a, b, w.tw)) : A(0));
         // 0 in an empty window (lse -inf), where exp(logit - lse) would be NaN.
-        const A pt = weight_from_lse(logit, lse[o]);
+        const A pt = weight_from_lse(logit, lse_h[uh]);
         user_p[s] = pt;
-        user_dl[s] = pt * (user_dl[s] - delta[o]);
+        user_dl[s] = pt * (user_dl[s] - delta_h[uh]);
       }
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
   chunked_weighted_sums<CK>(dk + qk_off + n, hw, scale, user_dl, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0, ox0,
-                            halo_h, halo_w, tile);
+                            halo_h, halo_w, tile, tile);
   // (5) dv = sum_u p_u grad_out_u, over grad chunks.
   chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw + n, hw, A(1), user_p, halo, gb, ohw, dv, w, p, ts,
-                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile);
+                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -585,20 +636,38 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 
 // ---------------------------------------------------------------------------------------
 // Stage 2 of dbias/drel: dst[h][e] = sum over batches b and tiles of part[(b*heads + h)
-// * tiles + tile][e], in that order. `entries` per block: th*tw (bias) or Dqk*th*tw (rel).
+// * tiles + tile][e]. `entries` per block: th*tw (bias) or Dqk*th*tw (rel). Block
+// (32, kReduceSegments): lane x owns output idx = h * entries + e of a run of 32 (coalesced
+// reads), row y sums the y-th contiguous segment of the batch*tiles partials in order, and
+// lane x of row 0 adds the segments' sums in order: a fixed order, more warps in flight than
+// one serial sum. Grid: ceil(heads * entries / 32) blocks.
 // ---------------------------------------------------------------------------------------
+constexpr int kReduceSegments = 4;
+
 template <class T>
 __global__ void LOCALREL_BOUNDS
 table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, int heads,
              int tiles, int entries) {
   using A = acc_t<T>;
-  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long long)heads * entries) return;
-  const int h = (int)(idx / entries), e = (int)(idx % entries);
+  __shared__ A seg[kReduceSegments][32];
+  const long long idx = (long long)blockIdx.x * 32 + threadIdx.x;
+  const bool valid = idx < (long long)heads * entries;
+  const int h = valid ? (int)(idx / entries) : 0, e = (int)(idx - (long long)h * entries);
+  const long long n = (long long)batch * tiles;   // partials per entry, (b, tile) order
+  const long long first = n * threadIdx.y / kReduceSegments, last = n * (threadIdx.y + 1) / kReduceSegments;
   A sum = 0;
-  for (int b = 0; b < batch; ++b) {
-    const A* src = part + ((size_t)(b * (size_t)heads + h) * tiles) * entries + e;
-    for (int t = 0; t < tiles; ++t) sum += src[(size_t)t * entries];
+  if (valid) {
+    long long b = first / tiles, t = first - b * tiles;   // one division per thread
+    for (long long j = first; j < last; ++j) {
+      sum += part[((size_t)(b * heads + h) * tiles + t) * entries + e];
+      if (++t == tiles) t = 0, ++b;
+    }
   }
-  store(dst + idx, sum);
+  seg[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && valid) {
+    A total = seg[0][threadIdx.x];
+    for (int y = 1; y < kReduceSegments; ++y) total += seg[y][threadIdx.x];
+    store(dst + idx, total);
+  }
 }

@@ -152,7 +152,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 // of one (batch, head); halo_h x halo_w is the largest input region a tile's windows touch
 // (computed on the host from the same tables). Dynamic shared memory:
 //   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
-//   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels
+//   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels (with rel, CK
+//                             channels of rel after the first CK channels: staging_floats)
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
@@ -181,13 +182,13 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
 
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
-  int* tables = reinterpret_cast<int*>(halo + (CK > CV ? CK : CV) * halo_area);
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
+  int* tables = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
-  for (int t = 0; t < K; ++t) logit[(size_t)t * tile + p.tid] = 0;
-  chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, flags, dqk, w, p, ts,
-                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile);
+  chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
+                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
   // (2) weights and lse, each thread on its own column.
   if (p.inside) {
@@ -217,5 +218,5 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const T* vb = v + (size_t)p.plane * dv * w.in_plane();
   T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
   chunked_weighted_sums<CV>(dst, w.out_plane(), A(1), logit + p.tid, halo, vb, w.in_plane(), dv, w, p, ts, w.kh,
-                            w.kw, y0, x0, halo_h, halo_w, tile);
+                            w.kw, y0, x0, halo_h, halo_w, tile, tile);
 }

@@ -260,15 +260,18 @@ __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, c
 // ---------------------------------------------------------------------------------------
 // The top-left input position of the halo of this tile: the smallest valid position any
 // slot of any output in the tile looks at, per axis (tables are per axis, so this is cheap).
+// Each warp computes it on its own: its lanes split the count x k entries and reduce with
+// __reduce_min_sync (every lane of the warp must call this; the tiled blocks are whole warps).
 __device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int first, int count, int total,
                                            int k) {
+  const int n = (min(first + count, total) - first) * k;   // the entries pos[first * k ..]
+  const int lane = (int)((threadIdx.y * blockDim.x + threadIdx.x) & 31);
   int lo = 0x7fffffff;
-  for (int i = first; i < min(first + count, total); ++i)
-    for (int t = 0; t < k; ++t) {
-      const int n = pos[i * k + t];
-      if (n >= 0) lo = min(lo, n);
-    }
-  return lo;
+  for (int idx = lane; idx < n; idx += 32) {
+    const int at = pos[first * k + idx];
+    if (at >= 0) lo = min(lo, at);
+  }
+  return __reduce_min_sync(0xffffffffu, lo);
 }
 
 // Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into
@@ -285,6 +288,26 @@ __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T*
   }
 }
 
+
+// The staging buffer of a tiled kernel (floats): one chunk of max(CK, CV) channels over the
+// halo, and, with rel, CK channels of the head's rel table right after the first CK halo
+// channels (inside the room a value chunk leaves during key phases where that is enough).
+// The host's plan (_kernel_ops._tiled_plan) sizes shared memory the same way.
+template <int CK, int CV>
+__device__ __forceinline__ int staging_floats(int halo_area, int tt, int flags) {
+  const int chunk = (CK > CV ? CK : CV) * halo_area, with_rel = CK * (halo_area + tt);
+  return (flags & kHasRel) && with_rel > chunk ? with_rel : chunk;
+}
+
+// Copy channels [c0, c0 + nch) of one head's rel table (channel stride tt: contiguous) into
+// shared memory: every (slot, channel) of a chunk then reads rel there, not from global
+// memory (one broadcast wavefront where the lanes share a table index, as inside the image).
+template <class T>
+__device__ __forceinline__ void stage_rel(acc_t<T>* __restrict__ rels, const T* __restrict__ rel_h, int tt,
+                                          int c0, int nch, int tid, int nthreads) {
+  const T* src = rel_h + (size_t)c0 * tt;
+  for (int i = tid; i < nch * tt; i += nthreads) rels[i] = load(src, (size_t)i);
+}
 
 // ---------------------------------------------------------------------------------------
 // The window (or users) tables of one tile, re-expressed in shared memory as offsets into
@@ -314,11 +337,13 @@ __device__ __forceinline__ TileAxis carve_axis(int*& cursor, int slots, int n) {
 __device__ __forceinline__ void fill_window_axis(TileAxis a, const int* __restrict__ pos,
                                                  const int* __restrict__ tab, int k, int first, int n,
                                                  int total, int origin, int step, int tid, int nthreads) {
+  // Lanes walk the tables' rows (contiguous in global memory: coalesced), and store
+  // transposed into [slot][n] (a once-per-block fill; the slot loops read it broadcast).
   for (int idx = tid; idx < k * n; idx += nthreads) {
-    const int s = idx / n, i = first + idx % n;
-    const int at = i < total ? pos[i * k + s] : -1;
-    a.off[idx] = at >= 0 ? (at - origin) * step : kOutside;
-    a.tab[idx] = i < total ? tab[i * k + s] : 0;
+    const int r = idx / k, s = idx - r * k, i = first + r;
+    const int at = i < total ? pos[(size_t)first * k + idx] : -1;
+    a.off[s * n + r] = at >= 0 ? (at - origin) * step : kOutside;
+    a.tab[s * n + r] = i < total ? tab[(size_t)first * k + idx] : 0;
   }
 }
 
@@ -329,11 +354,11 @@ __device__ __forceinline__ void fill_users_axis(TileAxis a, const int* __restric
                                                 const int* __restrict__ window_tab, int k, int m, int first,
                                                 int n, int total, int origin, int step, int tid,
                                                 int nthreads) {
-  for (int idx = tid; idx < m * n; idx += nthreads) {
-    const int s = idx / n, y = first + idx % n;
-    const int o = y < total ? users_out[y * m + s] : -1;
-    a.off[idx] = o >= 0 ? (o - origin) * step : kOutside;
-    a.tab[idx] = o >= 0 ? window_tab[o * k + users_slot[y * m + s]] : 0;
+  for (int idx = tid; idx < m * n; idx += nthreads) {   // coalesced rows, as fill_window_axis
+    const int r = idx / m, s = idx - r * m, y = first + r;
+    const int o = y < total ? users_out[(size_t)first * m + idx] : -1;
+    a.off[s * n + r] = o >= 0 ? (o - origin) * step : kOutside;
+    a.tab[s * n + r] = o >= 0 ? window_tab[o * k + users_slot[(size_t)first * m + idx]] : 0;
   }
 }
 
@@ -345,6 +370,9 @@ struct TileSlots {
       : row_off(rows.off + threadIdx.y), row_tab(rows.tab + threadIdx.y), col_off(cols.off + threadIdx.x),
         col_tab(cols.tab + threadIdx.x), by(blockDim.y), bx(blockDim.x) {}
   __device__ int off(int sr, int sc) const { return row_off[sr * by] + col_off[sc * bx]; }
+  // The row part of off(sr, .), read once per slot row; off(sr, sc) = row(sr) + col(sc).
+  __device__ int row(int sr) const { return row_off[sr * by]; }
+  __device__ int col(int sc) const { return col_off[sc * bx]; }
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
 };
 
@@ -362,7 +390,8 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 
 // ---------------------------------------------------------------------------------------
 // Chunked phases of the tiled kernels. Each thread owns one column of a per-slot array in
-// shared memory (`mine`: entry s at mine[s * tile]) over an nr x nc grid of slots (window
+// shared memory (`mine`: entry s at mine[s * stride], stride >= tile; chunked_slot_logits
+// and chunked_slot_dots overwrite it: the first chunk stores, later chunks add) over an nr x nc grid of slots (window
 // slots, or users) listed by `ts`. Every channel chunk is staged over the tile's halo (from
 // `src`, channel stride `src_stride`) between two barriers, so every thread of the block
 // must call these (threads outside the plane only help staging). Sums run over the slots
@@ -371,39 +400,48 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // mine[s] += sum_d x[d] * (halo_d[s] + rel_d[s]) over nch channels, where x (this thread's
 // own vector, channel stride x_stride) multiplies each slot's halo entry, or 0 where the
 // slot lies outside (ts.off < 0), plus its rel entry (flags & kHasRel). The logits of the
-// query-side tiled kernels: x = the query, halo = the keys.
+// query-side tiled kernels: x = the query, halo = the keys. With rel, each chunk of rel_h
+// (global) is staged into `rels` (shared, C x th*tw) next to the halo.
 template <int C, class T>
 __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
-    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, int flags, int nch_total,
+    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, acc_t<T>* __restrict__ rels,
+    int flags, int nch_total,
     const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
-    int halo_w, int tile) {
+    int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
+  if (nch_total <= 0 && p.inside)   // no channel: every logit is 0 (before rel, bias)
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
     stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
 #pragma unroll
     for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
+        const int hs = row + ts.col(sc);
+        const int tab = (flags & kHasRel) ? ts.tab(sr, sc, w.tw) : 0;   // once per slot, not per channel
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < C; ++d) {   // fully unrolled: xreg stays in registers
           if (d < nch) {
             A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += load(rel_h, (c0 + d) * tt + ts.tab(sr, sc, w.tw));
+            if (flags & kHasRel) key += rels[d * tt + tab];
             dot += xreg[d] * key;
           }
         }
-        mine[(size_t)(sr * nc + sc) * tile] += dot;
+        A& m = mine[(size_t)(sr * nc + sc) * stride];
+        m = c0 == 0 ? dot : m + dot;
       }
+    }
   }
 }
 
@@ -415,9 +453,11 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   const T* __restrict__ x, size_t x_stride, int nch_total,
                                                   const Window& w, const TilePos& p, const TileSlots& ts,
                                                   int nr, int nc, int y0, int x0, int halo_h, int halo_w,
-                                                  int tile) {
+                                                  int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
+  if (nch_total <= 0 && p.inside)
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
@@ -427,16 +467,22 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     A xreg[C];
 #pragma unroll
     for (int e = 0; e < C; ++e) xreg[e] = e < nch ? load(x, (size_t)(c0 + e) * x_stride) : A(0);
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
-        if (hs < 0) continue;
+        const int hs = row + ts.col(sc);
+        A& m = mine[(size_t)(sr * nc + sc) * stride];
+        if (hs < 0) {   // outside: nothing to add
+          if (c0 == 0) m = 0;
+          continue;
+        }
         A dot = 0;
 #pragma unroll
         for (int e = 0; e < C; ++e)
           if (e < nch) dot += xreg[e] * halo[e * halo_area + hs];
-        mine[(size_t)(sr * nc + sc) * tile] += dot;
+        m = c0 == 0 ? dot : m + dot;
       }
+    }
   }
 }
 
@@ -450,7 +496,7 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
                                                       acc_t<T>* __restrict__ halo, const T* __restrict__ src,
                                                       size_t src_stride, int nch_total, const Window& w,
                                                       const TilePos& p, const TileSlots& ts, int nr, int nc,
-                                                      int y0, int x0, int halo_h, int halo_w, int tile) {
+                                                      int y0, int x0, int halo_h, int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
@@ -462,15 +508,17 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
     A acc[C];
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[c] = 0;
-    for (int sr = 0; sr < nr; ++sr)
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
-        const int hs = ts.off(sr, sc);
+        const int hs = row + ts.col(sc);
         if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
-        const A wt = mine[(size_t)(sr * nc + sc) * tile];
+        const A wt = mine[(size_t)(sr * nc + sc) * stride];
 #pragma unroll
         for (int c = 0; c < C; ++c)
           if (c < nch) acc[c] += wt * halo[c * halo_area + hs];
       }
+    }
 #pragma unroll
     for (int c = 0; c < C; ++c)
       if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);

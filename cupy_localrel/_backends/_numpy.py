@@ -93,10 +93,18 @@ def _chunks(geo: Geometry, channels_per_head: int):
 
 def _input_rows(geo: Geometry, i: slice) -> slice:
     """The input rows that output rows ``i`` use: their centres and every valid slot."""
-    pos = geo.rows.pos[i]
-    centres = np.arange(i.start, i.stop) * geo.stride[0]
+    return slice(*_input_row_range(geo.height, geo.kernel[0], geo.dilation[0], geo.stride[0],
+                                   geo.border, i.start, i.stop))
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_row_range(height, kernel, dilation, stride, border, i0, i1):
+    """``(first, stop)`` of :func:`_input_rows`: pure geometry, cached (a small call's
+    fixed cost)."""
+    pos = axis_window(height, kernel, dilation, stride, border).pos[i0:i1]
+    centres = np.arange(i0, i1) * stride
     used = np.concatenate([pos[pos >= 0], centres])
-    return slice(int(used.min()), int(used.max()) + 1)
+    return int(used.min()), int(used.max()) + 1
 
 
 def _heads_view(x, geo: Geometry, c: _Chunk, per_head: int, rows: slice | None = None):
@@ -434,7 +442,8 @@ class _Window:
     views need them."""
 
     kernel: tuple[int, int]
-    index: np.ndarray       # (kh, kw, rows, Wo) flat index into the chunk's rows*W inputs; rows*W if invalid
+    index: np.ndarray       # (kh, kw, rows, Wo) flat index into the chunk's rows*W inputs,
+                            # rows*W where invalid
     valid: np.ndarray       # (K, rows, Wo) bool
     all_valid: bool
     ay: np.ndarray          # table row per slot: (K, 1, 1) if constant per slot, else (K, rows, 1)
@@ -538,7 +547,8 @@ def _gather_all(x_rows, geo, w: _Window):
 
 
 def _lookup_all(t, w: _Window):
-    """``t[..., ay, ax]`` for every slot: ``(..., kh, kw, rows, Wo)`` (or ``(..., kh, kw, 1, 1)``)."""
+    """``t[..., ay, ax]`` for every slot: ``(..., kh, kw, rows, Wo)``, or
+    ``(..., kh, kw, 1, 1)`` with one table entry per slot."""
     return _split(t[..., w.ay, w.ax], w)
 
 

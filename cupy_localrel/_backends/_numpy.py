@@ -320,15 +320,17 @@ def _dphi(similarity: str, q, k):
 # Chunk kernels: logits, weighted sums and their gradients
 # ---------------------------------------------------------------------------------------
 
-def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows=None):
+def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows=None,
+                  key=None):
     """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked.
 
     ``kb_rows``: the chunk's ``key_bias`` rows ``(nb, nh, 1, rows, W)`` or ``None``; an
-    invalid slot gets 0 from it.
+    invalid slot gets 0 from it. ``key``: the all-slots path's gathered keys, when the
+    caller has them (:func:`_all_keys`).
     """
     if c.all_slots:
         return _all_logits(geo, c, _window(geo, c), q_rows, k_rows, bias, rel, mask_invalid,
-                           kb_rows)
+                           kb_rows, key)
     qc = _centres(q_rows, geo, c)                         # (nb, nh, Dqk, rows, Wo)
     bias_h = None if bias is None else bias[c.h].astype(geo.acc_dtype, copy=False)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -388,12 +390,13 @@ def _chunk_av_grads(geo, c, grad_out, weights, v_rows, dv_rows):
 
 
 def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
-                    dkb_rows=None):
+                    dkb_rows=None, key=None):
     """Adds the gradients of the chunk's logits into ``dq``/``dk``/``dbias``/``drel`` (and
-    ``key_bias``'s rows ``dkb_rows``: each valid slot's logit gradient lands on its key)."""
+    ``key_bias``'s rows ``dkb_rows``: each valid slot's logit gradient lands on its key);
+    ``key`` as :func:`_chunk_logits`."""
     if c.all_slots:
         return _all_qk_grads(geo, c, _window(geo, c), dlogits, q_rows, k_rows, rel, dq_rows,
-                             dk_rows, dbias, drel, dkb_rows)
+                             dk_rows, dbias, drel, dkb_rows, key)
     qc = _centres(q_rows, geo, c)
     dqc = _centres(dq_rows, geo, c)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -580,21 +583,30 @@ def _rel_term(geo, c, w, rel):
     return _lookup_all(rel[c.h].astype(geo.acc_dtype, copy=False), w)[..., 0, 0]
 
 
-def _all_logits(geo, c, w, q_rows, k_rows, bias, rel, mask_invalid, kb_rows):
-    """:func:`_chunk_logits` with every slot at once."""
-    qc = _centres(q_rows, geo, c)                                 # (nb, nh, Dqk, rows, Wo)
-    key = _gather_all(k_rows, geo, w)                             # (nb, nh, Dqk, kh, kw, rows, Wo)
-    rel_slots = _rel_term(geo, c, w, rel)
-    if rel is not None and rel_slots is None:
+def _all_keys(geo, c, w, k_rows, rel):
+    """The chunk's keys at every slot ``(nb, nh, Dqk, kh, kw, rows, Wo)``, with ``rel``
+    added unless :func:`_rel_term` takes it."""
+    key = _gather_all(k_rows, geo, w)
+    if rel is not None and not w.constant_table:
         key += _lookup_all(rel[c.h].astype(geo.acc_dtype, copy=False), w)[None]
-    if geo.similarity == "dot":
-        logits = np.einsum("bhdij,bhdyxij->bhyxij", qc, key)
+    return key
+
+
+def _all_logits(geo, c, w, q_rows, k_rows, bias, rel, mask_invalid, kb_rows, key=None):
+    """:func:`_chunk_logits` with every slot at once (``key``: :func:`_all_keys`, if the
+    caller keeps it for the backward)."""
+    qc = _centres(q_rows, geo, c)                                 # (nb, nh, Dqk, rows, Wo)
+    key = _all_keys(geo, c, w, k_rows, rel) if key is None else key
+    rel_slots = _rel_term(geo, c, w, rel)
+    if geo.similarity == "dot":   # linear in q: scale the (small) centres, not the logits
+        qs = geo.scale * qc
+        logits = np.einsum("bhdij,bhdyxij->bhyxij", qs, key)
         if rel_slots is not None:
-            logits += np.einsum("bhdij,hdyx->bhyxij", qc, rel_slots)
+            logits += np.einsum("bhdij,hdyx->bhyxij", qs, rel_slots)
+        logits = _merge(logits, w)                                # (nb, nh, K, rows, Wo)
     else:
-        logits = _phi(geo.similarity, qc[:, :, :, None, None], key).sum(axis=2)
-    logits = _merge(logits, w)                                    # (nb, nh, K, rows, Wo)
-    logits *= geo.scale
+        logits = _merge(_phi(geo.similarity, qc[:, :, :, None, None], key).sum(axis=2), w)
+        logits *= geo.scale
     if bias is not None:
         logits += _merge(_lookup_all(bias[c.h].astype(geo.acc_dtype, copy=False), w), w)[None]
     if kb_rows is not None:
@@ -622,16 +634,14 @@ def _all_av_grads(geo, c, w, grad_out, weights, v_rows, dv_rows):
 
 
 def _all_qk_grads(geo, c, w, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
-                  dkb_rows):
-    """:func:`_chunk_qk_grads` with every slot at once."""
+                  dkb_rows, key=None):
+    """:func:`_chunk_qk_grads` with every slot at once (``key`` as :func:`_all_logits`)."""
     qc = _centres(q_rows, geo, c)
     dqc = _centres(dq_rows, geo, c)
     g = _split(geo.scale * dlogits, w)                            # (nb, nh, kh, kw, rows, Wo)
-    key = _gather_all(k_rows, geo, w)
+    key = _all_keys(geo, c, w, k_rows, rel) if key is None else key
     rel_slots = _rel_term(geo, c, w, rel)
     if rel is not None:
-        if rel_slots is None:
-            key += _lookup_all(rel[c.h].astype(geo.acc_dtype, copy=False), w)[None]
         if rel_slots is not None:  # one entry per slot: a contraction over batch and pixels
             # NumPy's own einsum, not BLAS: BLAS threads stall when the CPUs are shared.
             per_slot = np.einsum("bhyxij,bhdij->hdyx", g, qc)             # (nh, Dqk, kh, kw)
@@ -806,8 +816,10 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
     for c in _chunks(geo, 4 * geo.dqk + 3 * geo.dv):
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
         k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        # All slots: gather the keys once for the logits and their gradients.
+        key = _all_keys(geo, c, _window(geo, c), k_rows, rel) if c.all_slots else None
         logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask",
-                               _key_bias_rows(key_bias, geo, c))
+                               _key_bias_rows(key_bias, geo, c), key)
         # Recompute the weights from the saved log-sum-exp instead of storing them.
         weights = _weights(logits, lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
         del logits
@@ -821,7 +833,8 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
         dweights -= (weights * dweights).sum(axis=2, keepdims=True)
         dweights *= weights
         _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
-                        dkb_rows)
+                        dkb_rows, key)
+        del key
         for dst, rows_grad, per_head in ((dq, dq_rows, geo.dqk), (dk, dk_rows, geo.dqk),
                                          (dv, dv_rows, geo.dv), (dkey_bias, dkb_rows, 1)):
             if dst is not None:

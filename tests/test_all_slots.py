@@ -74,7 +74,8 @@ CASES = [(border, sim, window) for border in BORDERS for sim in G.SIMILARITIES
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("border,similarity,window", CASES,
-                         ids=[f"{b}-{s}-{'plain' if w[0] == 3 else 'strided'}" for b, s, w in CASES])
+                         ids=[f"{b}-{s}-{'plain' if w[0] == 3 else 'strided'}"
+                              for b, s, w in CASES])
 def test_attention_both_paths_match_the_oracle(path, border, similarity, window):
     name, calls = path
     x = _inputs(border, window[0], similarity, np.float64)

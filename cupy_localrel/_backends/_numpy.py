@@ -445,17 +445,18 @@ class _Window:
     views need them."""
 
     kernel: tuple[int, int]
-    index: np.ndarray       # (kh, kw, rows, Wo) flat index into the chunk's rows*W inputs,
-                            # rows*W where invalid
+    index: np.ndarray | None  # (kh, kw, rows, Wo) flat index into the chunk's rows*W
+                              # inputs, rows*W where invalid; None when ``regular`` (the
+                              # cache would hold K int64 per output for nothing)
     valid: np.ndarray       # (K, rows, Wo) bool
     all_valid: bool
-    ay: np.ndarray          # table row per slot: (K, 1, 1) if constant per slot, else (K, rows, 1)
+    ay: np.ndarray          # table row per slot: (K, 1, 1) if constant, else (K, rows, 1)
     ax: np.ndarray          # table column per slot: (K, 1, 1) or (K, 1, Wo)
     constant_table: bool    # every slot uses one table entry (centred windows)
-    # When every slot reads ``first + i*step + t*dilation`` on both axes and that progression
-    # leaves the chunk's inputs exactly where the slot is invalid (centred windows): the
-    # zero padding ``(top, bottom, left, right)``, the first input in the padded rows and
-    # the steps. Then a strided view of the padded rows is the gather, with no copy per slot.
+    # When every slot reads ``first + i*stride + t*dilation`` on both axes and that
+    # progression leaves the chunk's inputs exactly where the slot is invalid (centred
+    # windows): ``((top, bottom, left, right), (y0, x0))``, the zero padding and the first
+    # input in the padded rows. Then a strided view of the padded rows is the gather.
     regular: tuple | None
 
 
@@ -500,12 +501,14 @@ def _window_plan(height, width, kernel, dilation, stride, border, i0, i1, r0, r1
     px = _progression(pos_x, width, stride[1], dilation[1])
     regular = None if py is None or px is None else (
         (py[1], py[2], px[1], px[2]), (py[0] + py[1], px[0] + px[1]))
-    w = _Window(kernel, np.ascontiguousarray(np.broadcast_to(index, kernel + (nr, nc))),
+    w = _Window(kernel, None if regular else np.ascontiguousarray(
+                    np.broadcast_to(index, kernel + (nr, nc))),
                 np.ascontiguousarray(np.broadcast_to(valid, kernel + (nr, nc)).reshape(k, nr, nc)),
                 bool(valid.all()), np.ascontiguousarray(ay), np.ascontiguousarray(ax), constant,
                 regular)
     for a in (w.index, w.valid, w.ay, w.ax):
-        a.flags.writeable = False                                   # shared: nobody may change it
+        if a is not None:
+            a.flags.writeable = False                       # shared: nobody may change it
     return w
 
 
@@ -530,7 +533,7 @@ def _gather_all(x_rows, geo, w: _Window):
     rows, copied out once; others (shift windows) gather by index, reading one appended
     zero."""
     lead, (n_rows, n_cols) = x_rows.shape[:-2], x_rows.shape[-2:]
-    shape = lead + w.index.shape
+    shape = lead + w.kernel + w.valid.shape[1:]
     if w.regular is None:
         flat = np.empty(lead + (n_rows * n_cols + 1,), x_rows.dtype)
         flat[..., -1] = 0

@@ -1,8 +1,9 @@
 """The NumPy reference: every op, forward and backward, on the CPU.
 
-Vectorised over pixels, with a Python loop over the ``kh*kw`` window slots. The work is
-cut into chunks of (batch, heads, output rows) so that the extra memory stays under a
-fixed budget whatever the input size (:func:`set_memory_budget`). Inputs of any float
+Vectorised over pixels, and over the ``kh*kw`` window slots too when a chunk's gathered
+slots fit the memory budget (else a Python loop over the slots). The work is cut into
+chunks of (batch, heads, output rows) so that the extra memory stays under a fixed budget
+whatever the input size (:func:`set_memory_budget`). Inputs of any float
 dtype are computed in float32 (float64 for float64) and the results cast back.
 
 Geometry comes from :mod:`cupy_localrel._geometry`: each slot's input position, validity
@@ -52,6 +53,7 @@ class _Chunk:
     h: slice
     i: slice
     in_rows: slice  # the input rows the chunk's windows touch (a halo around ``i``)
+    all_slots: bool = False  # computed with every slot at once (see "All slots at once")
 
 
 def _chunks(geo: Geometry, channels_per_head: int):
@@ -59,13 +61,19 @@ def _chunks(geo: Geometry, channels_per_head: int):
 
     ``channels_per_head`` counts the per-head channels the op touches (for example
     ``2*Dqk + Dv`` for attention); the estimate counts the ``K`` slot arrays
-    (logits, weights and their gradients) and a few copies of the gathered channels.
+    (logits, weights and their gradients) and a few copies of the gathered channels; the
+    all-slots path adds every slot's gathered channels, and is taken when one output row
+    of one head fits the budget with them.
     """
     acc = geo.acc_dtype.itemsize
     per_row = acc * geo.out_w * (5 * geo.slots + 6 * channels_per_head) \
         + acc * geo.width * 3 * channels_per_head * geo.stride[0]
     halo = acc * geo.width * 3 * channels_per_head * (geo.kernel[0] * geo.dilation[0])
     target = min(_budget, _PREFERRED_CHUNK)
+    all_slots_row = acc * geo.out_w * geo.slots * (channels_per_head + 4)
+    all_slots = _ALL_SLOTS and per_row + all_slots_row + halo <= target
+    if all_slots:
+        per_row += all_slots_row
     whole_image = per_row * geo.out_h + halo
     if whole_image <= target:
         rows = geo.out_h
@@ -80,15 +88,23 @@ def _chunks(geo: Geometry, channels_per_head: int):
             for i0 in range(0, geo.out_h, rows):
                 i = slice(i0, min(i0 + rows, geo.out_h))
                 yield _Chunk(slice(b0, min(b0 + nb, geo.batch)), slice(h0, min(h0 + nh, geo.heads)),
-                             i, _input_rows(geo, i))
+                             i, _input_rows(geo, i), all_slots)
 
 
 def _input_rows(geo: Geometry, i: slice) -> slice:
     """The input rows that output rows ``i`` use: their centres and every valid slot."""
-    pos = geo.rows.pos[i]
-    centres = np.arange(i.start, i.stop) * geo.stride[0]
+    return slice(*_input_row_range(geo.height, geo.kernel[0], geo.dilation[0], geo.stride[0],
+                                   geo.border, i.start, i.stop))
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_row_range(height, kernel, dilation, stride, border, i0, i1):
+    """``(first, stop)`` of :func:`_input_rows`: pure geometry, cached (a small call's
+    fixed cost)."""
+    pos = axis_window(height, kernel, dilation, stride, border).pos[i0:i1]
+    centres = np.arange(i0, i1) * stride
     used = np.concatenate([pos[pos >= 0], centres])
-    return slice(int(used.min()), int(used.max()) + 1)
+    return int(used.min()), int(used.max()) + 1
 
 
 def _heads_view(x, geo: Geometry, c: _Chunk, per_head: int, rows: slice | None = None):
@@ -304,12 +320,17 @@ def _dphi(similarity: str, q, k):
 # Chunk kernels: logits, weighted sums and their gradients
 # ---------------------------------------------------------------------------------------
 
-def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows=None):
+def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows=None,
+                  key=None):
     """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked.
 
     ``kb_rows``: the chunk's ``key_bias`` rows ``(nb, nh, 1, rows, W)`` or ``None``; an
-    invalid slot gets 0 from it.
+    invalid slot gets 0 from it. ``key``: the all-slots path's gathered keys, when the
+    caller has them (:func:`_all_keys`).
     """
+    if c.all_slots:
+        return _all_logits(geo, c, _window(geo, c), q_rows, k_rows, bias, rel, mask_invalid,
+                           kb_rows, key)
     qc = _centres(q_rows, geo, c)                         # (nb, nh, Dqk, rows, Wo)
     bias_h = None if bias is None else bias[c.h].astype(geo.acc_dtype, copy=False)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -332,12 +353,15 @@ def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows
     return logits
 
 
-def _chunk_weighted_sum(geo, c, weights, v_rows):
+def _chunk_weighted_sum(geo, c, weights, v_rows, finite=False):
     """``sum_t weights[:, :, t] * v at slot t``: ``(nb, nh, Dv, rows, Wo)``.
 
     Invalid slots add nothing whatever their weight (an ``inf`` weight times a zero value
-    would be NaN), as in the kernels.
+    would be NaN), as in the kernels. ``finite``: the weights are a softmax's (finite, or
+    NaN in every slot of a window), so the gathered zero of an invalid slot already adds 0.
     """
+    if c.all_slots:
+        return _all_weighted_sum(geo, c, _window(geo, c), weights, v_rows, finite)
     out = np.zeros(weights.shape[:2] + (v_rows.shape[2],) + weights.shape[3:], geo.acc_dtype)
     for t, s in _slots(geo, c):
         w = weights[:, :, t, None]
@@ -355,6 +379,8 @@ def _chunk_av_grads(geo, c, grad_out, weights, v_rows, dv_rows):
     Invalid slots add nothing to the output whatever their weight, so their weight
     gradient is 0 and they pass no gradient to ``v``.
     """
+    if c.all_slots:
+        return _all_av_grads(geo, c, _window(geo, c), grad_out, weights, v_rows, dv_rows)
     dweights = np.empty_like(weights)
     for t, s in _slots(geo, c):
         dweights[:, :, t] = np.where(s.valid, np.einsum("bhdij,bhdij->bhij", grad_out,
@@ -364,9 +390,13 @@ def _chunk_av_grads(geo, c, grad_out, weights, v_rows, dv_rows):
 
 
 def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
-                    dkb_rows=None):
+                    dkb_rows=None, key=None):
     """Adds the gradients of the chunk's logits into ``dq``/``dk``/``dbias``/``drel`` (and
-    ``key_bias``'s rows ``dkb_rows``: each valid slot's logit gradient lands on its key)."""
+    ``key_bias``'s rows ``dkb_rows``: each valid slot's logit gradient lands on its key);
+    ``key`` as :func:`_chunk_logits`."""
+    if c.all_slots:
+        return _all_qk_grads(geo, c, _window(geo, c), dlogits, q_rows, k_rows, rel, dq_rows,
+                             dk_rows, dbias, drel, dkb_rows, key)
     qc = _centres(q_rows, geo, c)
     dqc = _centres(dq_rows, geo, c)
     rel_h = None if rel is None else rel[c.h].astype(geo.acc_dtype, copy=False)
@@ -389,20 +419,275 @@ def _chunk_qk_grads(geo, c, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbia
             _scatter_add(dkb_rows, dlogits[:, :, t, None], s)
 
 
+# ---------------------------------------------------------------------------------------
+# All slots at once: the same chunk kernels for small problems
+# ---------------------------------------------------------------------------------------
+#
+# The loop above costs a few NumPy calls per slot; when the chunk is small (a 14x14 image:
+# 49 slots of a few thousand values each) those calls, not the arithmetic, are the time
+# (profile of issue 12, point 12). Here a chunk gathers every slot at once (a strided view
+# of its zero-padded rows for centred windows, a cached flat index for shift windows), so a
+# chunk is a handful of einsums on (..., kh, kw, rows, Wo) arrays. Only the scatter of
+# gradients into keys/values still walks the slots (basic-slice adds, cheaper than
+# np.add.at). The chunk plan counts the gathered channels against the memory budget.
+
+#: Whether chunks that fit the budget with every slot gathered take this path (always
+#: faster in benchmarks/run.py's sweeps, where it is taken: the gathers are strided
+#: copies and the sums single einsums); tests switch it off to run the per-slot loop.
+_ALL_SLOTS = True
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Every slot of one chunk's outputs at once (positions relative to ``in_rows``).
+
+    Arrays over slots have the slot axes ``(kh, kw)`` split, as NumPy's strided window
+    views need them."""
+
+    kernel: tuple[int, int]
+    index: np.ndarray | None  # (kh, kw, rows, Wo) flat index into the chunk's rows*W
+                              # inputs, rows*W where invalid; None when ``regular`` (the
+                              # cache would hold K int64 per output for nothing)
+    valid: np.ndarray       # (K, rows, Wo) bool
+    all_valid: bool
+    ay: np.ndarray          # table row per slot: (K, 1, 1) if constant, else (K, rows, 1)
+    ax: np.ndarray          # table column per slot: (K, 1, 1) or (K, 1, Wo)
+    constant_table: bool    # every slot uses one table entry (centred windows)
+    # When every slot reads ``first + i*stride + t*dilation`` on both axes and that
+    # progression leaves the chunk's inputs exactly where the slot is invalid (centred
+    # windows): ``((top, bottom, left, right), (y0, x0))``, the zero padding and the first
+    # input in the padded rows. Then a strided view of the padded rows is the gather.
+    regular: tuple | None
+
+
+def _progression(pos, length, stride, dilation):
+    """``(first, pad_before, pad_after)`` when ``pos`` ``(Lo, k)`` (``-1``: invalid) is
+    ``first + i*stride + t*dilation`` at every valid entry and outside ``[0, length)`` at
+    every invalid one; else ``None``."""
+    i = np.arange(pos.shape[0])[:, None] * stride
+    t = np.arange(pos.shape[1])[None, :] * dilation
+    valid = pos >= 0
+    if not valid.any():
+        return None
+    first = int(pos[valid][0] - (i + t)[valid][0])
+    regular = first + i + t
+    if (regular[valid] != pos[valid]).any():
+        return None
+    inside = (regular >= 0) & (regular < length)
+    if (inside & ~valid).any():
+        return None
+    return first, max(0, -int(regular.min())), max(0, int(regular.max()) - (length - 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _window_plan(height, width, kernel, dilation, stride, border, i0, i1, r0, r1):
+    """The :class:`_Window` of output rows ``i0:i1`` reading input rows ``r0:r1``: pure
+    geometry (from :func:`axis_window`), so cached like :func:`_slot_plan`."""
+    rows = axis_window(height, kernel[0], dilation[0], stride[0], border)
+    cols = axis_window(width, kernel[1], dilation[1], stride[1], border)
+    pos_y = np.where(rows.pos[i0:i1] >= 0, rows.pos[i0:i1].astype(np.intp) - r0, -1)
+    pos_x = cols.pos.astype(np.intp)
+    ys, xs = pos_y.T[:, None, :, None], pos_x.T[None, :, None, :]  # (kh,1,rows,1), (1,kw,1,Wo)
+    valid = (ys >= 0) & (xs >= 0)
+    index = np.where(valid, ys * width + xs, (r1 - r0) * width)
+    k, nr, nc = kernel[0] * kernel[1], i1 - i0, cols.pos.shape[0]
+    ay = np.broadcast_to(rows.table[i0:i1].T[:, None, :, None], kernel + (nr, 1))
+    ax = np.broadcast_to(cols.table.T[None, :, None, :], kernel + (1, nc))
+    ay, ax = ay.reshape(k, nr, 1), ax.reshape(k, 1, nc)
+    constant = bool((ay == ay[:, :1]).all() and (ax == ax[:, :, :1]).all())
+    if constant:
+        ay, ax = ay[:, :1], ax[:, :, :1]
+    py = _progression(pos_y, r1 - r0, stride[0], dilation[0])
+    px = _progression(pos_x, width, stride[1], dilation[1])
+    regular = None if py is None or px is None else (
+        (py[1], py[2], px[1], px[2]), (py[0] + py[1], px[0] + px[1]))
+    w = _Window(kernel, None if regular else np.ascontiguousarray(
+                    np.broadcast_to(index, kernel + (nr, nc))),
+                np.ascontiguousarray(np.broadcast_to(valid, kernel + (nr, nc)).reshape(k, nr, nc)),
+                bool(valid.all()), np.ascontiguousarray(ay), np.ascontiguousarray(ax), constant,
+                regular)
+    for a in (w.index, w.valid, w.ay, w.ax):
+        if a is not None:
+            a.flags.writeable = False                       # shared: nobody may change it
+    return w
+
+
+def _window(geo: Geometry, c: _Chunk) -> _Window:
+    return _window_plan(geo.height, geo.width, geo.kernel, geo.dilation, geo.stride, geo.border,
+                        c.i.start, c.i.stop, c.in_rows.start, c.in_rows.stop)
+
+
+def _split(a, w: _Window):
+    """``(..., K, rows, Wo)`` as ``(..., kh, kw, rows, Wo)``."""
+    return a.reshape(a.shape[:-3] + w.kernel + a.shape[-2:])
+
+
+def _merge(a, w: _Window):
+    """``(..., kh, kw, rows, Wo)`` as ``(..., K, rows, Wo)``."""
+    return a.reshape(a.shape[:-4] + (w.kernel[0] * w.kernel[1],) + a.shape[-2:])
+
+
+def _gather_all(x_rows, geo, w: _Window):
+    """``x`` at every slot's inputs: ``(..., kh, kw, rows, Wo)`` from ``(..., rows_in, W)``,
+    exactly 0 where invalid. Regular windows: a read-only strided view of the zero-padded
+    rows, copied out once; others (shift windows) gather by index, reading one appended
+    zero."""
+    lead, (n_rows, n_cols) = x_rows.shape[:-2], x_rows.shape[-2:]
+    shape = lead + w.kernel + w.valid.shape[1:]
+    if w.regular is None:
+        flat = np.empty(lead + (n_rows * n_cols + 1,), x_rows.dtype)
+        flat[..., -1] = 0
+        flat[..., :-1].reshape(x_rows.shape)[...] = x_rows
+        return np.take(flat, w.index, axis=-1)
+    (top, bottom, left, right), (y0, x0) = w.regular
+    padded = np.zeros(lead + (n_rows + top + bottom, n_cols + left + right), x_rows.dtype)
+    padded[..., top:top + n_rows, left:left + n_cols] = x_rows
+    st = padded.strides
+    (dy, dx), (sy, sx) = geo.dilation, geo.stride
+    view = np.lib.stride_tricks.as_strided(
+        padded[..., y0:, x0:], shape,
+        st[:-2] + (dy * st[-2], dx * st[-1], sy * st[-2], sx * st[-1]), writeable=False)
+    out = np.empty(shape, x_rows.dtype)   # contiguous: NumPy's einsum is slow on the view
+    np.copyto(out, view)
+    return out
+
+
+def _lookup_all(t, w: _Window):
+    """``t[..., ay, ax]`` for every slot: ``(..., kh, kw, rows, Wo)``, or
+    ``(..., kh, kw, 1, 1)`` with one table entry per slot."""
+    return _split(t[..., w.ay, w.ax], w)
+
+
+def _tables_add(dst, src, w: _Window):
+    """``dst[..., ay, ax] += src[..., t, i, j]`` summed over slots and outputs."""
+    if w.constant_table:      # one entry per slot, distinct slots: distinct entries
+        dst[..., w.ay[:, 0, 0], w.ax[:, 0, 0]] += src.sum(axis=(-2, -1))
+        return
+    ay = np.broadcast_to(w.ay[..., 0], w.valid.shape[:2])        # (K, rows)
+    ax = np.broadcast_to(w.ax[:, 0], (w.valid.shape[0], w.valid.shape[2]))  # (K, Wo)
+    one_y = np.eye(dst.shape[-2], dtype=src.dtype)[ay]           # (K, rows, Ty)
+    one_x = np.eye(dst.shape[-1], dtype=src.dtype)[ax]           # (K, Wo, Tx)
+    dst += np.einsum("...kij,kia,kjb->...ab", src, one_y, one_x, optimize=True)
+
+
+def _scatter_all(dst_rows, src, geo, c):
+    """``dst[..., y, x] += src[..., ty, tx, i, j]`` for every valid slot of every output."""
+    kw = geo.kernel[1]
+    for t, s in _slots(geo, c):
+        _scatter_add(dst_rows, src[..., t // kw, t % kw, :, :], s)
+
+
+def _rel_term(geo, c, w, rel):
+    """``rel`` at every slot ``(nh, Dqk, kh, kw)`` when each slot uses one table entry
+    (centred windows): then ``q . (k + rel) = q . k + q . rel`` without a ``K``-times larger
+    sum; else ``None`` (the key gets ``rel`` added per output)."""
+    if rel is None or not w.constant_table:
+        return None
+    return _lookup_all(rel[c.h].astype(geo.acc_dtype, copy=False), w)[..., 0, 0]
+
+
+def _all_keys(geo, c, w, k_rows, rel):
+    """The chunk's keys at every slot ``(nb, nh, Dqk, kh, kw, rows, Wo)``, with ``rel``
+    added unless :func:`_rel_term` takes it."""
+    key = _gather_all(k_rows, geo, w)
+    if rel is not None and not w.constant_table:
+        key += _lookup_all(rel[c.h].astype(geo.acc_dtype, copy=False), w)[None]
+    return key
+
+
+def _all_logits(geo, c, w, q_rows, k_rows, bias, rel, mask_invalid, kb_rows, key=None):
+    """:func:`_chunk_logits` with every slot at once (``key``: :func:`_all_keys`, if the
+    caller keeps it for the backward)."""
+    qc = _centres(q_rows, geo, c)                                 # (nb, nh, Dqk, rows, Wo)
+    key = _all_keys(geo, c, w, k_rows, rel) if key is None else key
+    rel_slots = _rel_term(geo, c, w, rel)
+    if geo.similarity == "dot":   # linear in q: scale the (small) centres, not the logits
+        qs = geo.scale * qc
+        logits = np.einsum("bhdij,bhdyxij->bhyxij", qs, key)
+        if rel_slots is not None:
+            logits += np.einsum("bhdij,hdyx->bhyxij", qs, rel_slots)
+        logits = _merge(logits, w)                                # (nb, nh, K, rows, Wo)
+    else:
+        logits = _merge(_phi(geo.similarity, qc[:, :, :, None, None], key).sum(axis=2), w)
+        logits *= geo.scale
+    if bias is not None:
+        logits += _merge(_lookup_all(bias[c.h].astype(geo.acc_dtype, copy=False), w), w)[None]
+    if kb_rows is not None:
+        logits += _merge(_gather_all(kb_rows[:, :, 0], geo, w), w)
+    if mask_invalid and not w.all_valid:
+        logits = np.where(w.valid, logits, -np.inf)
+    return logits
+
+
+def _all_weighted_sum(geo, c, w, weights, v_rows, finite):
+    """:func:`_chunk_weighted_sum` with every slot at once."""
+    if not (w.all_valid or finite):  # invalid slots add nothing whatever their weight
+        weights = np.where(w.valid, weights, 0)
+    return np.einsum("bhyxij,bhdyxij->bhdij", _split(weights, w), _gather_all(v_rows, geo, w))
+
+
+def _all_av_grads(geo, c, w, grad_out, weights, v_rows, dv_rows):
+    """:func:`_chunk_av_grads` with every slot at once."""
+    dweights = _merge(np.einsum("bhdij,bhdyxij->bhyxij", grad_out,
+                                _gather_all(v_rows, geo, w)), w)
+    if not w.all_valid:
+        dweights = np.where(w.valid, dweights, 0)
+    _scatter_all(dv_rows, _split(weights, w)[:, :, None] * grad_out[:, :, :, None, None], geo, c)
+    return dweights
+
+
+def _all_qk_grads(geo, c, w, dlogits, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
+                  dkb_rows, key=None):
+    """:func:`_chunk_qk_grads` with every slot at once (``key`` as :func:`_all_logits`)."""
+    qc = _centres(q_rows, geo, c)
+    dqc = _centres(dq_rows, geo, c)
+    g = _split(geo.scale * dlogits, w)                            # (nb, nh, kh, kw, rows, Wo)
+    key = _all_keys(geo, c, w, k_rows, rel) if key is None else key
+    rel_slots = _rel_term(geo, c, w, rel)
+    if rel is not None:
+        if rel_slots is not None:  # one entry per slot: a contraction over batch and pixels
+            # NumPy's own einsum, not BLAS: BLAS threads stall when the CPUs are shared.
+            per_slot = np.einsum("bhyxij,bhdij->hdyx", g, qc)             # (nh, Dqk, kh, kw)
+            _tables_add(drel[c.h], _merge(per_slot[..., None, None], w), w)
+        else:
+            _tables_add(drel[c.h], _merge(np.einsum("bhyxij,bhdij->hdyxij", g, qc), w), w)
+    if geo.similarity == "dot":
+        dqc += np.einsum("bhyxij,bhdyxij->bhdij", g, key)
+        if rel_slots is not None:
+            dqc += np.einsum("bhyxij,hdyx->bhdij", g, rel_slots)
+        by_k = qc[:, :, :, None, None]
+    else:
+        by_q, by_k = _dphi(geo.similarity, qc[:, :, :, None, None], key)
+        dqc += np.einsum("bhyxij,bhdyxij->bhdij", g, by_q)
+    _scatter_all(dk_rows, g[:, :, None] * by_k, geo, c)
+    if dbias is not None:
+        _tables_add(dbias[c.h], dlogits.sum(axis=0), w)
+    if dkb_rows is not None:
+        _scatter_all(dkb_rows, _split(dlogits, w)[:, :, None], geo, c)
+
 def _softmax(logits):
     """``(weights, lse)`` over axis 2; ``-inf`` logits get weight exactly 0. A window whose
-    logits are all ``-inf`` (no slot takes part) gets weights 0 and ``lse = -inf``."""
+    logits are all ``-inf`` (no slot takes part) gets weights 0 and ``lse = -inf``.
+
+    One ``exp`` per logit, in place: the weights are the shifted exponentials over their
+    sum (small windows spend most of their time here)."""
     top = logits.max(axis=2, keepdims=True)
-    top = np.where(top == -np.inf, 0, top)                 # empty window: nothing to shift
+    top[top == -np.inf] = 0                                # empty window: nothing to shift
+    weights = np.subtract(logits, top)                     # -inf stays -inf: exp gives 0
+    np.exp(weights, out=weights)
+    total = weights.sum(axis=2, keepdims=True)
     with np.errstate(divide="ignore"):                     # log(0) = -inf: the empty window
-        lse = top + np.log(np.exp(logits - top).sum(axis=2, keepdims=True))
-    return _weights(logits, lse), lse[:, :, 0]
+        lse = top + np.log(total)
+    inverse = np.divide(1, total, out=np.zeros_like(total), where=total > 0)
+    weights *= inverse                                     # empty window: 0 * 0
+    return weights, lse[:, :, 0]
 
 
 def _weights(logits, lse):
-    """``exp(logits - lse)``, exactly 0 at ``-inf`` logits (also where ``lse = -inf``)."""
-    with np.errstate(invalid="ignore"):                    # -inf - -inf, replaced below
-        return np.where(logits == -np.inf, 0, np.exp(logits - lse))
+    """``exp(logits - lse)``, exactly 0 at ``-inf`` logits (also where ``lse = -inf``: the
+    empty window's logits are all ``-inf``, and ``-inf - +inf`` is ``-inf``, not NaN)."""
+    weights = np.subtract(logits, np.where(lse == -np.inf, np.inf, lse))
+    return np.exp(weights, out=weights)
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,8 +754,12 @@ def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
             g = _mask_slots(geo, c, g)
         kb_rows = _key_bias_rows(key_bias, geo, c)
         if kb_rows is not None:   # and at slots whose key is removed (key_bias -inf)
-            removed = np.stack([_gather(kb_rows, s)[:, :, 0] == -np.inf
-                                for _, s in _slots(geo, c)], axis=2)
+            if c.all_slots:
+                w = _window(geo, c)
+                removed = _merge(_gather_all(kb_rows[:, :, 0], geo, w), w) == -np.inf
+            else:
+                removed = np.stack([_gather(kb_rows, s)[:, :, 0] == -np.inf
+                                    for _, s in _slots(geo, c)], axis=2)
             g = np.where(removed, 0, g)
         dq_rows, dk_rows = _grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk)
         dkb_rows = None if key_bias is None else _grad_rows(geo, c, 1)
@@ -486,8 +775,7 @@ def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
 
 def _mask_slots(geo, c, per_slot):
     """Zero ``per_slot`` ``(nb, nh, K, rows, Wo)`` at invalid slots."""
-    valid = np.stack([s.valid for _, s in _slots(geo, c)])      # (K, rows, Wo)
-    return np.where(valid, per_slot, 0)
+    return np.where(_window(geo, c).valid, per_slot, 0)
 
 
 def av_forward(geo: Geometry, attn, v):
@@ -520,7 +808,7 @@ def attention_forward(geo: Geometry, q, k, v, bias, rel, key_bias=None):
                                geo.border == "mask", _key_bias_rows(key_bias, geo, c))
         weights, lse[c.b, c.h, c.i] = _softmax(logits)
         _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(
-            geo, c, weights, _heads_view(v, geo, c, geo.dv, c.in_rows))
+            geo, c, weights, _heads_view(v, geo, c, geo.dv, c.in_rows), finite=True)
     return out, lse
 
 
@@ -531,8 +819,10 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
     for c in _chunks(geo, 4 * geo.dqk + 3 * geo.dv):
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
         k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        # All slots: gather the keys once for the logits and their gradients.
+        key = _all_keys(geo, c, _window(geo, c), k_rows, rel) if c.all_slots else None
         logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask",
-                               _key_bias_rows(key_bias, geo, c))
+                               _key_bias_rows(key_bias, geo, c), key)
         # Recompute the weights from the saved log-sum-exp instead of storing them.
         weights = _weights(logits, lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
         del logits
@@ -546,7 +836,8 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
         dweights -= (weights * dweights).sum(axis=2, keepdims=True)
         dweights *= weights
         _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
-                        dkb_rows)
+                        dkb_rows, key)
+        del key
         for dst, rows_grad, per_head in ((dq, dq_rows, geo.dqk), (dk, dk_rows, geo.dqk),
                                          (dv, dv_rows, geo.dv), (dkey_bias, dkb_rows, 1)):
             if dst is not None:

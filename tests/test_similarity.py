@@ -7,7 +7,8 @@ the issue's table), with a ``key_bias`` that holds a ``-inf`` region and removes
 of one (batch, head), so that some windows have no slot at all; the kernels under two
 thread orders. Finite differences in float64 for every similarity, ``key_bias`` included.
 The padding-mask equivalence: two images of different sizes padded into one batch give,
-on their own pixels, what each gives alone.
+on their own pixels, what each gives alone. Removed keys take no part: NaN and inf in their
+k and v give, value for value, what zeros there give (both reference paths, the kernels).
 """
 import functools
 import itertools
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 import cupy_localrel as cl
 from cupy_localrel import _geometry as G
 from cupy_localrel._backends import backend_status
+from cupy_localrel._backends import _numpy as N
 from tests import oracle
 from tests.test_api import problems
 from tests.helpers import ATOL, assert_close, central_difference, make_inputs
@@ -361,18 +363,31 @@ def _removed_keys_results(backend, x, border, similarity):
     return {n: Arrays.get(v) for n, v in res.items()}
 
 
-@pytest.mark.parametrize("backend", [pytest.param("numpy", id="numpy"), *BACKENDS])
+# The reference's two chunk paths (every slot at once, the per-slot loop), then the kernels.
+_REFERENCE_PATHS = [pytest.param("numpy", id="numpy"), pytest.param("numpy-loop", id="numpy-loop")]
+
+
+@pytest.mark.parametrize("backend", [*_REFERENCE_PATHS, *BACKENDS])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("similarity", SIMILARITIES)
-def test_removed_keys_take_no_part(backend, similarity, border, dtype):
+def test_removed_keys_take_no_part(backend, similarity, border, dtype, monkeypatch):
     """docs/contract.md "Per-key logit": NaN and inf in k and v at keys with key_bias -inf
     reach nothing. Every result equals, value for value, the result with those k and v set
     to 0; d key_bias, dk and dv are exactly 0 there; nothing is NaN."""
-    _require(backend) if backend != "numpy" else None
+    all_slots = []
+    if backend.startswith("numpy"):
+        monkeypatch.setattr(N, "_ALL_SLOTS", backend == "numpy")
+        original = N._all_logits
+        monkeypatch.setattr(N, "_all_logits", lambda *a, **kw: all_slots.append(1) or original(*a, **kw))
+        backend = "numpy"
+    else:
+        _require(backend)
     x, zeroed, removed = _removed_keys_problem(4, np.dtype(dtype), border)
     got = _removed_keys_results(backend, x, border, similarity)
     want = _removed_keys_results(backend, zeroed, border, similarity)
+    if backend == "numpy":   # the path the parameter names ran
+        assert bool(all_slots) == N._ALL_SLOTS
     for name, g in got.items():
         assert not np.isnan(g).any(), name
         np.testing.assert_array_equal(g, want[name], err_msg=name)
@@ -391,12 +406,16 @@ def test_removed_keys_take_no_part(backend, similarity, border, dtype):
                 assert_close(got[f"attention d{name}"], w, 4 * ATOL[dtype], f"d{name} against the oracle")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("numpy", id="numpy"), *BACKENDS])
-def test_removed_key_with_nan_value_reaches_nothing_but_nan_elsewhere_does(backend):
+@pytest.mark.parametrize("backend", [*_REFERENCE_PATHS, *BACKENDS])
+def test_removed_key_with_nan_value_reaches_nothing_but_nan_elsewhere_does(backend, monkeypatch):
     """The reviewer's case: one head, 4x4, k = 3, v NaN at a key with key_bias -inf: no
     output and no gradient is NaN and d key_bias is 0 there. The same NaN at a kept key
     (key_bias 0) reaches the four windows that hold it."""
-    _require(backend) if backend != "numpy" else None
+    if backend.startswith("numpy"):
+        monkeypatch.setattr(N, "_ALL_SLOTS", backend == "numpy")
+        backend = "numpy"
+    else:
+        _require(backend)
     rng = np.random.default_rng(6)
     q, k, v, grad = (rng.standard_normal((1, 2, 4, 4)) for _ in range(4))
     v[0, 0, 0, 0] = np.nan

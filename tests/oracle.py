@@ -77,9 +77,15 @@ def _key_bias_at(key_bias, b, h, ny, nx, valid):
     return float(key_bias[b, h, ny, nx]) if key_bias is not None and valid else 0.0
 
 
+def _removed(key_bias, b, h, ny, nx, valid):
+    """docs/contract.md "Per-key logit": a slot whose key has key_bias -inf takes no part, like
+    an invalid slot under border="mask": nothing at its key (k, v) is read."""
+    return _key_bias_at(key_bias, b, h, ny, nx, valid) == -np.inf
+
+
 def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, stride=1,
        border="mask", similarity="dot", key_bias=None):
-    """Logits (B, heads, K, Ho, Wo), -inf at masked slots."""
+    """Logits (B, heads, K, Ho, Wo), -inf at masked slots and at removed keys."""
     phi = SIMILARITY[similarity][0]
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, Dqk, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(q, heads, kernel_size, dilation, stride)
@@ -92,7 +98,7 @@ def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, st
                 for j in range(Wo):
                     qc = q[b, ch, i * sh, j * sw]
                     for t, ny, nx, ay, ax, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
-                        if not valid and border == "mask":
+                        if (not valid and border == "mask") or _removed(key_bias, b, h, ny, nx, valid):
                             logits[b, h, t, i, j] = -np.inf
                             continue
                         kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
@@ -105,7 +111,8 @@ def qk(q, k, heads, kernel_size, bias=None, rel=None, scale=None, dilation=1, st
     return logits
 
 
-def av(attn, v, kernel_size, dilation=1, stride=1, border="mask"):
+def av(attn, v, kernel_size, dilation=1, stride=1, border="mask", key_bias=None):
+    """out (B, heads*Dv, Ho, Wo); invalid slots and removed keys (key_bias -inf) add nothing."""
     attn, v = np.asarray(attn, np.float64), np.asarray(v, np.float64)
     B, heads = attn.shape[:2]
     _, Dv, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(v, heads, kernel_size, dilation, stride)
@@ -116,7 +123,7 @@ def av(attn, v, kernel_size, dilation=1, stride=1, border="mask"):
             for i in range(Ho):
                 for j in range(Wo):
                     for t, ny, nx, _, _, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
-                        if valid:
+                        if valid and not _removed(key_bias, b, h, ny, nx, valid):
                             out[b, ch, i, j] += attn[b, h, t, i, j] * v[b, ch, ny, nx]
     return out
 
@@ -147,10 +154,11 @@ def attention(q, k, v, heads, kernel_size, bias=None, rel=None, scale=None, dila
     logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
                 similarity, key_bias)
     p, lse = softmax(logits)
-    return av(p, v, kernel_size, dilation, stride, border), lse
+    return av(p, v, kernel_size, dilation, stride, border, key_bias), lse
 
 
-def av_backward(grad_out, attn, v, kernel_size, dilation=1, stride=1, border="mask"):
+def av_backward(grad_out, attn, v, kernel_size, dilation=1, stride=1, border="mask", key_bias=None):
+    """(dattn, dv); 0 at invalid slots and removed keys (key_bias -inf)."""
     grad_out, attn, v = (np.asarray(a, np.float64) for a in (grad_out, attn, v))
     B, heads = attn.shape[:2]
     _, Dv, H, W, kh, kw, dh, dw, sh, sw, Ho, Wo = _setup(v, heads, kernel_size, dilation, stride)
@@ -161,7 +169,7 @@ def av_backward(grad_out, attn, v, kernel_size, dilation=1, stride=1, border="ma
             for i in range(Ho):
                 for j in range(Wo):
                     for t, ny, nx, _, _, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
-                        if valid:
+                        if valid and not _removed(key_bias, b, h, ny, nx, valid):
                             dattn[b, h, t, i, j] = np.dot(grad_out[b, ch, i, j], v[b, ch, ny, nx])
                             dv[b, ch, ny, nx] += attn[b, h, t, i, j] * grad_out[b, ch, i, j]
     return dattn, dv
@@ -188,7 +196,7 @@ def qk_backward(grad_logits, q, k, heads, kernel_size, bias=None, rel=None, scal
                     for t, ny, nx, ay, ax, valid in _window(H, W, kh, kw, dh, dw, sh, sw, border, i, j):
                         if not valid and border == "mask":
                             continue
-                        if _key_bias_at(key_bias, b, h, ny, nx, valid) == -np.inf:
+                        if _removed(key_bias, b, h, ny, nx, valid):
                             continue
                         g = grad_logits[b, h, t, i, j]
                         kn = k[b, ch, ny, nx] if valid else np.zeros(Dqk)
@@ -214,7 +222,7 @@ def attention_backward(grad_out, q, k, v, heads, kernel_size, bias=None, rel=Non
     logits = qk(q, k, heads, kernel_size, bias, rel, scale, dilation, stride, border,
                 similarity, key_bias)
     p, _ = softmax(logits)
-    dp, dv = av_backward(grad_out, p, v, kernel_size, dilation, stride, border)
+    dp, dv = av_backward(grad_out, p, v, kernel_size, dilation, stride, border, key_bias)
     dlogits = p * (dp - (p * dp).sum(axis=2, keepdims=True))
     dq, dk, dbias, drel, dkey_bias = qk_backward(dlogits, q, k, heads, kernel_size, bias, rel,
                                                  scale, dilation, stride, border, similarity,

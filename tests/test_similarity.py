@@ -7,7 +7,8 @@ the issue's table), with a ``key_bias`` that holds a ``-inf`` region and removes
 of one (batch, head), so that some windows have no slot at all; the kernels under two
 thread orders. Finite differences in float64 for every similarity, ``key_bias`` included.
 The padding-mask equivalence: two images of different sizes padded into one batch give,
-on their own pixels, what each gives alone.
+on their own pixels, what each gives alone. Removed keys take no part: NaN and inf in their
+k and v give, value for value, what zeros there give (both reference paths, the kernels).
 """
 import functools
 import itertools
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 import cupy_localrel as cl
 from cupy_localrel import _geometry as G
 from cupy_localrel._backends import backend_status
+from cupy_localrel._backends import _numpy as N
 from tests import oracle
 from tests.test_api import problems
 from tests.helpers import ATOL, assert_close, central_difference, make_inputs
@@ -318,6 +320,122 @@ def test_nan_in_key_bias_propagates(backend):
     nan[:2, :2] = True                     # the windows that hold pixel (0, 0)
     np.testing.assert_array_equal(np.isnan(Arrays.get(out)[0, 0]), nan)
     np.testing.assert_array_equal(np.isnan(Arrays.get(lse)[0, 0]), nan)
+
+
+def _removed_keys_problem(seed, dtype, border):
+    """Inputs whose removed keys (key_bias -inf) hold NaN and +-inf in k and v, and the
+    same inputs with those k and v set to 0: an independent statement of "takes no part"."""
+    rng = np.random.default_rng(seed)
+    B, heads, dqk, dv, H, W = SHAPE
+    x = dict(q=rng.standard_normal((B, heads * dqk, H, W)), k=rng.standard_normal((B, heads * dqk, H, W)),
+             v=rng.standard_normal((B, heads * dv, H, W)), bias=rng.standard_normal((heads,) + (2 * KERNEL - 1 if border == "shift" else KERNEL,) * 2),
+             key_bias=rng.standard_normal((B, heads, H, W)), grad=rng.standard_normal((B, heads * dv, H, W)))
+    kb = x["key_bias"]
+    kb[0, 0, 0, :3] = -np.inf          # the image corner and edge: windows with masked slots too
+    kb[0, 1, 2, 2:4] = -np.inf         # the interior
+    kb[1, 0, 1:4, 1:4] = -np.inf       # a block that empties the window at its centre
+    kb[1, 1, 4, 5] = -np.inf
+    removed = np.isneginf(kb)
+    zeroed = {n: a.copy() for n, a in x.items()}
+    for name, per_head in (("k", dqk), ("v", dv)):
+        at = np.repeat(removed, per_head, axis=1)
+        zeroed[name][at] = 0.0
+        poison = np.resize(np.array([np.nan, np.inf, -np.inf]), int(at.sum()))
+        x[name][at] = poison           # NaN, inf and -inf, in every channel of a removed key
+    cast = lambda d: {n: a.astype(dtype) for n, a in d.items()}   # noqa: E731
+    return cast(x), cast(zeroed), removed
+
+
+def _removed_keys_results(backend, x, border, similarity):
+    """Forward, backward, logits and their backward of one backend as NumPy arrays."""
+    a = Arrays(backend)
+    d = {n: a.put(v) for n, v in x.items()}
+    kw = dict(bias=d["bias"], scale=SCALE, border=border, similarity=similarity, key_bias=d["key_bias"],
+              backend=backend)
+    out, lse = cl.local_attention2d(d["q"], d["k"], d["v"], SHAPE[1], KERNEL, return_lse=True, **kw)
+    grads = cl.local_attention2d_backward(d["grad"], d["q"], d["k"], d["v"], out, lse, SHAPE[1], KERNEL, **kw)
+    logits = cl.local_qk2d(d["q"], d["k"], SHAPE[1], KERNEL, **kw)
+    grad_logits = np.random.default_rng(3).standard_normal(logits.shape).astype(x["q"].dtype)
+    qk_grads = cl.local_qk2d_backward(a.put(grad_logits), d["q"], d["k"], SHAPE[1], KERNEL, **kw)
+    res = {"out": out, "lse": lse, "logits": logits}
+    res.update({f"attention d{n}": g for n, g in zip(grads._fields, grads) if g is not None})
+    res.update({f"qk d{n}": g for n, g in zip(qk_grads._fields, qk_grads) if g is not None})
+    return {n: Arrays.get(v) for n, v in res.items()}
+
+
+# The reference's two chunk paths (every slot at once, the per-slot loop), then the kernels.
+_REFERENCE_PATHS = [pytest.param("numpy", id="numpy"), pytest.param("numpy-loop", id="numpy-loop")]
+
+
+@pytest.mark.parametrize("backend", [*_REFERENCE_PATHS, *BACKENDS])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_removed_keys_take_no_part(backend, similarity, border, dtype, monkeypatch):
+    """docs/contract.md "Per-key logit": NaN and inf in k and v at keys with key_bias -inf
+    reach nothing. Every result equals, value for value, the result with those k and v set
+    to 0; d key_bias, dk and dv are exactly 0 there; nothing is NaN."""
+    all_slots = []
+    if backend.startswith("numpy"):
+        monkeypatch.setattr(N, "_ALL_SLOTS", backend == "numpy")
+        original = N._all_logits
+        monkeypatch.setattr(N, "_all_logits", lambda *a, **kw: all_slots.append(1) or original(*a, **kw))
+        backend = "numpy"
+    else:
+        _require(backend)
+    x, zeroed, removed = _removed_keys_problem(4, np.dtype(dtype), border)
+    got = _removed_keys_results(backend, x, border, similarity)
+    want = _removed_keys_results(backend, zeroed, border, similarity)
+    if backend == "numpy":   # the path the parameter names ran
+        assert bool(all_slots) == N._ALL_SLOTS
+    for name, g in got.items():
+        assert not np.isnan(g).any(), name
+        np.testing.assert_array_equal(g, want[name], err_msg=name)
+    for grad in ("attention", "qk"):
+        assert (got[f"{grad} dkey_bias"][removed] == 0).all()
+        assert (got[f"{grad} dk"][np.repeat(removed, SHAPE[2], axis=1)] == 0).all()
+    assert (got["attention dv"][np.repeat(removed, SHAPE[3], axis=1)] == 0).all()
+    # And the zeroed problem is what the oracle (which never reads a removed key) gives.
+    if dtype == "float64":
+        kw = dict(bias=x["bias"], scale=SCALE, border=border, similarity=similarity, key_bias=x["key_bias"])
+        want_out, _ = oracle.attention(x["q"], x["k"], x["v"], SHAPE[1], KERNEL, **kw)
+        assert_close(got["out"], want_out, ATOL[dtype], "out against the oracle")
+        want_grads = oracle.attention_backward(x["grad"], x["q"], x["k"], x["v"], SHAPE[1], KERNEL, **kw)
+        for name, w in zip(("q", "k", "v", "bias", "rel", "key_bias"), want_grads):
+            if w is not None:
+                assert_close(got[f"attention d{name}"], w, 4 * ATOL[dtype], f"d{name} against the oracle")
+
+
+@pytest.mark.parametrize("backend", [*_REFERENCE_PATHS, *BACKENDS])
+def test_removed_key_with_nan_value_reaches_nothing_but_nan_elsewhere_does(backend, monkeypatch):
+    """The reviewer's case: one head, 4x4, k = 3, v NaN at a key with key_bias -inf: no
+    output and no gradient is NaN and d key_bias is 0 there. The same NaN at a kept key
+    (key_bias 0) reaches the four windows that hold it."""
+    if backend.startswith("numpy"):
+        monkeypatch.setattr(N, "_ALL_SLOTS", backend == "numpy")
+        backend = "numpy"
+    else:
+        _require(backend)
+    rng = np.random.default_rng(6)
+    q, k, v, grad = (rng.standard_normal((1, 2, 4, 4)) for _ in range(4))
+    v[0, 0, 0, 0] = np.nan
+    a = Arrays(backend)
+    for kept in (False, True):
+        kb = np.zeros((1, 1, 4, 4))
+        kb[0, 0, 0, 0] = 0.0 if kept else -np.inf
+        out, lse = cl.local_attention2d(a.put(q), a.put(k), a.put(v), 1, 3, key_bias=a.put(kb), return_lse=True,
+                                        backend=backend)
+        g = cl.local_attention2d_backward(a.put(grad), a.put(q), a.put(k), a.put(v), out, lse, 1, 3,
+                                          key_bias=a.put(kb), backend=backend)
+        nan = np.isnan(Arrays.get(out)[0])
+        if kept:
+            want = np.zeros((2, 4, 4), bool)
+            want[0, :2, :2] = True         # value channel 0 of the windows holding (0, 0)
+            np.testing.assert_array_equal(nan, want)
+        else:
+            assert not nan.any()
+            assert not any(np.isnan(Arrays.get(x)).any() for x in g if x is not None)
+            assert Arrays.get(g.key_bias)[0, 0, 0, 0] == 0 and (Arrays.get(g.v)[0, :, 0, 0] == 0).all()
 
 
 def _padded_pair(rng, heads, dqk, dv, sizes, pad_to):

@@ -325,8 +325,10 @@ def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows
     """Logits ``(nb, nh, K, rows, Wo)`` of a chunk; invalid slots ``-inf`` if masked.
 
     ``kb_rows``: the chunk's ``key_bias`` rows ``(nb, nh, 1, rows, W)`` or ``None``; an
-    invalid slot gets 0 from it. ``key``: the all-slots path's gathered keys, when the
-    caller has them (:func:`_all_keys`).
+    invalid slot gets 0 from it, a slot whose key is removed (``-inf``) gets ``-inf``
+    whatever its similarity gave (the caller zeroes its key: :func:`_without_removed`).
+    ``key``: the all-slots path's gathered keys, when the caller has them
+    (:func:`_all_keys`).
     """
     if c.all_slots:
         return _all_logits(geo, c, _window(geo, c), q_rows, k_rows, bias, rel, mask_invalid,
@@ -346,7 +348,9 @@ def _chunk_logits(geo, c, q_rows, k_rows, bias, rel, mask_invalid: bool, kb_rows
         if bias_h is not None:
             logit += _table(bias_h, s)[None]
         if kb_rows is not None:
-            logit += _gather(kb_rows, s)[:, :, 0]
+            kb = _gather(kb_rows, s)[:, :, 0]
+            logit += kb
+            logit[kb == -np.inf] = -np.inf   # a removed key: -inf whatever phi gave, like a mask
         if mask_invalid:
             logit = np.where(s.valid, logit, -np.inf)
         logits[:, :, t] = logit
@@ -613,7 +617,9 @@ def _all_logits(geo, c, w, q_rows, k_rows, bias, rel, mask_invalid, kb_rows, key
     if bias is not None:
         logits += _merge(_lookup_all(bias[c.h].astype(geo.acc_dtype, copy=False), w), w)[None]
     if kb_rows is not None:
-        logits += _merge(_gather_all(kb_rows[:, :, 0], geo, w), w)
+        kb = _merge(_gather_all(kb_rows[:, :, 0], geo, w), w)
+        logits += kb
+        logits[kb == -np.inf] = -np.inf   # a removed key: as in _chunk_logits
     if mask_invalid and not w.all_valid:
         logits = np.where(w.valid, logits, -np.inf)
     return logits
@@ -718,6 +724,32 @@ def _key_bias_rows(key_bias, geo, c):
     return None if key_bias is None else _heads_view(key_bias, geo, c, 1, c.in_rows)
 
 
+# Removed keys (key_bias -inf, docs/contract.md "Per-key logit") take no part, like invalid
+# slots under border="mask": nothing read at them (k, v, even NaN or inf) reaches a result.
+# Both chunk paths get this the same way: the chunk's k and v rows are 0 at removed keys (so
+# their slots compute like invalid ones, key 0 and value 0), their logits are -inf
+# (_chunk_logits), and their own dk, dv and d key_bias are set to exactly 0.
+
+def _removed_keys(kb_rows):
+    """``(nb, nh, 1, rows, W)`` bool, true at the chunk's removed keys; ``None`` if none."""
+    if kb_rows is None:
+        return None
+    removed = kb_rows == -np.inf
+    return removed if removed.any() else None
+
+
+def _without_removed(x_rows, removed):
+    """``x_rows`` ``(nb, nh, per_head, rows, W)`` with every channel of a removed key 0 (a
+    new array: the inputs are never modified)."""
+    return x_rows if removed is None else np.where(removed, 0, x_rows)
+
+
+def _zero_removed(rows_grad, removed):
+    """Set a chunk's key-side gradient rows to exactly 0 at its removed keys, in place."""
+    if rows_grad is not None and removed is not None:
+        rows_grad[np.broadcast_to(removed, rows_grad.shape)] = 0
+
+
 def _small_grads(geo, bias, rel):
     dbias = None if bias is None else np.zeros(bias.shape, geo.acc_dtype)
     drel = None if rel is None else np.zeros(rel.shape, geo.acc_dtype)
@@ -736,11 +768,11 @@ def qk_forward(geo: Geometry, q, k, bias, rel, key_bias=None):
     """Logits ``(B, heads, K, Ho, Wo)``; masked slots ``-inf`` with ``border="mask"``."""
     logits = np.empty(geo.attn_shape, geo.dtype)
     for c in _chunks(geo, 2 * geo.dqk):
+        kb_rows = _key_bias_rows(key_bias, geo, c)
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
-        k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        k_rows = _without_removed(_heads_view(k, geo, c, geo.dqk, c.in_rows), _removed_keys(kb_rows))
         logits[c.b, c.h, :, c.i] = _chunk_logits(geo, c, q_rows, k_rows, bias, rel,
-                                                 geo.border == "mask",
-                                                 _key_bias_rows(key_bias, geo, c))
+                                                 geo.border == "mask", kb_rows)
     return logits
 
 
@@ -756,16 +788,19 @@ def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
         if kb_rows is not None:   # and at slots whose key is removed (key_bias -inf)
             if c.all_slots:
                 w = _window(geo, c)
-                removed = _merge(_gather_all(kb_rows[:, :, 0], geo, w), w) == -np.inf
+                removed_slots = _merge(_gather_all(kb_rows[:, :, 0], geo, w), w) == -np.inf
             else:
-                removed = np.stack([_gather(kb_rows, s)[:, :, 0] == -np.inf
-                                    for _, s in _slots(geo, c)], axis=2)
-            g = np.where(removed, 0, g)
+                removed_slots = np.stack([_gather(kb_rows, s)[:, :, 0] == -np.inf
+                                          for _, s in _slots(geo, c)], axis=2)
+            g = np.where(removed_slots, 0, g)
+        removed = _removed_keys(kb_rows)   # the keys themselves: their k is not read
         dq_rows, dk_rows = _grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk)
         dkb_rows = None if key_bias is None else _grad_rows(geo, c, 1)
         _chunk_qk_grads(geo, c, g, _heads_view(q, geo, c, geo.dqk, c.in_rows),
-                        _heads_view(k, geo, c, geo.dqk, c.in_rows), rel, dq_rows, dk_rows,
-                        dbias, drel, dkb_rows)
+                        _without_removed(_heads_view(k, geo, c, geo.dqk, c.in_rows), removed),
+                        rel, dq_rows, dk_rows, dbias, drel, dkb_rows)
+        _zero_removed(dk_rows, removed)
+        _zero_removed(dkb_rows, removed)
         _land(dq, dq_rows, c, geo.dqk)
         _land(dk, dk_rows, c, geo.dqk)
         if dkb_rows is not None:
@@ -803,12 +838,15 @@ def attention_forward(geo: Geometry, q, k, v, bias, rel, key_bias=None):
     out = np.empty(geo.out_shape, geo.dtype)
     lse = np.empty(geo.lse_shape, lse_dtype(geo.dtype))
     for c in _chunks(geo, 2 * geo.dqk + 2 * geo.dv):
+        kb_rows = _key_bias_rows(key_bias, geo, c)
+        removed = _removed_keys(kb_rows)
         logits = _chunk_logits(geo, c, _heads_view(q, geo, c, geo.dqk, c.in_rows),
-                               _heads_view(k, geo, c, geo.dqk, c.in_rows), bias, rel,
-                               geo.border == "mask", _key_bias_rows(key_bias, geo, c))
+                               _without_removed(_heads_view(k, geo, c, geo.dqk, c.in_rows), removed),
+                               bias, rel, geo.border == "mask", kb_rows)
         weights, lse[c.b, c.h, c.i] = _softmax(logits)
-        _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(
-            geo, c, weights, _heads_view(v, geo, c, geo.dv, c.in_rows), finite=True)
+        v_rows = _without_removed(_heads_view(v, geo, c, geo.dv, c.in_rows), removed)
+        _out_rows(out, geo, c, geo.dv)[...] = _chunk_weighted_sum(geo, c, weights, v_rows,
+                                                                  finite=True)
     return out, lse
 
 
@@ -817,12 +855,14 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
     dbias, drel = _small_grads(geo, bias, rel)
     dkey_bias = None if key_bias is None else np.zeros(key_bias.shape, key_bias.dtype)
     for c in _chunks(geo, 4 * geo.dqk + 3 * geo.dv):
+        kb_rows = _key_bias_rows(key_bias, geo, c)
+        removed = _removed_keys(kb_rows)
         q_rows = _heads_view(q, geo, c, geo.dqk, c.in_rows)
-        k_rows = _heads_view(k, geo, c, geo.dqk, c.in_rows)
+        k_rows = _without_removed(_heads_view(k, geo, c, geo.dqk, c.in_rows), removed)
         # All slots: gather the keys once for the logits and their gradients.
         key = _all_keys(geo, c, _window(geo, c), k_rows, rel) if c.all_slots else None
         logits = _chunk_logits(geo, c, q_rows, k_rows, bias, rel, geo.border == "mask",
-                               _key_bias_rows(key_bias, geo, c), key)
+                               kb_rows, key)
         # Recompute the weights from the saved log-sum-exp instead of storing them.
         weights = _weights(logits, lse[c.b, c.h, None, c.i].astype(geo.acc_dtype))
         del logits
@@ -830,14 +870,16 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
         dq_rows, dk_rows, dv_rows = (_grad_rows(geo, c, geo.dqk), _grad_rows(geo, c, geo.dqk),
                                      _grad_rows(geo, c, geo.dv))
         dkb_rows = None if key_bias is None else _grad_rows(geo, c, 1)
-        dweights = _chunk_av_grads(geo, c, g, weights,
-                                   _heads_view(v, geo, c, geo.dv, c.in_rows), dv_rows)
+        dweights = _chunk_av_grads(geo, c, g, weights, _without_removed(
+            _heads_view(v, geo, c, geo.dv, c.in_rows), removed), dv_rows)
         # Softmax backward: dlogit_t = p_t * (dp_t - sum_s p_s dp_s).
         dweights -= (weights * dweights).sum(axis=2, keepdims=True)
         dweights *= weights
         _chunk_qk_grads(geo, c, dweights, q_rows, k_rows, rel, dq_rows, dk_rows, dbias, drel,
                         dkb_rows, key)
         del key
+        for rows_grad in (dk_rows, dv_rows, dkb_rows):
+            _zero_removed(rows_grad, removed)
         for dst, rows_grad, per_head in ((dq, dq_rows, geo.dqk), (dk, dk_rows, geo.dqk),
                                          (dv, dv_rows, geo.dv), (dkey_bias, dkb_rows, 1)):
             if dst is not None:

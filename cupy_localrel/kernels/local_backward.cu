@@ -184,12 +184,12 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
       for (int tx = 0; tx < w.kw; ++tx) {
         const Slot s = slot_of(w, p.r, p.c, ty, tx);
         const int t = ty * w.kw + tx;
-        const bool removed = (flags & kHasKeyBias) && s.valid() && load(kbias, s.in(w.W)) == neg_inf<A>();
-        my[(size_t)t * tile] = takes_part(w, s) && !removed ? load(g, t * ohw) : A(0);
+        my[(size_t)t * tile] = takes_part(w, s, flags, kbias) ? load(g, t * ohw) : A(0);
       }
   } else {
     // Softmax backward: dlogit_t = p_t (dp_t - delta), dp_t = grad_out . v_t (0 for an
-    // invalid slot), delta = sum_t p_t dp_t; p_t recomputed from lse (0 for masked slots).
+    // invalid slot), delta = sum_t p_t dp_t; p_t recomputed from lse (0 for masked slots
+    // and removed keys, whose k and v are not read).
     const T* g = grad + (size_t)p.plane * dv * ohw + o;
     const T* vb = v + (size_t)p.plane * dv * hw;
     A* my_p = weight + p.tid;
@@ -200,7 +200,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
         const Slot s = slot_of(w, p.r, p.c, ty, tx);
         const size_t t = (size_t)(ty * w.kw + tx) * tile;
         A pt = 0, dp = 0;
-        if (takes_part(w, s)) {
+        if (takes_part(w, s, flags, kbias)) {
           pt = weight_from_lse(slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias), lse_o);
           if (s.valid())
             for (int e = 0; e < dv; ++e) dp += load(g, e * ohw) * load(vb, e * hw + s.in(w.W));
@@ -214,7 +214,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   }
 
   // (2) dq at the centre: scale * sum_t dlogit_t dphi/dq(q, k_t) (k_t + rel_t for the dot
-  // product); an invalid slot has key 0.
+  // product); an invalid slot, and a removed key (dlogit 0 too), has key 0: its k is not read.
   if (p.inside) {
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
     for (int d = 0; d < dqk; ++d) {
@@ -223,7 +223,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
       for (int ty = 0; ty < w.kh; ++ty)
         for (int tx = 0; tx < w.kw; ++tx) {
           const Slot s = slot_of(w, p.r, p.c, ty, tx);
-          A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
+          A key = s.valid() && !key_removed(w, s, flags, kbias) ? load(kb, d * hw + s.in(w.W)) : A(0);
           if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
           sum += my[(size_t)(ty * w.kw + tx) * tile] * Sim<SIM>::dq(qd, key);
         }
@@ -411,6 +411,15 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   // This key's own key_bias: in every logit that sees it; -inf removes the key.
   const bool has_kb = MODE != kAV && (flags & kHasKeyBias);
   const A kb_n = has_kb ? load(key_bias, (size_t)p.plane * hw + n) : A(0);
+  if (has_kb && kb_n == neg_inf<A>()) {
+    // A removed key takes part in no window: dk, dv and d key_bias are exactly 0, whatever
+    // its k and v or its users' queries and output gradients hold (NaN and inf included).
+    for (int d = 0; d < dqk; ++d) store(dk + qk_off + n + d * hw, A(0));
+    if (MODE == kAttention)
+      for (int e = 0; e < dv; ++e) store(dv_out + (size_t)p.plane * dv * hw + n + e * hw, A(0));
+    store(dkey_bias + (size_t)p.plane * hw + n, A(0));
+    return;   // no barriers in this kernel
+  }
 
   // (1) the weight and/or logit gradient of every (output, slot) pair that uses pixel n.
   for (int a = 0; a < w.mr; ++a)
@@ -423,7 +432,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
       if (MODE == kAV) {
         user_p[slot] = load(attn, ((size_t)p.plane * K + t) * ohw + o);
       } else if (MODE == kQK) {
-        user_dl[slot] = has_kb && kb_n == neg_inf<A>() ? A(0) : load(gb, t * ohw + o);
+        user_dl[slot] = load(gb, t * ohw + o);
       } else {
         // Recompute the weight from lse; the key is this thread's own, always valid here.
         const int tab = w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];

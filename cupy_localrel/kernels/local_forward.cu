@@ -20,7 +20,7 @@
 //                               per tile instead of once per window that holds it.
 //                               Dot product and no key_bias only (the host's choice).
 // key_bias (B, heads, H, W), read only when flags has kHasKeyBias, adds to the logit of
-// every valid slot that looks at its pixel.
+// every valid slot that looks at its pixel; -inf removes the pixel's key (key_removed).
 #include "localrel_common.cuh"
 
 using namespace localrel;
@@ -48,9 +48,11 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
   for (int ty = 0; ty < w.kh; ++ty)
     for (int tx = 0; tx < w.kw; ++tx) {
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
-      // border="mask": an invalid slot has no logit (-inf gives it weight 0 in any softmax).
-      const A logit = takes_part(w, s) ? slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias)
-                                       : neg_inf<A>();
+      // border="mask": an invalid slot has no logit (-inf gives it weight 0 in any softmax);
+      // nor has a slot whose key is removed (key_bias -inf), whatever its k holds.
+      const A logit = takes_part(w, s, flags, kbias)
+                          ? slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias)
+                          : neg_inf<A>();
       store(dst + (size_t)(ty * w.kw + tx) * w.out_plane(), logit);
     }
 }
@@ -121,9 +123,9 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
   for (int ty = 0; ty < w.kh; ++ty)
     for (int tx = 0; tx < w.kw; ++tx) {
       const Slot s = slot_of(w, p.r, p.c, ty, tx);
-      if (!takes_part(w, s)) continue;
+      if (!takes_part(w, s, flags, kbias)) continue;   // neither its k nor its v is read
       const A x = slot_logit<SIM>(w, s, qc, kb, rel_h, bias_h, dqk, flags, scale, kbias);
-      // A -inf logit (a -inf bias or key_bias) weighs exactly 0. Skipping it also keeps
+      // A -inf logit (a -inf bias) weighs exactly 0. Skipping it also keeps
       // exp(-inf - -inf) = NaN out of the sums while every logit so far is -inf.
       if (x == neg_inf<A>()) continue;
       const A m_new = acc_max(m, x);

@@ -161,6 +161,23 @@ __device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block 
 // Flags of the optional inputs (kernel argument `flags`), uniform over a launch.
 enum Flags { kHasBias = 1, kHasRel = 2, kHasKeyBias = 4 };
 
+// A key whose key_bias is -inf is removed (docs/contract.md "Per-key logit"): every slot
+// that looks at it is handled like an invalid slot under border="mask": no logit, weight 0,
+// and nothing it reads (k, v, even NaN or inf) reaches out, lse or any gradient. Only with
+// kHasKeyBias (uniform over the launch): without key_bias nothing is loaded here.
+template <class T>
+__device__ __forceinline__ bool key_removed(const Window& w, const Slot& s, int flags,
+                                            const T* __restrict__ kbias) {
+  return (flags & kHasKeyBias) && s.valid() && load(kbias, s.in(w.W)) == neg_inf<acc_t<T>>();
+}
+
+// takes_part, and the slot's key is not removed: the slots of the general kernels' softmax.
+template <class T>
+__device__ __forceinline__ bool takes_part(const Window& w, const Slot& s, int flags,
+                                           const T* __restrict__ kbias) {
+  return takes_part(w, s) && !key_removed(w, s, flags, kbias);
+}
+
 // ---------------------------------------------------------------------------------------
 // Similarity functions (docs/contract.md "Similarity functions"): the logit sums phi(q_c, k_c) over a
 // head's channels. A template parameter of the general kernels (default kDot), so that the

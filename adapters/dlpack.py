@@ -12,7 +12,8 @@ keywords pass through unchanged. This adapter has no autograd (use :mod:`cupy_lo
 
 bfloat16: NumPy's DLPack import does not know bfloat16, so bfloat16 inputs are viewed
 as 16-bit integers across DLPack and as ``ml_dtypes.bfloat16`` on the NumPy side (needs
-``ml_dtypes``); on CUDA (CuPy has no bfloat16) they are rejected with a ``TypeError``.
+``ml_dtypes``); on CUDA this adapter does not take bfloat16 (a ``TypeError``; the torch
+adapter passes it natively with CuPy >= 14 and through float32 before).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _to_core(x, name):
             x = x.detach()
         if _is_bf16(x):
             raise TypeError(f"{name}: bfloat16 is not supported on CUDA through DLPack "
-                            "(CuPy has no bfloat16); use the torch adapter or float32")
+                            "(not taken by this adapter); use the torch adapter or float32")
         return cupy.from_dlpack(x)
     raise TypeError(f"{name}: unsupported DLPack device type {device} "
                     f"(CPU or CUDA only), got {type(x).__name__}")

@@ -147,6 +147,11 @@ def test_local_relation_key_saliency_is_key_bias_from_an_extra_conv():
     for wrong in (mask[:, :1], mask[:1], mask[0, 0]):
         with pytest.raises(ValueError, match="key_bias must have shape"):
             layer(x, key_bias=wrong)
+    # ... and so is a bool mask or another dtype (the sum would promote it: a bool padding
+    # mask would add +1 instead of removing the padded keys).
+    for wrong in (~valid[:, None].expand(2, 4, 6, 5), mask.float()):
+        with pytest.raises(TypeError, match="key_bias"):
+            layer(x, key_bias=wrong)
     plain = lt.LocalRelation2d(16, 3, m=4)
     assert plain.saliency is None and plain.similarity == "dot"
 

@@ -507,11 +507,12 @@ def _window_work(batch, kernel_size, out_shape_hw):
 #: square and an add; the normalized ones add their denominator and a division.
 LOGIT_FLOPS = {"dot": 2, "key": 1, "neg_abs": 3, "neg_square": 3, "neg_abs_normalized": 7,
                "neg_square_normalized": 7}
+assert set(LOGIT_FLOPS) == set(G.SIMILARITIES), "a FLOP count for every similarity"
 
 
 def _qk_factor(similarity) -> float:
     """The logits' cost per channel relative to the dot product's 2 FLOPs."""
-    return LOGIT_FLOPS.get(similarity, 2) / 2
+    return LOGIT_FLOPS[similarity] / 2
 
 
 def _register_flops():

@@ -17,6 +17,7 @@ from torch import nn
 
 from cupy_localrel import _geometry as G
 
+from ._convert import check_tensors
 from ._ops import local_av2d, local_qk2d, local_relation2d, sasa2d
 
 __all__ = ["LocalRelation2d", "SASA2d", "AttentionStem", "relative_offsets", "padding_key_bias"]
@@ -125,9 +126,9 @@ class LocalRelation2d(nn.Module):
         padding mask, added to the key saliency when the layer has one)."""
         if self.saliency is not None:
             saliency = self.saliency(x)
-            if key_bias is not None:   # checked before the sum, which would broadcast it
-                if not isinstance(key_bias, torch.Tensor):
-                    raise TypeError(f"key_bias must be a torch.Tensor, got {type(key_bias).__name__}")
+            if key_bias is not None:   # checked before the sum, which would promote a
+                # bool or lower-precision mask and broadcast a wrong shape
+                check_tensors("LocalRelation2d", dict(x=x, key_bias=key_bias))
                 G.check_shape(key_bias, "key_bias", tuple(saliency.shape))
             key_bias = saliency if key_bias is None else saliency + key_bias
         out = local_relation2d(x, self.key(x), self.query(x), self.geometry(), self.kernel_size,

@@ -39,10 +39,12 @@ Kernel choice (see the .cu files for what each does):
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 
+from .. import _geometry as G
 from .. import _loader
 from .._geometry import SIMILARITIES, Geometry, lse_dtype
 
@@ -264,23 +266,14 @@ def _launch_work(c: "_Call", kernel, rows: int, cols: int, block, args: tuple,
                args + (scratch, np.int64(per_block), np.int32(first)))
 
 
-# {(id(table), tile): (table, extent)}: the tables are the cached arrays of
-# _geometry.axis_window, so an extent is computed once per geometry; the entry holds the
-# table itself, so its id cannot be taken by another array while the entry lives.
-_halo_extents: dict = {}
-
-
-def _halo_extent(pos: np.ndarray, tile: int) -> int:
-    """Largest span of valid input positions looked at by ``tile`` consecutive outputs
-    (cached per table and tile)."""
-    known = _halo_extents.get((id(pos), tile))
-    if known is not None and known[0] is pos:
-        return known[1]
-    extent = _compute_halo_extent(pos, tile)
-    if len(_halo_extents) > 1024:   # bound the cache; extents are cheap to recompute
-        _halo_extents.clear()
-    _halo_extents[(id(pos), tile)] = (pos, extent)
-    return extent
+@functools.lru_cache(maxsize=1024)
+def _halo_extent(length: int, kernel: int, dilation: int, stride: int, border: str,
+                 table: str, tile: int) -> int:
+    """Largest span of valid positions in ``tile`` consecutive rows of one axis's ``table``
+    (``"pos"``: the inputs a tile of outputs looks at; ``"users"``: the outputs that use a
+    tile of inputs). Pure geometry, so cached by the axis's parameters."""
+    window = G.axis_window(length, kernel, dilation, stride, border)
+    return _compute_halo_extent(window.pos if table == "pos" else window.users[0], tile)
 
 
 def _compute_halo_extent(pos: np.ndarray, tile: int) -> int:
@@ -372,20 +365,23 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_bytes: int):
+def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int):
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
     float64 (twice the shared memory for little use), serve the dot product without
     ``key_bias`` only (``c.fast``) and must fit the shared memory a block may opt in to on
     the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
-    the largest span of the (-1 padded) tables over ``block`` consecutive rows/columns;
-    ``other_bytes`` is the kernel's shared memory besides the halo.
+    the largest span of the (-1 padded) ``table`` (``"pos"`` or ``"users"``, see
+    :func:`_halo_extent`) over ``block`` consecutive rows/columns; ``other_bytes`` is the
+    kernel's shared memory besides the halo.
     """
     if geo.stride != (1, 1) or geo.dtype == np.float64 or not c.fast:
         return None
     ck, cv = TILED_CONFIGS["lrnet" if geo.dqk <= 4 else "sasa"]
-    halo_h, halo_w = _halo_extent(rows_table, block[1]), _halo_extent(cols_table, block[0])
+    halo_h, halo_w = (_halo_extent(length, k, d, st, geo.border, table, tile) for length, k, d, st, tile
+                      in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
+                             (block[1], block[0])))
     staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
     if c.flags & HAS_REL:
         staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
@@ -398,7 +394,7 @@ def _tiled_plan(geo: Geometry, c: _Call, block, rows_table, cols_table, other_by
 def _tiled_config(geo: Geometry, c: _Call):
     """Plan of attention_forward_tiled: logits/weights [K][tile] and the per-tile tables."""
     bx, by = TILED_BLOCK
-    return _tiled_plan(geo, c, TILED_BLOCK, geo.rows.pos, geo.cols.pos,
+    return _tiled_plan(geo, c, TILED_BLOCK, "pos",
                        c.acc.itemsize * geo.slots * bx * by + _tile_tables(geo.kernel, TILED_BLOCK))
 
 
@@ -477,7 +473,7 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by) \
         + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, geo.rows.pos, geo.cols.pos, other)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", other)
 
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
@@ -533,7 +529,7 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
     other = c.acc.itemsize * 2 * _users(geo) * bx * by \
         + _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK)
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, rows_users, cols_users, other)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "users", other)
 
 
 def _key_bias_grad(t: Target, geo: Geometry, key_bias):

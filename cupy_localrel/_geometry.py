@@ -479,3 +479,26 @@ def relation_heads(x, key, query, geometry, kernel_size, border) -> int:
         check_shape(geometry, "geometry",
                     (heads, table_length(kernel[0], border), table_length(kernel[1], border)))
     return heads
+
+
+def sasa_embeddings(arrays: dict, heads, kernel_size, border) -> tuple[int, int, int, int]:
+    """Check ``sasa2d``'s arrays in its own names; returns ``(heads, Dqk/2, kh, kw)``.
+
+    ``arrays`` holds ``q`` ``(B, heads*Dqk, H, W)`` (``Dqk`` even), ``rel_h``
+    ``(heads, Dqk/2, kh)``, ``rel_w`` ``(heads, Dqk/2, kw)`` and the call's other arrays
+    (dtypes checked together). The op then runs as ``local_attention2d`` with a ``rel``
+    built from the two, which the caller never passed: so they are checked here.
+    """
+    if border not in CENTRED_BORDERS:
+        raise ValueError(f"sasa2d needs a centred border ('mask' or 'zeros'), got border={border!r}")
+    check_arrays(arrays)
+    q = arrays["q"]
+    heads = check_heads(heads)
+    check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
+    dqk = _split_heads(int(q.shape[1]), heads, "q")
+    if dqk % 2:
+        raise ValueError(f"sasa2d needs an even Dqk (half rows, half columns), got Dqk={dqk}")
+    kh, kw = to_pair(kernel_size, "kernel_size")
+    check_shape(arrays["rel_h"], "rel_h", (heads, dqk // 2, kh))
+    check_shape(arrays["rel_w"], "rel_w", (heads, dqk // 2, kw))
+    return heads, dqk // 2, kh, kw

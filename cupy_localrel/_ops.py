@@ -298,25 +298,13 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
 
 
 def _sasa_rel(arrays: dict, heads, kernel_size, border):
-    """Check SASA's arrays (in its own names) and build ``rel`` ``(heads, Dqk, kh, kw)``
-    from ``arrays["rel_h"]``/``arrays["rel_w"]``."""
-    if border not in G.CENTRED_BORDERS:
-        raise ValueError(f"sasa2d needs a centred border ('mask' or 'zeros'), got border={border!r}")
-    G.check_arrays(arrays)
-    q, rel_h, rel_w = arrays["q"], arrays["rel_h"], arrays["rel_w"]
-    heads = G.check_heads(heads)
-    G.check_ndim(q, "q", 4, "(B, heads*Dqk, H, W)")
-    if q.shape[1] % heads:
-        raise ValueError(f"heads={heads} must divide the channels of q, got {q.shape[1]}")
-    dqk = int(q.shape[1]) // heads
-    if dqk % 2:
-        raise ValueError(f"sasa2d needs an even Dqk (half rows, half columns), got Dqk={dqk}")
-    kh, kw = G.to_pair(kernel_size, "kernel_size")
-    G.check_shape(rel_h, "rel_h", (heads, dqk // 2, kh))
-    G.check_shape(rel_w, "rel_w", (heads, dqk // 2, kw))
-    xp = _array_module(G.array_kind(q))
-    rows = xp.broadcast_to(rel_h[:, :, :, None], (heads, dqk // 2, kh, kw))
-    cols = xp.broadcast_to(rel_w[:, :, None, :], (heads, dqk // 2, kh, kw))
+    """Check SASA's arrays (in its own names, :func:`_geometry.sasa_embeddings`) and build
+    ``rel`` ``(heads, Dqk, kh, kw)`` from ``arrays["rel_h"]``/``arrays["rel_w"]``."""
+    heads, half, kh, kw = G.sasa_embeddings(arrays, heads, kernel_size, border)
+    rel_h, rel_w = arrays["rel_h"], arrays["rel_w"]
+    xp = _array_module(G.array_kind(arrays["q"]))
+    rows = xp.broadcast_to(rel_h[:, :, :, None], (heads, half, kh, kw))
+    cols = xp.broadcast_to(rel_w[:, :, None, :], (heads, half, kh, kw))
     return xp.ascontiguousarray(xp.concatenate([rows, cols], axis=1))
 
 

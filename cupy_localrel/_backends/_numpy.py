@@ -493,7 +493,6 @@ def _window_plan(height, width, kernel, dilation, stride, border, i0, i1, r0, r1
     pos_x = cols.pos.astype(np.intp)
     ys, xs = pos_y.T[:, None, :, None], pos_x.T[None, :, None, :]  # (kh,1,rows,1), (1,kw,1,Wo)
     valid = (ys >= 0) & (xs >= 0)
-    index = np.where(valid, ys * width + xs, (r1 - r0) * width)
     k, nr, nc = kernel[0] * kernel[1], i1 - i0, cols.pos.shape[0]
     ay = np.broadcast_to(rows.table[i0:i1].T[:, None, :, None], kernel + (nr, 1))
     ax = np.broadcast_to(cols.table.T[None, :, None, :], kernel + (1, nc))
@@ -505,8 +504,12 @@ def _window_plan(height, width, kernel, dilation, stride, border, i0, i1, r0, r1
     px = _progression(pos_x, width, stride[1], dilation[1])
     regular = None if py is None or px is None else (
         (py[1], py[2], px[1], px[2]), (py[0] + py[1], px[0] + px[1]))
-    w = _Window(kernel, None if regular else np.ascontiguousarray(
-                    np.broadcast_to(index, kernel + (nr, nc))),
+    # the flat gather index only where no strided view serves (positions not an arithmetic
+    # progression, as with shift windows); invalid
+    # slots read the zero row past the chunk's rows
+    index = None if regular else np.ascontiguousarray(np.broadcast_to(
+        np.where(valid, ys * width + xs, (r1 - r0) * width), kernel + (nr, nc)))
+    w = _Window(kernel, index,
                 np.ascontiguousarray(np.broadcast_to(valid, kernel + (nr, nc)).reshape(k, nr, nc)),
                 bool(valid.all()), np.ascontiguousarray(ay), np.ascontiguousarray(ax), constant,
                 regular)

@@ -365,7 +365,7 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int):
+def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int):
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
@@ -373,8 +373,9 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int):
     ``key_bias`` only (``c.fast``) and must fit the shared memory a block may opt in to on
     the device (Target.smem_optin; SMEM_LIMIT needs no opt-in). The halo is
     the largest span of the (-1 padded) ``table`` (``"pos"`` or ``"users"``, see
-    :func:`_halo_extent`) over ``block`` consecutive rows/columns; ``other_bytes`` is the
-    kernel's shared memory besides the halo.
+    :func:`_halo_extent`) over ``block`` consecutive rows/columns; ``before_halo`` and
+    ``after_halo`` are the kernel's other shared bytes, before and after the staging buffer,
+    which starts at the next 16-byte boundary (localrel::align16: its wide loads).
     """
     if geo.stride != (1, 1) or geo.dtype == np.float64 or not c.fast:
         return None
@@ -385,7 +386,7 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int):
     staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
     if c.flags & HAS_REL:
         staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
-    smem = c.acc.itemsize * staging + other_bytes
+    smem = -(-before_halo // 16) * 16 + c.acc.itemsize * staging + after_halo
     if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
         return None
     return ck, cv, smem, halo_h, halo_w
@@ -394,8 +395,8 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int):
 def _tiled_config(geo: Geometry, c: _Call):
     """Plan of attention_forward_tiled: logits/weights [K][tile] and the per-tile tables."""
     bx, by = TILED_BLOCK
-    return _tiled_plan(geo, c, TILED_BLOCK, "pos",
-                       c.acc.itemsize * geo.slots * bx * by + _tile_tables(geo.kernel, TILED_BLOCK))
+    return _tiled_plan(geo, c, TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
+                       _tile_tables(geo.kernel, TILED_BLOCK))
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -470,10 +471,9 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
     reads over the banks), qs[TABLE_CHANNELS][tile], inverse and per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by) \
-        + tables(TILED_BWD_BLOCK) \
+    after = c.acc.itemsize * TABLE_CHANNELS * bx * by + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", other)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", c.acc.itemsize * 2 * geo.slots * (bx * by + 1), after)
 
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
@@ -527,9 +527,8 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     """
     bx, by = TILED_BWD_BLOCK
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
-    other = c.acc.itemsize * 2 * _users(geo) * bx * by \
-        + _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK)
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "users", other)
+    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "users", c.acc.itemsize * 2 * _users(geo) * bx * by,
+                       _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK))
 
 
 def _key_bias_grad(t: Target, geo: Geometry, key_bias):

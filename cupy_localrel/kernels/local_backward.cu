@@ -267,7 +267,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
   A* dp = dlogit + (size_t)K * ss;
-  A* halo = dp + (size_t)K * ss;
+  A* halo = align16(dp + (size_t)K * ss);   // 16-byte aligned: the halo's wide loads
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
   int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
@@ -323,25 +323,27 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
-    stage_halo(halo, kb + (size_t)c0 * hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    stage_halo<CK>(halo, kb + (size_t)c0 * hw, hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A acc[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
+    // Channels past nch: the staged keys are 0 (their sums are not stored); only the rel
+    // chunk, staged for nch channels, needs the guard.
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
         const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
         const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
+        A key[CK];
+        halo_channels_or_zero<CK>(halo, halo_area, hs, key);
 #pragma unroll
-        for (int d = 0; d < CK; ++d)
-          if (d < nch) {
-            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += rels[d * tt + tab];
-            acc[d] += dl * key;
-          }
+        for (int d = 0; d < CK; ++d) {
+          if ((flags & kHasRel) && d < nch) key[d] += rels[d * tt + tab];
+          acc[d] += dl * key[d];
+        }
       }
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
 #pragma unroll
@@ -519,7 +521,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
   A* user_dl = user_p + (size_t)U * tile;
-  A* halo = reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile;
+  A* halo = align16(reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile);   // ChunkLayout
   // Top-left output of the users of this tile (users tables: -1 padded, like pos tables).
   const int oy0 = halo_origin(w.ru_out, p.row0, blockDim.y, w.H, w.mr);
   const int ox0 = halo_origin(w.cu_out, p.col0, blockDim.x, w.W, w.mc);
@@ -550,13 +552,14 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
-    stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
+    stage_halo<CK>(halo, qb + (size_t)c0 * hw, hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
+    // Channels past nch: the staged queries are 0; only the rel chunk needs the guard.
     for (int a = 0; a < w.mr; ++a)
       for (int b = 0; b < w.mc; ++b) {
         const int uh = ts.off(a, b);
@@ -566,14 +569,15 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
           continue;
         }
         const int tab = ts.tab(a, b, w.tw);
+        A qu[CK];
+        halo_channels<CK>(halo, halo_area, uh, qu);
         A dot = 0;
 #pragma unroll
-        for (int d = 0; d < CK; ++d)
-          if (d < nch) {
-            A key = kreg[d];
-            if (flags & kHasRel) key += rels[d * tt + tab];
-            dot += halo[d * halo_area + uh] * key;
-          }
+        for (int d = 0; d < CK; ++d) {
+          A key = kreg[d];
+          if ((flags & kHasRel) && d < nch) key += rels[d * tt + tab];
+          dot += qu[d] * key;
+        }
         up = c0 == 0 ? dot : up + dot;   // the first chunk stores
       }
   }

@@ -291,20 +291,165 @@ __device__ __forceinline__ int halo_origin(const int* __restrict__ pos, int firs
   return __reduce_min_sync(0xffffffffu, lo);
 }
 
-// Copy channels [c0, c0 + nch) of plane `src` (channel stride HW) over the halo into
-// shared memory; positions past the image edge (halo of the last tiles) become 0.
-template <class T>
-__device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src,
-                                           const Window& w, int y0, int x0, int halo_h, int halo_w,
-                                           int nch, int tid, int nthreads) {
-  const int area = halo_h * halo_w;
-  for (int idx = tid; idx < nch * area; idx += nthreads) {
-    const int ch = idx / area, rem = idx - ch * area;
-    const int y = y0 + rem / halo_w, x = x0 + rem % halo_w;
-    halo[idx] = (y < w.H && x < w.W) ? load(src, ch * w.in_plane() + (size_t)y * w.W + x) : acc_t<T>(0);
+// The staged chunk's layout. A chunk of C channels is stored in channel groups of G: the G
+// channels of one halo position are contiguous, halo[g][pos][G] (group g at g * G * area),
+// so an inner loop reads all G channels of a slot with one 8- or 16-byte shared load
+// (LDS.64/128) instead of G 4-byte loads. A warp's 16-byte request over contiguous positions
+// costs 4 wavefronts (8 lanes each), the minimum for 512 bytes, whatever the tile's width
+// and the halo's pitch: the 16-lane rows of a 16 x 8 tile (halo_w apart) no longer meet in
+// a bank. G is the largest of 4, 2, 1 that divides C and fits 16 bytes of A. Channels past
+// the chunk's end (a tail chunk, nch < C) are staged as 0, so the inner loops need no
+// per-channel predicate: they add 0 * 0 there and store only channels < nch.
+template <class A, int G> struct VecOf;
+template <> struct VecOf<float, 1> { using type = float; };
+template <> struct VecOf<float, 2> { using type = float2; };
+template <> struct VecOf<float, 4> { using type = float4; };
+template <> struct VecOf<double, 1> { using type = double; };
+template <> struct VecOf<double, 2> { using type = double2; };
+
+template <class A, int C> struct ChunkLayout {
+  static constexpr int G = (C % 4 == 0 && 4 * sizeof(A) <= 16) ? 4 : (C % 2 == 0 && 2 * sizeof(A) <= 16) ? 2 : 1;
+  static constexpr int groups = C / G;
+  using V = typename VecOf<A, G>::type;
+};
+
+// One vector access (see cudasim_load_wide: on the CPU engine a plain struct copy would be
+// split, and profiled as several requests).
+template <class V> __device__ __forceinline__ V load_wide(const V* p) {
+#ifdef CUDASIM
+  return cudasim_load_wide(p);
+#else
+  return *p;
+#endif
+}
+template <class V> __device__ __forceinline__ void store_wide(V* p, const V& v) {
+#ifdef CUDASIM
+  cudasim_store_wide(p, v);
+#else
+  *p = v;
+#endif
+}
+__device__ __forceinline__ float load_wide(const float* p) { return *p; }
+__device__ __forceinline__ double load_wide(const double* p) { return *p; }
+__device__ __forceinline__ void store_wide(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_wide(double* p, double v) { *p = v; }
+
+// Vector <-> G consecutive accumulators.
+__device__ __forceinline__ void unpack(float v, float* d) { d[0] = v; }
+__device__ __forceinline__ void unpack(float2 v, float* d) { d[0] = v.x; d[1] = v.y; }
+__device__ __forceinline__ void unpack(float4 v, float* d) { d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w; }
+__device__ __forceinline__ void unpack(double v, double* d) { d[0] = v; }
+__device__ __forceinline__ void unpack(double2 v, double* d) { d[0] = v.x; d[1] = v.y; }
+template <class V> struct Packer;
+template <> struct Packer<float> { static __device__ __forceinline__ float of(const float* s) { return s[0]; } };
+template <> struct Packer<float2> {
+  static __device__ __forceinline__ float2 of(const float* s) { return make_float2(s[0], s[1]); }
+};
+template <> struct Packer<float4> {
+  static __device__ __forceinline__ float4 of(const float* s) { return make_float4(s[0], s[1], s[2], s[3]); }
+};
+template <> struct Packer<double> { static __device__ __forceinline__ double of(const double* s) { return s[0]; } };
+template <> struct Packer<double2> {
+  static __device__ __forceinline__ double2 of(const double* s) { return make_double2(s[0], s[1]); }
+};
+
+// dst[c] = channel c of the staged chunk at halo position hs (>= 0), c < C: C / G wide loads.
+template <int C, class A>
+__device__ __forceinline__ void halo_channels(const A* __restrict__ halo, int halo_area, int hs, A (&dst)[C]) {
+  using L = ChunkLayout<A, C>;
+  const typename L::V* at = reinterpret_cast<const typename L::V*>(halo) + hs;
+#pragma unroll
+  for (int g = 0; g < L::groups; ++g) unpack(load_wide(at + (size_t)g * halo_area), dst + g * L::G);
+}
+
+// As halo_channels, or all 0 where the slot lies outside (hs < 0).
+template <int C, class A>
+__device__ __forceinline__ void halo_channels_or_zero(const A* __restrict__ halo, int halo_area, int hs,
+                                                      A (&dst)[C]) {
+  if (hs >= 0) {
+    halo_channels<C>(halo, halo_area, hs, dst);
+  } else {
+#pragma unroll
+    for (int c = 0; c < C; ++c) dst[c] = A(0);
   }
 }
 
+// Elements of T a lane stages per halo row step: 2 for half/bfloat16 (one __half2 /
+// __nv_bfloat162 global load per channel where the pair is aligned), else 1 (4-byte loads of
+// neighbouring lanes already fill whole sectors).
+template <class T> struct StagePair { static constexpr int n = 1; };
+template <> struct StagePair<__half> { static constexpr int n = 2; };
+template <> struct StagePair<__nv_bfloat16> { static constexpr int n = 2; };
+
+__device__ __forceinline__ float2 load_pair(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
+// Copy channels [0, nch) of `src` (channel c at src + c * src_stride, row pitch W) over the
+// halo (top-left input (y0, x0)) into shared memory in ChunkLayout<A, C>; positions past the
+// image edge and channels nch..C-1 become 0. Row by row: each warp takes whole halo rows of
+// one channel group (one division per row, none per element), its lanes walk the row's
+// columns, so every global request is one contiguous run of a row; each lane loads its
+// position's G channels and stores them with one wide shared store. Half/bfloat16 lanes load
+// column pairs, aligned to an even element address (a lone column at an odd start or at the
+// row's end loads alone), so nothing past the row (or the image) is read.
+template <int C, class T>
+__device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
+                                           const Window& w, int y0, int x0, int halo_h, int halo_w, int nch,
+                                           int tid, int nthreads) {
+  using A = acc_t<T>;
+  using L = ChunkLayout<A, C>;
+  using V = typename L::V;
+  constexpr int P = StagePair<T>::n;
+  const int lane = tid & 31, warp = tid >> 5, warps = (nthreads + 31) >> 5;
+  const int area = halo_h * halo_w;
+  const int x_end = min(x0 + halo_w, w.W);   // columns [x0, x_end) lie in the image
+  V* out = reinterpret_cast<V*>(halo);
+  for (int row = warp; row < L::groups * halo_h; row += warps) {
+    const int g = row / halo_h, hy = row - g * halo_h, y = y0 + hy;
+    const bool in_rows = y < w.H;
+    V* dst = out + (size_t)g * area + (size_t)hy * halo_w;   // position (hy, 0) of group g
+    const T* row_src = src + (size_t)(in_rows ? y : 0) * w.W;
+    // Pairs start at an even element address (P = 2): column xa, x0 or x0 - 1 (the group's
+    // first channel decides; a channel of the other parity, odd H*W, loads singly).
+    const int xa = x0 - (P == 2 ? (int)((reinterpret_cast<unsigned long long>(row_src + x0) / sizeof(T)) & 1) : 0);
+    for (int x = xa + lane * P; x < x0 + halo_w; x += 32 * P) {
+      A v[P][L::G];
+#pragma unroll
+      for (int e = 0; e < L::G; ++e) {
+        const int c = g * L::G + e;
+        const bool live = in_rows && c < nch;
+        const T* at = row_src + (size_t)c * src_stride + x;
+        bool paired = false;
+        if constexpr (P == 2) {   // an aligned pair inside the row: one 4-byte load
+          paired = live && x >= x0 && x + 1 < x_end &&
+                   (reinterpret_cast<unsigned long long>(at) & (2 * sizeof(T) - 1)) == 0;
+          if (paired) {
+            const float2 f = load_pair(at);
+            v[0][e] = f.x;
+            v[1][e] = f.y;
+          }
+        }
+        if (!paired) {
+#pragma unroll
+          for (int i = 0; i < P; ++i)
+            v[i][e] = live && x + i >= x0 && x + i < x_end ? load(at, (size_t)i) : A(0);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < P; ++i)
+        if (x + i >= x0 && x + i < x0 + halo_w) store_wide(dst + (x + i - x0), Packer<V>::of(v[i]));
+    }
+  }
+}
+
+// The first 16-byte boundary at or after p: where a tiled kernel's halo starts in dynamic
+// shared memory (itself 16-byte aligned), for its wide loads. The host's plan
+// (_kernel_ops._tiled_plan) rounds the bytes before the halo up the same way.
+template <class A> __device__ __forceinline__ A* align16(A* p) {
+  return reinterpret_cast<A*>((reinterpret_cast<unsigned long long>(p) + 15ull) & ~15ull);
+}
 
 // The staging buffer of a tiled kernel (floats): one chunk of max(CK, CV) channels over the
 // halo, and, with rel, CK channels of the head's rel table right after the first CK halo
@@ -419,6 +564,33 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // slot lies outside (ts.off < 0), plus its rel entry (flags & kHasRel). The logits of the
 // query-side tiled kernels: x = the query, halo = the keys. With rel, each chunk of rel_h
 // (global) is staged into `rels` (shared, C x th*tw) next to the halo.
+// FULL (nch == C, the common case): no channel predicate at all; a tail chunk only guards
+// its rel reads (the staged halo is 0 past nch, the rel chunk is not).
+template <bool FULL, int C, class A>
+__device__ __forceinline__ void slot_logits_chunk(A* __restrict__ mine, const A* __restrict__ halo,
+                                                  const A* __restrict__ rels, const A (&xreg)[C], int flags,
+                                                  int nch, bool first, const Window& w, const TileSlots& ts,
+                                                  int nr, int nc, int halo_area, int stride) {
+  const size_t tt = (size_t)w.th * w.tw;
+  for (int sr = 0; sr < nr; ++sr) {
+    const int row = ts.row(sr);
+    for (int sc = 0; sc < nc; ++sc) {
+      const int hs = row + ts.col(sc);
+      const int tab = (flags & kHasRel) ? ts.tab(sr, sc, w.tw) : 0;   // once per slot, not per channel
+      A key[C];
+      halo_channels_or_zero<C>(halo, halo_area, hs, key);
+      A dot = 0;
+#pragma unroll
+      for (int d = 0; d < C; ++d) {   // fully unrolled: xreg and key stay in registers
+        if ((flags & kHasRel) && (FULL || d < nch)) key[d] += rels[d * tt + tab];
+        dot += xreg[d] * key[d];
+      }
+      A& m = mine[(size_t)(sr * nc + sc) * stride];
+      m = first ? dot : m + dot;
+    }
+  }
+}
+
 template <int C, class T>
 __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
@@ -434,36 +606,23 @@ __device__ __forceinline__ void chunked_slot_logits(
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
-    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
 #pragma unroll
     for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
-    for (int sr = 0; sr < nr; ++sr) {
-      const int row = ts.row(sr);
-      for (int sc = 0; sc < nc; ++sc) {
-        const int hs = row + ts.col(sc);
-        const int tab = (flags & kHasRel) ? ts.tab(sr, sc, w.tw) : 0;   // once per slot, not per channel
-        A dot = 0;
-#pragma unroll
-        for (int d = 0; d < C; ++d) {   // fully unrolled: xreg stays in registers
-          if (d < nch) {
-            A key = hs >= 0 ? halo[d * halo_area + hs] : A(0);
-            if (flags & kHasRel) key += rels[d * tt + tab];
-            dot += xreg[d] * key;
-          }
-        }
-        A& m = mine[(size_t)(sr * nc + sc) * stride];
-        m = c0 == 0 ? dot : m + dot;
-      }
-    }
+    if (nch == C)
+      slot_logits_chunk<true>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc, halo_area, stride);
+    else
+      slot_logits_chunk<false>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc, halo_area, stride);
   }
 }
 
 // mine[s] += sum_e x[e] * halo_e[s] over nch channels, for the slots inside (ts.off >= 0)
-// only: grad_out . v of each slot (query side) or each user (key side).
+// only: grad_out . v of each slot (query side) or each user (key side). No channel
+// predicate: the staged halo is 0 past nch, and so is x.
 template <int C, class T>
 __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
                                                   const T* __restrict__ src, size_t src_stride,
@@ -478,7 +637,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
-    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
@@ -493,10 +652,11 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
           if (c0 == 0) m = 0;
           continue;
         }
+        A val[C];
+        halo_channels<C>(halo, halo_area, hs, val);
         A dot = 0;
 #pragma unroll
-        for (int e = 0; e < C; ++e)
-          if (e < nch) dot += xreg[e] * halo[e * halo_area + hs];
+        for (int e = 0; e < C; ++e) dot += xreg[e] * val[e];
         m = c0 == 0 ? dot : m + dot;
       }
     }
@@ -507,6 +667,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
 // every channel c of src (dst: this thread's channel 0, channel stride dst_stride). The
 // weighted sums of the tiled kernels: out = sum_t p_t v_t (forward), dk = scale * sum_u
 // dlogit_u q_u and dv = sum_u p_u grad_out_u (key side; out_scale 1 stores the sum as is).
+// The inner loop has no channel predicate (channels past nch are staged as 0 and not stored).
 template <int C, class T>
 __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_t dst_stride, acc_t<T> out_scale,
                                                       const acc_t<T>* __restrict__ mine,
@@ -519,7 +680,7 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
-    stage_halo(halo, src + (size_t)c0 * src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A acc[C];
@@ -531,14 +692,20 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
         const int hs = row + ts.col(sc);
         if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
         const A wt = mine[(size_t)(sr * nc + sc) * stride];
+        A val[C];
+        halo_channels<C>(halo, halo_area, hs, val);
 #pragma unroll
-        for (int c = 0; c < C; ++c)
-          if (c < nch) acc[c] += wt * halo[c * halo_area + hs];
+        for (int c = 0; c < C; ++c) acc[c] += wt * val[c];
       }
     }
+    if (nch == C) {
 #pragma unroll
-    for (int c = 0; c < C; ++c)
-      if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+      for (int c = 0; c < C; ++c) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+        if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+    }
   }
 }
 

@@ -281,7 +281,7 @@ def line_costs(c: LaunchCounters, dev: R.Device, sass: dict | None = None) -> li
         key = f"{s.space}_{s.kind}"
         r[key] = {"requests": round(s.requests * c.scale), "sectors": round(s.sectors * c.scale),
                   "ideal_sectors": round(s.ideal_sectors * c.scale), "wavefronts": round(s.wavefronts * c.scale),
-                  "bytes": round(s.bytes * c.scale)}
+                  "ideal_wavefronts": round(s.ideal_wavefronts * c.scale), "bytes": round(s.bytes * c.scale)}
         if s.space == "shared":
             r["cost_us"] += s.wavefronts * c.scale / (sms * clock) * 1e6
         else:
@@ -338,17 +338,20 @@ def format_report(rep: dict) -> str:
         lines = "; ".join(f"{l['line']} {_us(l['cost_us'])}" for l in o["costliest_lines"])
         out.append(f"| {o['name']} | {_us(o['predicted_us'])} | {_us(o['floor_us'])} | {o['share']:.1%} | "
                    f"{o['bound']} | {lines} |")
-    out += ["", "| op | kernel | blocks (profiled/total) | occ. | sectors/req ld (ideal) | wavefronts/req ld | "
-            "hbm us | l2 us | shared us | issue us | latency us | predicted us | bound |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out += ["", "| op | kernel | blocks (profiled/total) | occ. | sectors/req ld (ideal) | wavefronts/req ld (ideal) | "
+            "wavefronts/ideal ld | hbm us | l2 us | shared us | issue us | latency us | predicted us | bound |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep["launches"]:
         gl, sl, m = r["global_load"], r["shared_load"], r["model"]
         spr = gl["sectors"] / max(1, gl["requests"])
         ideal = gl["ideal_sectors"] / max(1, gl["requests"])
         wpr = sl["wavefronts"] / max(1, sl["requests"])
+        wideal = sl.get("ideal_wavefronts", 0) / max(1, sl["requests"])
+        wratio = sl["wavefronts"] / max(1, sl.get("ideal_wavefronts", 0))
         t = m["times_us"]
         out.append(f"| {r['op']} | {r['kernel']} | {r['blocks_profiled']}/{r['blocks_total']} | "
-                   f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} | {_us(t['hbm'])} | {_us(t['l2'])} | "
+                   f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} ({wideal:.2f}) | {wratio:.2f} | "
+                   f"{_us(t['hbm'])} | {_us(t['l2'])} | "
                    f"{_us(t['shared'])} | {_us(t['issue'])} | {_us(t['latency'])} | {_us(m['predicted_us'])} | {m['bound']} |")
     out += ["", "Costliest lines: the engine's dynamic requests per warp (whole grid / warps launched) beside "
             "the static SASS instructions nvdisasm attributes to the line (-lineinfo); a loop's SASS runs once "
@@ -465,6 +468,7 @@ def budget_measure(runs: int = DEFAULT_RUNS, hot_share: float = 0.05) -> dict:
                         entry[f"global_{kind}_sectors_per_request"] = round(g.sectors / g.requests, 4)
                     if s.requests:
                         entry[f"shared_{kind}_wavefronts_per_request"] = round(s.wavefronts / s.requests, 4)
+                        entry[f"shared_{kind}_wavefronts_per_ideal"] = round(s.wavefronts / max(1, s.ideal_wavefronts), 4)
                 tot_sec = sum(s.sectors for s in c.sites) or 1
                 tot_wf = sum(s.wavefronts for s in c.sites) or 1
                 lines = entry.setdefault("lines", {})

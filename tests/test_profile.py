@@ -92,7 +92,28 @@ def test_shared_wavefronts_per_request(calib, stride, wavefronts):
     for s in (store, load):
         assert s.requests == 2 and s.lanes == 64 and s.bytes == 256
         assert s.wavefronts == 2 * wavefronts
+        assert s.ideal_wavefronts == 2   # 4-byte requests: at most 128 distinct bytes, one wavefront
     assert c.barriers == {line_of("  __syncthreads();"): 2}     # one per block
+
+
+@pytest.mark.parametrize("stride, wavefronts, ideal", [(1, 4, 4), (2, 8, 4), (8, 32, 4), (0, 1, 1)])
+def test_shared_float4_wavefronts_against_the_ideal(calib, stride, wavefronts, ideal):
+    """A 16-byte request is one request (not four 4-byte ones): 32 contiguous lanes cost the
+    minimum 4 wavefronts, ratio 1 to the ideal; strided ones their conflict factor."""
+    out = aligned(1 << 12)
+    c = launch(calib, "shared_float4_stride", (2,), (32,), (out, np.int32(stride)), shared_mem=32 * 8 * 16)
+    store, load = site(c, "store", "shared"), site(c, "load", "shared")
+    assert load.location == line_of("const float4 v = wide_load(buf4 + t * stride);")
+    for s in (store, load):
+        assert s.requests == 2 and s.lanes == 64
+        assert s.bytes == 2 * 32 * 16
+        assert s.wavefronts == 2 * wavefronts and s.ideal_wavefronts == 2 * ideal
+    totals = c.totals()["shared_load"]
+    assert totals["wavefronts"] / totals["ideal_wavefronts"] == wavefronts / ideal
+    t = np.arange(32, dtype=np.float32)
+    want = 4 * t + 6 if stride else np.full(32, 4 * 31 + 6, np.float32)   # stride 0: the last store wins
+    if stride:
+        np.testing.assert_array_equal(out[:64], np.tile(want, 2))
 
 
 def test_barriers_and_atomics_counted(calib):

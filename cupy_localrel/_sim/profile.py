@@ -8,7 +8,8 @@ counts every load and store its kernels make (profile_rt.cc); each launch append
   touched, ideal sectors ``ceil(distinct bytes / 32)``, bytes requested; per launch also the
   distinct bytes and sectors of each buffer (a DRAM-traffic proxy; all sectors are L2 traffic);
 - shared memory: requests, bank wavefronts (the most distinct 4-byte words that fall into one
-  of the 32 banks; a broadcast costs 1), bytes;
+  of the 32 banks; a broadcast costs 1), ideal wavefronts ``max(1, ceil(distinct bytes / 128))``
+  (the fewest any layout allows: 1 for a 4-byte request, 4 for a 16-byte one of 32 lanes), bytes;
 - atomics (read-modify-write) separately; block-wide barriers per source line.
 
 Loads, stores and atomics are kept apart everywhere. Lanes are grouped into one request by
@@ -50,9 +51,10 @@ class SiteCounters:
     sectors: int = 0      # global: 32-byte sectors touched, summed over requests
     ideal_sectors: int = 0   # global: ceil(distinct bytes / 32), summed over requests
     wavefronts: int = 0   # shared: bank wavefronts, summed over requests
+    ideal_wavefronts: int = 0   # shared: max(1, ceil(distinct bytes / 128)), summed over requests
 
     def add(self, other: "SiteCounters") -> None:
-        for f in ("requests", "lanes", "bytes", "sectors", "ideal_sectors", "wavefronts"):
+        for f in ("requests", "lanes", "bytes", "sectors", "ideal_sectors", "wavefronts", "ideal_wavefronts"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
@@ -103,7 +105,7 @@ class LaunchCounters:
         def shared(kind):
             s = self.merged(kind, "shared")
             return {"requests": round(s.requests * k), "wavefronts": round(s.wavefronts * k),
-                    "bytes": round(s.bytes * k)}
+                    "ideal_wavefronts": round(s.ideal_wavefronts * k), "bytes": round(s.bytes * k)}
 
         atomics = self.merged("atomic", "global")
         atomics.add(self.merged("atomic", "shared"))
@@ -222,7 +224,10 @@ def parse_dump(text: str, library: str, ranges) -> LaunchCounters:
     for off, rw, space, vals in raw_sites:
         key = (where.get(off, f"{Path(library).name}+{off:#x}"), KINDS[rw], SPACES[space])
         site = by_key.setdefault(key, SiteCounters(*key))
-        site.add(SiteCounters(*key, *vals))
+        requests, lanes, nbytes, sectors, ideal, wavefronts = vals   # IDEAL: sectors (G) or wavefronts (S)
+        shared = space == "S"
+        site.add(SiteCounters(*key, requests, lanes, nbytes, sectors, 0 if shared else ideal, wavefronts,
+                              ideal if shared else 0))
     c.sites = sorted(by_key.values(), key=lambda s: (s.location, s.kind, s.space))
     return c
 
@@ -254,15 +259,31 @@ def _addr2line_cached(library: str, mtime: float, offsets: tuple) -> dict:
     return out
 
 
+# A kernel helper whose accesses belong to its caller's line (a wide-load wrapper used by
+# several loops) carries this marker on the line of the access; the profile skips it.
+CALLER_LINE_MARK = "profile: caller's line"
+
+
+@functools.lru_cache(maxsize=256)
+def _marked_lines(path: str) -> frozenset:
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(no for no, line in enumerate(text.split("\n"), start=1) if CALLER_LINE_MARK in line)
+
+
 def _kernel_frame(frames: list[str]) -> str:
     """The innermost inlined frame outside the engine's own headers and the C++ library's
-    (atomics, <cmath>), as ``file:line``."""
+    (atomics, <cmath>) and not on a line marked CALLER_LINE_MARK, as ``file:line``."""
     for f in frames:
         m = _LINE_RE.match(f)
         if not m or m.group(1) == "??":
             continue
         path = Path(m.group(1))
         if path.parent == HEADER_DIR or str(path).startswith(("/usr/", "/opt/")):
+            continue
+        if int(m.group(2)) in _marked_lines(str(path)):
             continue
         return f"{path.name}:{m.group(2)}"
     return frames[0] if frames else "?"

@@ -164,6 +164,10 @@ void flush_block() {
       unsigned worst = 0;
       for (uint64_t w : ids) worst = std::max(worst, ++per_bank[w & 31]);
       g.wavefronts += worst;
+      // The fewest wavefronts any layout could serve the request's distinct bytes in: 128
+      // bytes (32 banks x 4) per wavefront, at least one. A 4-byte request of 32 lanes needs
+      // 1, a 16-byte (LDS.128) one 4: wavefronts / ideal is the conflict factor at any width.
+      g.ideal += std::max<uint64_t>(1, (distinct_bytes(evs) + 127) / 128);
     } else {
       g.sectors += ids.size();
       g.ideal += (distinct_bytes(evs) + 31) / 32;
@@ -226,6 +230,7 @@ int cudasim_prof_begin(const uint64_t* ranges, unsigned n) {
 //   blocks N
 //   buffer LO UNIQUE_BYTES UNIQUE_SECTORS
 //   site OFFSET RW SPACE REQUESTS LANES BYTES SECTORS IDEAL WAVEFRONTS
+// (IDEAL: ideal sectors in global memory, ideal wavefronts in shared memory)
 //   barrier COUNT LINE FILE
 int cudasim_prof_dump(const char* path) {
   if (g_in_block) flush_block();

@@ -314,25 +314,26 @@ template <class A, int C> struct ChunkLayout {
 };
 
 // One vector access (see cudasim_load_wide: on the CPU engine a plain struct copy would be
-// split, and profiled as several requests).
+// split, and profiled as several requests). Lines marked "profile: caller's line" are
+// attributed to the line that calls the helper (cupy_localrel/_sim/profile.py).
 template <class V> __device__ __forceinline__ V load_wide(const V* p) {
 #ifdef CUDASIM
-  return cudasim_load_wide(p);
+  return cudasim_load_wide(p);   // profile: caller's line
 #else
   return *p;
 #endif
 }
 template <class V> __device__ __forceinline__ void store_wide(V* p, const V& v) {
 #ifdef CUDASIM
-  cudasim_store_wide(p, v);
+  cudasim_store_wide(p, v);   // profile: caller's line
 #else
   *p = v;
 #endif
 }
-__device__ __forceinline__ float load_wide(const float* p) { return *p; }
-__device__ __forceinline__ double load_wide(const double* p) { return *p; }
-__device__ __forceinline__ void store_wide(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_wide(double* p, double v) { *p = v; }
+__device__ __forceinline__ float load_wide(const float* p) { return *p; }   // profile: caller's line
+__device__ __forceinline__ double load_wide(const double* p) { return *p; }   // profile: caller's line
+__device__ __forceinline__ void store_wide(float* p, float v) { *p = v; }   // profile: caller's line
+__device__ __forceinline__ void store_wide(double* p, double v) { *p = v; }   // profile: caller's line
 
 // Vector <-> G consecutive accumulators.
 __device__ __forceinline__ void unpack(float v, float* d) { d[0] = v; }
@@ -359,7 +360,8 @@ __device__ __forceinline__ void halo_channels(const A* __restrict__ halo, int ha
   using L = ChunkLayout<A, C>;
   const typename L::V* at = reinterpret_cast<const typename L::V*>(halo) + hs;
 #pragma unroll
-  for (int g = 0; g < L::groups; ++g) unpack(load_wide(at + (size_t)g * halo_area), dst + g * L::G);
+  for (int g = 0; g < L::groups; ++g)
+    unpack(load_wide(at + (size_t)g * halo_area), dst + g * L::G);   // profile: caller's line
 }
 
 // As halo_channels, or all 0 where the slot lies outside (hs < 0).
@@ -367,7 +369,7 @@ template <int C, class A>
 __device__ __forceinline__ void halo_channels_or_zero(const A* __restrict__ halo, int halo_area, int hs,
                                                       A (&dst)[C]) {
   if (hs >= 0) {
-    halo_channels<C>(halo, halo_area, hs, dst);
+    halo_channels<C>(halo, halo_area, hs, dst);   // profile: caller's line
   } else {
 #pragma unroll
     for (int c = 0; c < C; ++c) dst[c] = A(0);

@@ -220,11 +220,15 @@ def check_file(nv: Nvrtc, path: Path, names: Sequence[str], archs: Sequence[str]
 # Instruction mix (SASS from cuobjdump, else PTX)
 # ---------------------------------------------------------------------------------------
 MIX_KEYS = ("global_load", "global_store", "shared_load", "shared_store", "local", "ffma", "mufu",
-            "barrier", "atomic", "total")
+            "barrier", "atomic", "total", "memory_words")
+# memory_words: the global/shared loads and stores and atomics counted in 4-byte units of
+# width per lane (LDS.128 = 4, LDG.E.64 = 2, anything up to 4 bytes = 1): what the same data
+# would take in 4-byte instructions (the issue proxy's denominator, _profile.py).
+_MEMORY_CLASSES = ("global_load", "global_store", "shared_load", "shared_store", "atomic")
 _SASS_CLASSES = {"LDG": "global_load", "STG": "global_store", "LDS": "shared_load", "LDSM": "shared_load",
                  "STS": "shared_store", "LDL": "local", "STL": "local", "FFMA": "ffma", "MUFU": "mufu",
                  "BAR": "barrier", "ATOM": "atomic", "ATOMG": "atomic", "ATOMS": "atomic", "RED": "atomic"}
-_SASS_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_SASS_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
 _PTX_CLASSES = (("ld.global", "global_load"), ("st.global", "global_store"), ("ld.shared", "shared_load"),
                 ("st.shared", "shared_store"), ("ld.local", "local"), ("st.local", "local"),
                 ("fma.rn.f32", "ffma"), ("ex2.approx", "mufu"), ("lg2.approx", "mufu"), ("rcp.approx", "mufu"),
@@ -250,6 +254,31 @@ def find_cuobjdump() -> str | None:
     return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
+def _sass_words(modifiers: str) -> int:
+    """4-byte words per lane of a SASS memory instruction from its modifiers (``.128``, ``.64``)."""
+    mods = modifiers.split(".")
+    return 4 if "128" in mods else 2 if "64" in mods else 1
+
+
+def _count_sass(mix: dict, opcode: str, modifiers: str) -> None:
+    mix["total"] += 1
+    cls = _SASS_CLASSES.get(opcode)
+    if cls:
+        mix[cls] += 1
+        if cls in _MEMORY_CLASSES:
+            mix["memory_words"] += _sass_words(modifiers)
+
+
+_PTX_BITS = re.compile(r"\.(?:[bfsu])(8|16|32|64)\b")
+
+
+def _ptx_words(text: str) -> int:
+    """4-byte words per lane of a PTX memory instruction (``.v4.f32`` = 4, ``.f64`` = 2)."""
+    vec = re.search(r"\.v(2|4|8)\b", text.split()[0])
+    bits = _PTX_BITS.search(text.split()[0])
+    return max(1, (int(vec.group(1)) if vec else 1) * (int(bits.group(1)) if bits else 32) // 32)
+
+
 def sass_mix(sass: str) -> dict[str, dict[str, int]]:
     """{mangled function: {class: count}} from ``cuobjdump -sass`` text (static counts)."""
     out: dict[str, dict[str, int]] = {}
@@ -262,10 +291,7 @@ def sass_mix(sass: str) -> dict[str, dict[str, int]]:
         m = _SASS_RE.search(line) if cur is not None else None
         if not m or m.group(1) == "NOP":
             continue
-        cur["total"] += 1
-        cls = _SASS_CLASSES.get(m.group(1))
-        if cls:
-            cur[cls] += 1
+        _count_sass(cur, m.group(1), m.group(2))
     return out
 
 
@@ -286,6 +312,8 @@ def ptx_mix(ptx: str) -> dict[str, dict[str, int]]:
         for prefix, cls in _PTX_CLASSES:
             if t.startswith(prefix):
                 cur[cls] += 1
+                if cls in _MEMORY_CLASSES:
+                    cur["memory_words"] += _ptx_words(t)
                 break
     return out
 
@@ -354,11 +382,7 @@ def sass_line_mix(disassembly: str) -> dict[str, dict[str, dict[str, int]]]:
         m = _SASS_RE.search(t)
         if func is None or where is None or not m or m.group(1) == "NOP":
             continue
-        mix = func.setdefault(where, dict.fromkeys(MIX_KEYS, 0))
-        mix["total"] += 1
-        cls = _SASS_CLASSES.get(m.group(1))
-        if cls:
-            mix[cls] += 1
+        _count_sass(func.setdefault(where, dict.fromkeys(MIX_KEYS, 0)), m.group(1), m.group(2))
     return out
 
 

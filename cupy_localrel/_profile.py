@@ -237,10 +237,16 @@ def nvrtc_report(filename: str, arch: str) -> dict:
 
 
 def instructions_per_request(mix: dict | None) -> float | None:
-    """All instructions per memory instruction of the static mix (the issue bound's proxy)."""
+    """All instructions per 4-byte-equivalent memory instruction of the static mix (the issue
+    bound's proxy; the model multiplies it by the dynamic requests weighted the same way,
+    LaunchCounters.totals()["word_requests"]). A 16-byte load counts 4: it replaces four
+    4-byte ones, while the arithmetic on its data stays, so counting it once would charge
+    vectorised code the instructions its removed loads used to carry. For code of 4-byte
+    accesses (or narrower) this is all instructions per memory instruction."""
     if not mix:
         return None
-    mem = sum(mix[k] for k in ("global_load", "global_store", "shared_load", "shared_store", "atomic"))
+    mem = mix.get("memory_words") or sum(
+        mix[k] for k in ("global_load", "global_store", "shared_load", "shared_store", "atomic"))
     return mix["total"] / mem if mem else None
 
 

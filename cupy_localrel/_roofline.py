@@ -120,7 +120,10 @@ def launch_time(dev: Device, totals: dict, *, threads: int, blocks_total: int, r
     sectors = gl["sectors"] + gs["sectors"]
     requests = gl["requests"] + gs["requests"] + sl["requests"] + ss["requests"] + totals.get("atomics", 0)
     ipr = instructions_per_request or DEFAULT_INSTRUCTIONS_PER_MEMORY_REQUEST
-    warp_instructions = requests * ipr
+    # With a static mix, ipr is per 4-byte-equivalent memory instruction: weight the dynamic
+    # requests the same way (a 16-byte request counts 4; _profile.instructions_per_request).
+    weighted = totals.get("word_requests", requests) if instructions_per_request else requests
+    warp_instructions = weighted * ipr
     resident_warps = min(occ["warps_per_sm"], -(-blocks_total // sms_used) * -(-threads // 32)) * sms_used
     global_requests = gl["requests"] + gs["requests"] + totals.get("atomics", 0)
     # Little's law: requests complete at (requests in flight) / latency; a request's latency

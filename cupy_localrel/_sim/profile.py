@@ -109,10 +109,14 @@ class LaunchCounters:
 
         atomics = self.merged("atomic", "global")
         atomics.add(self.merged("atomic", "shared"))
+        # Requests in 4-byte units of width per lane (a site is one instruction of one width:
+        # bytes / lanes), at least 1 each: the issue proxy's counterpart (see _profile.py).
+        words = sum(s.requests * max(1, s.bytes // max(1, 4 * s.lanes)) for s in self.sites)
         return {
             "global_load": glob("load"), "global_store": glob("store"),
             "shared_load": shared("load"), "shared_store": shared("store"),
             "atomics": round(atomics.requests * k),
+            "word_requests": round(words * k),
             "barriers": round(sum(self.barriers.values()) * k),
             "unique_global_bytes": self.unique_global_bytes(),
             "unique_global_sectors": self.unique_global_sectors(),

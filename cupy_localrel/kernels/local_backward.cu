@@ -267,7 +267,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
   A* dp = dlogit + (size_t)K * ss;
-  A* halo = align16(dp + (size_t)K * ss);   // 16-byte aligned: the halo's wide loads
+  A* halo = align16(dlogit, 2 * (size_t)K * ss);   // 16-byte aligned: the halo's wide loads
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
   int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
@@ -521,7 +521,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
   A* user_dl = user_p + (size_t)U * tile;
-  A* halo = align16(reinterpret_cast<A*>(smem_raw) + 2 * (size_t)U * tile);   // ChunkLayout
+  A* halo = align16(reinterpret_cast<A*>(smem_raw), 2 * (size_t)U * tile);   // ChunkLayout
   // Top-left output of the users of this tile (users tables: -1 padded, like pos tables).
   const int oy0 = halo_origin(w.ru_out, p.row0, blockDim.y, w.H, w.mr);
   const int ox0 = halo_origin(w.cu_out, p.col0, blockDim.x, w.W, w.mc);

@@ -173,7 +173,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const TilePos p = tile_pos(w.Ho, w.Wo);
   const int K = w.slots(), tile = blockDim.x * blockDim.y;
   A* logit = reinterpret_cast<A*>(smem_raw);   // [K][tile]
-  A* halo = align16(logit + (size_t)K * tile);   // [max(CK, CV)][halo_h * halo_w], ChunkLayout
+  A* halo = align16(logit, (size_t)K * tile);   // [max(CK, CV)][halo_h * halo_w], ChunkLayout
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
   const int h = p.plane % heads, halo_area = halo_h * halo_w;

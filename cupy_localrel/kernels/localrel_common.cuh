@@ -446,11 +446,14 @@ __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T*
   }
 }
 
-// The first 16-byte boundary at or after p: where a tiled kernel's halo starts in dynamic
-// shared memory (itself 16-byte aligned), for its wide loads. The host's plan
+// `base + n` rounded up to the next 16-byte boundary, for `base` itself 16-byte aligned (the
+// dynamic shared memory): where a tiled kernel's halo starts, for its wide loads. Pointer
+// arithmetic only (a round trip through an integer would hide from the compiler that the
+// pointer is shared, and turn every halo access into a generic one). The host's plan
 // (_kernel_ops._tiled_plan) rounds the bytes before the halo up the same way.
-template <class A> __device__ __forceinline__ A* align16(A* p) {
-  return reinterpret_cast<A*>((reinterpret_cast<unsigned long long>(p) + 15ull) & ~15ull);
+template <class A> __device__ __forceinline__ A* align16(A* base, size_t n) {
+  constexpr size_t per = 16 / sizeof(A);
+  return base + (n + per - 1) / per * per;
 }
 
 // The staging buffer of a tiled kernel (floats): one chunk of max(CK, CV) channels over the

@@ -237,6 +237,39 @@ def test_fast_path_configs(backend, config, border, dtype, sim_seed):
                    shape=c["shape"], scale=c["scale"])
 
 
+# The staged halo's edges (localrel_common.cuh: ChunkLayout, stage_halo): tail chunks (nch < C,
+# staged as 0 past nch; the rel chunk is not, so its reads stay guarded), odd W (planes of odd
+# H*W: a half/bfloat16 pair's alignment changes from channel to channel and row to row, and
+# interior tiles start at odd x0 = 16 - 3), and last tiles straddling the right and bottom edges.
+TAIL_SHAPES = {
+    # LR-Net config (CK=1, CV=8): Dv = 12 is one full value chunk and a tail of 4.
+    "lrnet_tail": dict(shape=(1, 2, 3, 12, 13, 37), kernel=7, with_bias=True, with_rel=True),
+    # SASA config (CK=8, CV=16): Dqk = 12 and Dv = 20, a tail in both.
+    "sasa_tail": dict(shape=(1, 1, 12, 20, 11, 35), kernel=5, with_bias=False, with_rel=True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("config", sorted(TAIL_SHAPES))
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fast_path_tail_chunks_and_odd_edges(backend, config, border, dtype, sim_seed):
+    from cupy_localrel._backends import _kernel_ops
+    _require(backend)
+    c = TAIL_SHAPES[config]
+    B, heads, dqk, dv, H, W = c["shape"]
+    dt = _dtype(dtype, backend)
+    x = _inputs(B, heads, dqk, dv, H, W, c["kernel"], border, c["with_bias"], c["with_rel"], dt, 3)
+    geo = G.qk_geometry(x["q"], x["k"], heads, c["kernel"], 1, 1, border, x["bias"], x["rel"], None, v=x["v"])
+    call = _kernel_ops._Call(_kernel_ops.Target(backend), geo, x["bias"], x["rel"])
+    plan = _kernel_ops._tiled_config(geo, call)
+    assert plan is not None and _kernel_ops._tiled_key_config(geo, call) is not None
+    ck, cv = plan[:2]
+    assert dv % cv and (dqk % ck or ck == 1)   # the shapes do make tail chunks
+    _check_all_ops(backend, border, c["kernel"], 1, 1, dtype, c["with_bias"], c["with_rel"], shape=c["shape"],
+                   scale=0.6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("border", BORDERS)

@@ -383,21 +383,13 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
     halo_h, halo_w = (_halo_extent(length, k, d, st, geo.border, table, tile) for length, k, d, st, tile
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))
-    area = halo_h * _halo_pitch(halo_w, ck, cv)
-    staging = max(ck, cv) * area   # localrel::staging_floats: rel chunk after CK channels
+    staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
     if c.flags & HAS_REL:
-        staging = max(staging, ck * (area + geo.table_shape[0] * geo.table_shape[1]))
+        staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
     smem = -(-before_halo // 16) * 16 + c.acc.itemsize * staging + after_halo
     if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
         return None
     return ck, cv, smem, halo_h, halo_w
-
-
-def _halo_pitch(halo_w: int, ck: int, cv: int) -> int:
-    """Row pitch (positions) of a tiled kernel's staged halo, as localrel::halo_pitch: with a
-    chunk of odd size (staged one float channel per position), the smallest pitch >= halo_w
-    that is 16 modulo 32 (a warp's two 16-lane tile rows then read different banks)."""
-    return halo_w + (48 - halo_w % 32) % 32 if ck % 2 or cv % 2 else halo_w
 
 
 def _tiled_config(geo: Geometry, c: _Call):

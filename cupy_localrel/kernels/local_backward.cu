@@ -240,7 +240,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // halo staged in shared memory, chunk by chunk, as in attention_forward_tiled. Shared:
 //   dlogit[K][TILE+1], dp[K][TILE+1] (A)   logits then their gradients; grad_out . v per
 //                           slot (the + 1 keeps tile_table_sum's lanes in different banks)
-//   halo[max(CK,CV)][halo_h*pitch] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
+//   halo[max(CK,CV)][halo_h*halo_w] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
 //   (A), row_slot, col_slot (int),
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
@@ -262,8 +262,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
   const int K = w.slots(), tile = blockDim.x * blockDim.y, h = p.plane % heads;
-  const int pitch = halo_pitch<CK, CV, A>(halo_w);   // halo row pitch (positions)
-  const int halo_area = halo_h * pitch;
+  const int halo_area = halo_h * halo_w;
   const int ss = tile + 1;   // slot stride of dlogit/dp: see tile_table_sum
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* dlogit = reinterpret_cast<A*>(smem_raw);
@@ -288,7 +287,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
-  const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, pitch, tile);
+  const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
   // Threads past the plane edge hold zeros for the table sums (the phases below write only
   // the columns of threads inside).
@@ -297,10 +296,10 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 
   // (1) logits q . (k + rel), over key chunks.
   chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
-                          halo_w, pitch, tile, ss);
+                          halo_w, tile, ss);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
-  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, pitch, tile, ss);
+  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta).
@@ -324,7 +323,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
-    stage_halo<CK>(halo, kb + (size_t)c0 * hw, hw, w, y0, x0, halo_h, halo_w, pitch, nch, p.tid, tile);
+    stage_halo<CK>(halo, kb + (size_t)c0 * hw, hw, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
@@ -500,7 +499,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // outputs whose windows reach the tile; with stride 1 a query sits at its output's
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
-//   halo[max(CK,CV)][halo_h*pitch] (A)     one chunk of q or grad_out channels (with rel,
+//   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels (with rel,
 //                                           CK channels of rel after CK of q: staging_floats)
 //   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
@@ -518,8 +517,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const Window w(geo);
   const TilePos p = tile_pos(w.H, w.W);
   const int tile = blockDim.x * blockDim.y, U = w.mr * w.mc, h = p.plane % heads;
-  const int pitch = halo_pitch<CK, CV, A>(halo_w);   // halo row pitch (positions)
-  const int halo_area = halo_h * pitch;
+  const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw, hw = w.in_plane(), ohw = w.out_plane();
   A* user_p = reinterpret_cast<A*>(smem_raw) + p.tid;
   A* user_dl = user_p + (size_t)U * tile;
@@ -541,7 +539,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
-  fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, pitch,
+  fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
   fill_users_axis(cols, w.cu_out, w.cu_slot, w.cols_tab, w.kw, w.mc, p.col0, blockDim.x, w.W, ox0, 1, p.tid, tile);
   __syncthreads();
@@ -554,7 +552,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
-    stage_halo<CK>(halo, qb + (size_t)c0 * hw, hw, w, oy0, ox0, halo_h, halo_w, pitch, nch, p.tid, tile);
+    stage_halo<CK>(halo, qb + (size_t)c0 * hw, hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
@@ -585,7 +583,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.
-  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, pitch, tile, tile);
+  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 
   // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user. lse and
   // delta of the users' outputs are staged over the output halo first (the halo buffer is
@@ -595,9 +593,9 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   A* lse_h = halo;
   A* delta_h = halo + halo_area;
   __syncthreads();   // phase (2)'s readers are done with the halo
-  for (int idx = p.tid; idx < halo_area; idx += tile) {   // rows `pitch` apart, as the offsets
-    const int hy = idx / pitch, hx = idx - hy * pitch, y = oy0 + hy, x = ox0 + hx;
-    const bool in = hx < halo_w && y < w.Ho && x < w.Wo;
+  for (int idx = p.tid; idx < halo_area; idx += tile) {
+    const int y = oy0 + idx / halo_w, x = ox0 + idx % halo_w;
+    const bool in = y < w.Ho && x < w.Wo;
     const size_t o = (size_t)p.plane * ohw + (size_t)(in ? y : 0) * w.Wo + (in ? x : 0);
     lse_h[idx] = in ? lse[o] : A(0);
     delta_h[idx] = in ? delta[o] : A(0);
@@ -618,10 +616,10 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
   chunked_weighted_sums<CK>(dk + qk_off + n, hw, scale, user_dl, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0, ox0,
-                            halo_h, halo_w, pitch, tile, tile);
+                            halo_h, halo_w, tile, tile);
   // (5) dv = sum_u p_u grad_out_u, over grad chunks.
   chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw + n, hw, A(1), user_p, halo, gb, ohw, dv, w, p, ts,
-                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, pitch, tile, tile);
+                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 // of one (batch, head); halo_h x halo_w is the largest input region a tile's windows touch
 // (computed on the host from the same tables). Dynamic shared memory:
 //   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
-//   halo[max(CK,CV)][halo_h*pitch] (A)   one chunk of key or value channels (with rel, CK
+//   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels (with rel, CK
 //                             channels of rel after the first CK channels: staging_floats)
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
@@ -173,11 +173,10 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const TilePos p = tile_pos(w.Ho, w.Wo);
   const int K = w.slots(), tile = blockDim.x * blockDim.y;
   A* logit = reinterpret_cast<A*>(smem_raw);   // [K][tile]
-  A* halo = align16(logit, (size_t)K * tile);   // [max(CK, CV)][halo_h * pitch], ChunkLayout
+  A* halo = align16(logit, (size_t)K * tile);   // [max(CK, CV)][halo_h * halo_w], ChunkLayout
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
-  const int pitch = halo_pitch<CK, CV, A>(halo_w);   // halo row pitch (positions)
-  const int h = p.plane % heads, halo_area = halo_h * pitch;
+  const int h = p.plane % heads, halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
   const T* qc = q + (size_t)p.plane * dqk * w.in_plane() + (p.inside ? w.centre(p.r, p.c) : 0);
   const T* kb = k + (size_t)p.plane * dqk * w.in_plane();
@@ -187,11 +186,11 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // and table index ts.tab, from the tile's tables in shared memory.
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   int* tables = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
-  const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, pitch, tile);
+  const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks.
   chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
-                          w.kh, w.kw, y0, x0, halo_h, halo_w, pitch, tile, tile);
+                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
   // (2) weights and lse, each thread on its own column.
   if (p.inside) {
@@ -221,5 +220,5 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   const T* vb = v + (size_t)p.plane * dv * w.in_plane();
   T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
   chunked_weighted_sums<CV>(dst, w.out_plane(), A(1), logit + p.tid, halo, vb, w.in_plane(), dv, w, p, ts, w.kh,
-                            w.kw, y0, x0, halo_h, halo_w, pitch, tile, tile);
+                            w.kw, y0, x0, halo_h, halo_w, tile, tile);
 }

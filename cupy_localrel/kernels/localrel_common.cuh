@@ -313,18 +313,6 @@ template <class A, int C> struct ChunkLayout {
   using V = typename VecOf<A, G>::type;
 };
 
-// Row pitch of the staged halo, in positions: halo_w, or, when a chunk of the kernel is
-// staged one channel per position (G = 1: 4-byte loads, LR-Net's one key channel), the
-// smallest pitch >= halo_w that is 16 modulo 32, so that the two 16-lane tile rows of a warp
-// (one halo row apart) read different banks. Wide groups need no padding (a 16-byte request
-// serves 8 lanes per wavefront, each contiguous run of positions conflict-free). Every phase
-// of a kernel uses the same pitch (the tile's slot tables hold offsets in it); the host's
-// plan (_kernel_ops._halo_pitch) pads the same way.
-template <int CK, int CV, class A>
-__device__ __forceinline__ int halo_pitch(int halo_w) {
-  return ChunkLayout<A, CK>::G == 1 || ChunkLayout<A, CV>::G == 1 ? halo_w + (48 - halo_w % 32) % 32 : halo_w;
-}
-
 // One vector access (see cudasim_load_wide: on the CPU engine a plain struct copy would be
 // split, and profiled as several requests). Lines marked "profile: caller's line" are
 // attributed to the line that calls the helper (cupy_localrel/_sim/profile.py).
@@ -401,8 +389,7 @@ __device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
 }
 
 // Copy channels [0, nch) of `src` (channel c at src + c * src_stride, row pitch W) over the
-// halo (top-left input (y0, x0), halo_h x halo_w, rows `pitch` positions apart) into shared
-// memory in ChunkLayout<A, C>; positions past the
+// halo (top-left input (y0, x0)) into shared memory in ChunkLayout<A, C>; positions past the
 // image edge and channels nch..C-1 become 0. Row by row: each warp takes whole halo rows of
 // one channel group (one division per row, none per element), its lanes walk the row's
 // columns, so every global request is one contiguous run of a row; each lane loads its
@@ -411,20 +398,20 @@ __device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
 // row's end loads alone), so nothing past the row (or the image) is read.
 template <int C, class T>
 __device__ __forceinline__ void stage_halo(acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
-                                           const Window& w, int y0, int x0, int halo_h, int halo_w, int pitch,
-                                           int nch, int tid, int nthreads) {
+                                           const Window& w, int y0, int x0, int halo_h, int halo_w, int nch,
+                                           int tid, int nthreads) {
   using A = acc_t<T>;
   using L = ChunkLayout<A, C>;
   using V = typename L::V;
   constexpr int P = StagePair<T>::n;
   const int lane = tid & 31, warp = tid >> 5, warps = (nthreads + 31) >> 5;
-  const int area = halo_h * pitch;
+  const int area = halo_h * halo_w;
   const int x_end = min(x0 + halo_w, w.W);   // columns [x0, x_end) lie in the image
   V* out = reinterpret_cast<V*>(halo);
   for (int row = warp; row < L::groups * halo_h; row += warps) {
     const int g = row / halo_h, hy = row - g * halo_h, y = y0 + hy;
     const bool in_rows = y < w.H;
-    V* dst = out + (size_t)g * area + (size_t)hy * pitch;   // position (hy, 0) of group g
+    V* dst = out + (size_t)g * area + (size_t)hy * halo_w;   // position (hy, 0) of group g
     const T* row_src = src + (size_t)(in_rows ? y : 0) * w.W;
     // Pairs start at an even element address (P = 2): column xa, x0 or x0 - 1 (the group's
     // first channel decides; a channel of the other parity, odd H*W, loads singly).
@@ -557,13 +544,12 @@ struct TileSlots {
 };
 
 // The tile's window tables (fill_window_axis, rows then columns) carved from `cursor`
-// (shared ints), and this thread's view of them, for a halo whose top-left input is (y0, x0)
-// and whose rows lie `pitch` positions apart (halo_pitch).
+// (shared ints), and this thread's view of them, for a halo whose top-left input is (y0, x0).
 // Every thread of the block must call this: it ends in a barrier.
 __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window& w, const TilePos& p, int y0,
-                                                       int x0, int pitch, int tile) {
+                                                       int x0, int halo_w, int tile) {
   const TileAxis rows = carve_axis(cursor, w.kh, blockDim.y), cols = carve_axis(cursor, w.kw, blockDim.x);
-  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, pitch, p.tid, tile);
+  fill_window_axis(rows, w.rows_pos, w.rows_tab, w.kh, p.row0, blockDim.y, w.Ho, y0, halo_w, p.tid, tile);
   fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
   __syncthreads();
   return TileSlots(rows, cols);
@@ -616,16 +602,16 @@ __device__ __forceinline__ void chunked_slot_logits(
     const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, acc_t<T>* __restrict__ rels,
     int flags, int nch_total,
     const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
-    int halo_w, int pitch, int tile, int stride) {
+    int halo_w, int tile, int stride) {
   using A = acc_t<T>;
-  const int halo_area = halo_h * pitch;
+  const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
   if (nch_total <= 0 && p.inside)   // no channel: every logit is 0 (before rel, bias)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
-    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, pitch, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
@@ -647,16 +633,16 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   const T* __restrict__ src, size_t src_stride,
                                                   const T* __restrict__ x, size_t x_stride, int nch_total,
                                                   const Window& w, const TilePos& p, const TileSlots& ts,
-                                                  int nr, int nc, int y0, int x0, int halo_h, int halo_w, int pitch,
+                                                  int nr, int nc, int y0, int x0, int halo_h, int halo_w,
                                                   int tile, int stride) {
   using A = acc_t<T>;
-  const int halo_area = halo_h * pitch;
+  const int halo_area = halo_h * halo_w;
   if (nch_total <= 0 && p.inside)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
-    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, pitch, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
@@ -693,13 +679,13 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
                                                       acc_t<T>* __restrict__ halo, const T* __restrict__ src,
                                                       size_t src_stride, int nch_total, const Window& w,
                                                       const TilePos& p, const TileSlots& ts, int nr, int nc,
-                                                      int y0, int x0, int halo_h, int halo_w, int pitch, int tile, int stride) {
+                                                      int y0, int x0, int halo_h, int halo_w, int tile, int stride) {
   using A = acc_t<T>;
-  const int halo_area = halo_h * pitch;
+  const int halo_area = halo_h * halo_w;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
-    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, pitch, nch, p.tid, tile);
+    stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A acc[C];

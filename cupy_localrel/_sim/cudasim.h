@@ -149,15 +149,15 @@ CUDASIM_VEC2(short, short, 4) CUDASIM_VEC2(unsigned short, ushort, 4)
 CUDASIM_VEC4(signed char, char, 4) CUDASIM_VEC4(unsigned char, uchar, 4)
 inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return {x, y, z}; }
 
-// One 8- or 16-byte access of a vector type, as the GPU's LDS.64/128 (STS, LDG) is one
-// instruction. A plain struct copy is not: g++ splits `float4 v = *p` into four 4-byte loads
+// One 4-, 8- or 16-byte access of a vector type, as the GPU's LDS.64/128 (STS, LDG; a
+// __half2 load) is one instruction. A plain struct copy is not: g++ splits `float4 v = *p` into four 4-byte loads
 // once it keeps the fields in registers, and the profile runtime would count four requests
 // (four times the wavefronts of a 16-byte request). Kernels reach these through
 // localrel::load_wide/store_wide; through a GCC vector type, TSan's instrumentation sees one
-// __tsan_read16/__tsan_write16 (read8/write8) per access.
+// __tsan_read16/__tsan_write16 (read8, read4) per access.
 template <class V>
 inline V cudasim_load_wide(const V* p) {
-  static_assert(sizeof(V) == 8 || sizeof(V) == 16, "8- or 16-byte vector types only");
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8 || sizeof(V) == 16, "4-, 8- or 16-byte vector types only");
   typedef char bytes __attribute__((vector_size(sizeof(V)), aligned(alignof(V))));
   const bytes b = *reinterpret_cast<const bytes*>(p);
   V v;
@@ -166,7 +166,7 @@ inline V cudasim_load_wide(const V* p) {
 }
 template <class V>
 inline void cudasim_store_wide(V* p, const V& v) {
-  static_assert(sizeof(V) == 8 || sizeof(V) == 16, "8- or 16-byte vector types only");
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8 || sizeof(V) == 16, "4-, 8- or 16-byte vector types only");
   typedef char bytes __attribute__((vector_size(sizeof(V)), aligned(alignof(V))));
   bytes b;
   std::memcpy(&b, &v, sizeof(V));

@@ -383,9 +383,13 @@ template <class T> struct StagePair { static constexpr int n = 1; };
 template <> struct StagePair<__half> { static constexpr int n = 2; };
 template <> struct StagePair<__nv_bfloat16> { static constexpr int n = 2; };
 
-__device__ __forceinline__ float2 load_pair(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+// One 4-byte load of an aligned pair (through load_wide: the CPU engine would split the
+// struct into two 2-byte loads).
+__device__ __forceinline__ float2 load_pair(const __half* p) {
+  return __half22float2(load_wide(reinterpret_cast<const __half2*>(p)));   // profile: caller's line
+}
 __device__ __forceinline__ float2 load_pair(const __nv_bfloat16* p) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  return __bfloat1622float2(load_wide(reinterpret_cast<const __nv_bfloat162*>(p)));   // profile: caller's line
 }
 
 // Copy channels [0, nch) of `src` (channel c at src + c * src_stride, row pitch W) over the

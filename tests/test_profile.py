@@ -255,6 +255,12 @@ def test_launch_time_picks_the_largest_unit_and_labels_it_modelled():
     op = R.op_time(h200, [m, m], 96 * 10**6)
     assert op["predicted_us"] == pytest.approx(2 * m["predicted_us"]) and op["bound"] == "hbm"
     assert op["share"] == pytest.approx(op["floor_us"] / op["predicted_us"])
+    # Issue: with a static mix, the requests count in 4-byte words (a 16-byte request is 4).
+    kw = dict(threads=256, blocks_total=10**5, regs=32, smem_bytes=0, instructions_per_request=10.0)
+    plain = R.launch_time(h200, totals, **kw)["warp_instructions"]
+    assert plain == pytest.approx(10.0 * (10**6 + 10**8))
+    wide = R.launch_time(h200, dict(totals, word_requests=10**6 + 4 * 10**8), **kw)["warp_instructions"]
+    assert wide == pytest.approx(10.0 * (10**6 + 4 * 10**8))
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,10 +279,25 @@ def test_sass_and_ptx_mix_parsers():
     """
     mix = N.sass_mix(sass)["copy"]
     assert (mix["global_load"], mix["ffma"], mix["shared_store"], mix["total"]) == (1, 1, 1, 5)
+    assert mix["memory_words"] == 2
+    # Wide accesses count their 4-byte words: the issue proxy's denominator.
+    wide = """
+        Function : wide
+        /*0000*/                   LDS.128 R4, [R0] ;
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.U16.CONSTANT R6, desc[UR4][R8.64] ;
+        /*0030*/                   FFMA R3, R4, R5, R3 ;
+    """
+    mix = N.sass_mix(wide)["wide"]
+    assert (mix["shared_load"], mix["global_load"], mix["memory_words"], mix["total"]) == (1, 2, 4 + 2 + 1, 4)
+    assert P.instructions_per_request(mix) == pytest.approx(4 / 7)
     ptx = """.visible .entry k(\n)\n{\n\tld.global.nc.f32 \t%f1, [%rd1];\n\tfma.rn.f32 \t%f2, %f1, %f1, %f1;
 \t@%p1 st.global.f32 \t[%rd2], %f2;\n\tbar.sync \t0;\n\tret;\n}\n"""
     mix = N.ptx_mix(ptx)["k"]
     assert (mix["global_load"], mix["global_store"], mix["ffma"], mix["barrier"], mix["total"]) == (1, 1, 1, 1, 5)
+    assert mix["memory_words"] == 2
+    ptx = """.visible .entry v(\n)\n{\n\tld.shared.v4.f32 \t{%f1, %f2, %f3, %f4}, [%r1];\n\tld.global.nc.v2.u16 \t{%rs1, %rs2}, [%rd1];\n}\n"""
+    assert N.ptx_mix(ptx)["v"]["memory_words"] == 4 + 1
 
 
 def test_instruction_mix_of_the_calibration_copy():
@@ -307,7 +328,7 @@ def test_profile_source_command(tmp_path, capsys):
     rc = main(["profile", "--source", str(CALIBRATION), "--kernel", "shared_stride", "--grid", "1",
                "--block", "32", "--shared", "4224", "--int", "2", "--json", str(out)])
     rec = json.loads(out.read_text())["launches"][0]
-    assert rc == 0 and rec["shared_load"] == {"requests": 1, "wavefronts": 2, "bytes": 128}
+    assert rc == 0 and rec["shared_load"] == {"requests": 1, "wavefronts": 2, "ideal_wavefronts": 1, "bytes": 128}
     assert rec["barriers"] == 1
     # The caller's mistakes are plain errors (exit 2), never a traceback or a crash.
     capsys.readouterr()
@@ -340,7 +361,9 @@ def test_profile_ops_command_json_schema(tmp_path, monkeypatch):
         for part in ("global_load", "global_store"):
             assert set(rec[part]) == {"requests", "sectors", "ideal_sectors", "bytes"}
         for part in ("shared_load", "shared_store"):
-            assert set(rec[part]) == {"requests", "wavefronts", "bytes"}
+            assert set(rec[part]) == {"requests", "wavefronts", "ideal_wavefronts", "bytes"}
+        assert rec["word_requests"] >= sum(rec[p]["requests"] for p in ("global_load", "global_store", "shared_load",
+                                                                        "shared_store"))
     # the papers' head layouts: LR-Net 8 heads of Dqk 1 (C/8), SASA 8 heads of 8 channels
     lr = P.op_case("lrnet", "forward", (1, 64, 12, 12), 3).geo
     assert (lr.heads, lr.dqk, lr.dv) == (8, 1, 8)

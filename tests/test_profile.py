@@ -103,7 +103,7 @@ def test_shared_float4_wavefronts_against_the_ideal(calib, stride, wavefronts, i
     out = aligned(1 << 12)
     c = launch(calib, "shared_float4_stride", (2,), (32,), (out, np.int32(stride)), shared_mem=32 * 8 * 16)
     store, load = site(c, "store", "shared"), site(c, "load", "shared")
-    assert load.location == line_of("const float4 v = wide_load(buf4 + t * stride);")
+    assert load.location == line_of("const float4 v = localrel::load_wide(buf4 + t * stride);")
     for s in (store, load):
         assert s.requests == 2 and s.lanes == 64
         assert s.bytes == 2 * 32 * 16

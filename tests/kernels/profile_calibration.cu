@@ -52,29 +52,17 @@ extern "C" __global__ void barriers_and_atomics(float* out, int rounds) {
 // 16-byte shared accesses (LDS.128/STS.128) with a float4 stride of `stride`: the hardware
 // serves 8 lanes (128 bytes) per wavefront, so 32 contiguous lanes cost 4 wavefronts (the
 // ideal, ceil(512 / 128)); stride 2 spreads them over half the banks (8), stride 8 puts
-// every lane on banks 0-3 (32); stride 0 is a broadcast (1, ideal 1). Through the engine's
-// one-access helpers, as the kernels' localrel::load_wide: a plain struct copy is split by
+// every lane on banks 0-3 (32); stride 0 is a broadcast (1, ideal 1). Through the kernels'
+// own wide-access helpers (localrel::load_wide/store_wide): a plain struct copy is split by
 // g++ into 4-byte accesses (four requests).
-template <class V> __device__ __forceinline__ V wide_load(const V* p) {
-#ifdef CUDASIM
-  return cudasim_load_wide(p);   // profile: caller's line
-#else
-  return *p;
-#endif
-}
-template <class V> __device__ __forceinline__ void wide_store(V* p, const V& v) {
-#ifdef CUDASIM
-  cudasim_store_wide(p, v);   // profile: caller's line
-#else
-  *p = v;
-#endif
-}
+#include "../../cupy_localrel/kernels/localrel_common.cuh"
+
 extern "C" __global__ void shared_float4_stride(float* out, int stride) {
   extern __shared__ float sbuf[];
   float4* buf4 = reinterpret_cast<float4*>(sbuf);
   const int t = threadIdx.x;
-  wide_store(buf4 + t * stride, make_float4(t, t + 1, t + 2, t + 3));
+  localrel::store_wide(buf4 + t * stride, make_float4(t, t + 1, t + 2, t + 3));
   __syncthreads();
-  const float4 v = wide_load(buf4 + t * stride);
+  const float4 v = localrel::load_wide(buf4 + t * stride);
   out[blockIdx.x * blockDim.x + t] = v.x + v.y + v.z + v.w;
 }

@@ -244,8 +244,13 @@ def test_fast_path_configs(backend, config, border, dtype, sim_seed):
 TAIL_SHAPES = {
     # LR-Net config (CK=1, CV=8): Dv = 12 is one full value chunk and a tail of 4.
     "lrnet_tail": dict(shape=(1, 2, 3, 12, 13, 37), kernel=7, with_bias=True, with_rel=True),
-    # SASA config (CK=8, CV=16): Dqk = 12 and Dv = 20, a tail in both.
-    "sasa_tail": dict(shape=(1, 1, 12, 20, 11, 35), kernel=5, with_bias=False, with_rel=True),
+    # SASA config (CK=8, CV=16): Dqk = 12 (a tail after a full chunk) and Dv = 6, whose only
+    # chunk is a tail: its channels 6..15 would read the block's poisoned (NaN) shared memory
+    # if they were not staged as 0.
+    "sasa_tail": dict(shape=(1, 1, 12, 6, 11, 35), kernel=5, with_bias=False, with_rel=True),
+    # Dqk = 6: the only key chunk is a tail, so rel channels 6, 7 were never staged (poisoned):
+    # the tail's rel reads must stay guarded. Dv = 20: a value tail after a full chunk.
+    "sasa_short_keys": dict(shape=(1, 1, 6, 20, 9, 21), kernel=3, with_bias=True, with_rel=True),
 }
 
 

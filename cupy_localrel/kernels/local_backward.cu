@@ -330,21 +330,23 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     A acc[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
-    // Channels past nch: the staged keys are 0 (their sums are not stored); only the rel
-    // chunk, staged for nch channels, needs the guard.
-    for (int ty = 0; ty < w.kh; ++ty)
-      for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
-        const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
-        const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
-        A key[CK];
-        halo_channels_or_zero<CK>(halo, halo_area, hs, key);
+    // Channels past nch: the staged keys are 0 (their sums are not stored); only a tail's
+    // rel chunk, staged for nch channels, needs the guard.
+    by_chunk_fill(nch == CK, [&](auto full) {
+      for (int ty = 0; ty < w.kh; ++ty)
+        for (int tx = 0; tx < w.kw; ++tx) {
+          const int hs = ts.off(ty, tx);
+          const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
+          const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
+          A key[CK];
+          halo_channels_or_zero<CK>(halo, halo_area, hs, key);
 #pragma unroll
-        for (int d = 0; d < CK; ++d) {
-          if ((flags & kHasRel) && d < nch) key[d] += rels[d * tt + tab];
-          acc[d] += dl * key[d];
+          for (int d = 0; d < CK; ++d) {
+            if ((flags & kHasRel) && (decltype(full)::value || d < nch)) key[d] += rels[d * tt + tab];
+            acc[d] += dl * key[d];
+          }
         }
-      }
+    });
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
 #pragma unroll
     for (int d = 0; d < CK; ++d)
@@ -559,27 +561,29 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     A kreg[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
-    // Channels past nch: the staged queries are 0; only the rel chunk needs the guard.
-    for (int a = 0; a < w.mr; ++a)
-      for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);
-        A& up = user_p[(size_t)(a * w.mc + b) * tile];
-        if (uh < 0) {   // padding: no user
-          if (c0 == 0) up = 0;
-          continue;
-        }
-        const int tab = ts.tab(a, b, w.tw);
-        A qu[CK];
-        halo_channels<CK>(halo, halo_area, uh, qu);
-        A dot = 0;
+    // Channels past nch: the staged queries are 0; only a tail's rel chunk needs the guard.
+    by_chunk_fill(nch == CK, [&](auto full) {
+      for (int a = 0; a < w.mr; ++a)
+        for (int b = 0; b < w.mc; ++b) {
+          const int uh = ts.off(a, b);
+          A& up = user_p[(size_t)(a * w.mc + b) * tile];
+          if (uh < 0) {   // padding: no user
+            if (c0 == 0) up = 0;
+            continue;
+          }
+          const int tab = ts.tab(a, b, w.tw);
+          A qu[CK];
+          halo_channels<CK>(halo, halo_area, uh, qu);
+          A dot = 0;
 #pragma unroll
-        for (int d = 0; d < CK; ++d) {
-          A key = kreg[d];
-          if ((flags & kHasRel) && d < nch) key += rels[d * tt + tab];
-          dot += qu[d] * key;
+          for (int d = 0; d < CK; ++d) {
+            A key = kreg[d];
+            if ((flags & kHasRel) && (decltype(full)::value || d < nch)) key += rels[d * tt + tab];
+            dot += qu[d] * key;
+          }
+          up = c0 == 0 ? dot : up + dot;   // the first chunk stores
         }
-        up = c0 == 0 ? dot : up + dot;   // the first chunk stores
-      }
+    });
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.

@@ -568,6 +568,15 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // must call these (threads outside the plane only help staging). Sums run over the slots
 // in (row, column) order, then over the channels of a chunk in order, chunk after chunk.
 // ---------------------------------------------------------------------------------------
+// Full-chunk specialisation: body(FullChunk<true>{}) when the chunk holds all C channels
+// (the common case), body(FullChunk<false>{}) for a tail, so that a loop's channel guards
+// (`FULL || d < nch`) vanish from the full chunk's code.
+template <bool B> struct FullChunk { static constexpr bool value = B; };
+template <class Body> __device__ __forceinline__ void by_chunk_fill(bool full, Body&& body) {
+  if (full) body(FullChunk<true>{});
+  else body(FullChunk<false>{});
+}
+
 // mine[s] += sum_d x[d] * (halo_d[s] + rel_d[s]) over nch channels, where x (this thread's
 // own vector, channel stride x_stride) multiplies each slot's halo entry, or 0 where the
 // slot lies outside (ts.off < 0), plus its rel entry (flags & kHasRel). The logits of the
@@ -622,10 +631,10 @@ __device__ __forceinline__ void chunked_slot_logits(
     A xreg[C];
 #pragma unroll
     for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
-    if (nch == C)
-      slot_logits_chunk<true>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc, halo_area, stride);
-    else
-      slot_logits_chunk<false>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc, halo_area, stride);
+    by_chunk_fill(nch == C, [&](auto full) {
+      slot_logits_chunk<decltype(full)::value>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc,
+                                               halo_area, stride);
+    });
   }
 }
 

@@ -111,7 +111,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
                                A* __restrict__ qs, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                const T* __restrict__ qc, int dqk, int flags, A scale,
                                A* __restrict__ part_bias, A* __restrict__ part_rel, int tile, int stride = 0) {
-  if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
+  if (!(flags & (kHasBias | kHasAnyRel))) return;   // uniform over the block
   if (stride == 0) stride = tile;
   __syncthreads();   // every thread has written its dlogit column before others read it
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
@@ -125,7 +125,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
                            stride);
       part_bias[(size_t)p.block * entries + e] = sum[0];
     }
-  if (flags & kHasRel)
+  if (flags & kHasAnyRel)   // split rel too: the full table's partials, summed per axis on the host
     for (int d0 = 0; d0 < dqk; d0 += NQ) {
       const int nq = min(NQ, dqk - d0);
       __syncthreads();   // everybody is done reading the previous channels
@@ -149,7 +149,7 @@ template <class T, int MODE, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
            const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
-           const T* __restrict__ key_bias, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+           const T* __restrict__ rel_w, const T* __restrict__ key_bias, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
            acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
            acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
@@ -168,7 +168,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   const size_t qk_off = (size_t)p.plane * dqk * hw;
   const T* qc = q + qk_off + (p.inside ? w.centre(p.r, p.c) : 0);
   const T* kb = k + qk_off;
-  const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* bias_h = bias + (size_t)h * tt;
   const T* kbias = key_bias + (size_t)p.plane * hw;
 
@@ -224,7 +224,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
         for (int tx = 0; tx < w.kw; ++tx) {
           const Slot s = slot_of(w, p.r, p.c, ty, tx);
           A key = s.valid() && !key_removed(w, s, flags, kbias) ? load(kb, d * hw + s.in(w.W)) : A(0);
-          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
+          if (SIM == kDot && (flags & kHasAnyRel)) key += rel_h.at(d, s.ay, s.ax, flags);
           sum += my[(size_t)(ty * w.kw + tx) * tile] * Sim<SIM>::dq(qd, key);
         }
       store(dqc + d * hw, scale * sum);
@@ -250,11 +250,40 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // feeds this many sums). The host's shared-memory plan (_kernel_ops) counts the same.
 constexpr int kTableChannels = 8;
 
+// dq's part from SASA's split rel (kHasRelSplit) for channels [c0, c0 + nch) of one query:
+// acc[d] += sum_ty (sum_tx dlogit) rel_h[c][ay(ty)] for c = c0 + d < Dqk/2, and
+// sum_tx (sum_ty dlogit) rel_w[c - Dqk/2][ax(tx)] for the others: a row/column sum of
+// dlogit per chunk instead of one rel add per (slot, channel). Fixed summation order.
+template <int C, class T>
+__device__ __forceinline__ void split_rel_dq(acc_t<T> (&acc)[C], int c0, int nch, const acc_t<T>* __restrict__ my_dl,
+                                             int stride, const RelOfHead<T>& rel, const TileSlots& ts, int kh,
+                                             int kw) {
+  using A = acc_t<T>;
+  if (c0 < rel.half)
+    for (int ty = 0; ty < kh; ++ty) {
+      A row = 0;
+      for (int tx = 0; tx < kw; ++tx) row += my_dl[(size_t)(ty * kw + tx) * stride];
+      const int ay = ts.tab_row(ty);
+#pragma unroll
+      for (int d = 0; d < C; ++d)
+        if (d < nch && c0 + d < rel.half) acc[d] += row * load(rel.a, (size_t)(c0 + d) * rel.th + ay);
+    }
+  if (c0 + nch > rel.half)
+    for (int tx = 0; tx < kw; ++tx) {
+      A col = 0;
+      for (int ty = 0; ty < kh; ++ty) col += my_dl[(size_t)(ty * kw + tx) * stride];
+      const int ax = ts.tab_col(tx);
+#pragma unroll
+      for (int d = 0; d < C; ++d)
+        if (d < nch && c0 + d >= rel.half) acc[d] += col * load(rel.b, (size_t)(c0 + d - rel.half) * rel.tw + ax);
+    }
+}
+
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
                  const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
-                 T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+                 const T* __restrict__ rel_w, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
                  acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
                  int halo_h, int halo_w) {
   using A = acc_t<T>;
@@ -302,8 +331,11 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
-  // dlogit_t = p_t (dp_t - delta).
+  // dlogit_t = p_t (dp_t - delta). Split rel adds its kh + kw short dot products to the
+  // logits first (phase (1) summed q . k alone).
+  const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
   if (p.inside) {
+    if (flags & kHasRelSplit) add_split_rel(my_dl, ss, qc, hw, split_rel, ts, w.kh, w.kw);
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     A dsum = 0;
     for (int ty = 0; ty < w.kh; ++ty)
@@ -319,7 +351,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
   }
 
-  // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.
+  // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again (split rel: its
+  // part per channel from the row/column sums of dlogit, split_rel_dq).
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
@@ -343,6 +376,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
             acc[d] += dl * key;
           }
       }
+    if (flags & kHasRelSplit) split_rel_dq<CK>(acc, c0, nch, my_dl, ss, split_rel, ts, w.kh, w.kw);
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
 #pragma unroll
     for (int d = 0; d < CK; ++d)
@@ -387,8 +421,8 @@ __global__ void LOCALREL_BOUNDS
 key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
-         const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
-         T* __restrict__ dk, T* __restrict__ dv_out, T* __restrict__ dkey_bias, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+         const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ rel_w,
+         const T* __restrict__ key_bias, T* __restrict__ dk, T* __restrict__ dv_out, T* __restrict__ dkey_bias, int heads, int dqk, int dv, int flags, acc_t<T> scale,
          acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -407,7 +441,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   const T* kn = k + qk_off + n;
   const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * (MODE == kQK ? K : dv) * ohw;
-  const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   // This key's own key_bias: in every logit that sees it; -inf removes the key.
   const bool has_kb = MODE != kAV && (flags & kHasKeyBias);
   const A kb_n = has_kb ? load(key_bias, (size_t)p.plane * hw + n) : A(0);
@@ -435,12 +469,13 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
         user_dl[slot] = load(gb, t * ohw + o);
       } else {
         // Recompute the weight from lse; the key is this thread's own, always valid here.
-        const int tab = w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
+        const int ay = w.rows_tab[u.i * w.kh + u.ty], ax = w.cols_tab[u.j * w.kw + u.tx];
+        const int tab = ay * w.tw + ax;
         const T* qc = qb + w.centre(u.i, u.j);
         A dot = 0;
         for (int d = 0; d < dqk; ++d) {
           A key = load(kn, d * hw);
-          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + tab);
+          if (SIM == kDot && (flags & kHasAnyRel)) key += rel_h.at(d, ay, ax, flags);
           dot += Sim<SIM>::phi(load(qc, d * hw), key);
         }
         A logit = scale * dot;
@@ -491,6 +526,21 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
     }
 }
 
+// Channels [c0, c0 + nch) of one head's split rel (kHasRelSplit) into shared memory as
+// rows of tm = max(th, tw) entries: channel c < Dqk/2 holds rel_h[c] (th entries, read at
+// the table row), the others rel_w[c - Dqk/2] (tw entries, read at the table column).
+template <class T>
+__device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, const RelOfHead<T>& rel, int tm,
+                                                int c0, int nch, int tid, int nthreads) {
+  for (int i = tid; i < nch * tm; i += nthreads) {
+    const int d = i / tm, e = i - d * tm, c = c0 + d;
+    const bool row = c < rel.half;
+    const int n = row ? rel.th : rel.tw;
+    rels[i] = e < n ? (row ? load(rel.a, (size_t)c * rel.th + e) : load(rel.b, (size_t)(c - rel.half) * rel.tw + e))
+                    : acc_t<T>(0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Key side, fast path (stride 1): key_grad<T, kAttention> for a tile of keys with the
 // queries and output gradients of its users staged in shared memory (the "halo" of
@@ -508,7 +558,7 @@ __global__ void LOCALREL_BOUNDS
 key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
                const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse,
                const acc_t<T>* __restrict__ delta, const T* __restrict__ bias, const T* __restrict__ rel,
-               T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
+               const T* __restrict__ rel_w, T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
                acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -531,11 +581,15 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
+  const int tm = max(w.th, w.tw);   // split rel: staged rows of tm entries (stage_split_rel)
 
   // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
   // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
-  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
-  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel, [CK][tm] with split rel (staging_floats)
+  // A chunk of split rel takes the room of a full table's chunk (tm <= th*tw): sized alike.
+  const int staged = (flags & kHasRelSplit) ? (flags | kHasRel) : flags;
+  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, staged));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
   fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
@@ -552,6 +606,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     __syncthreads();
     stage_halo(halo, qb + (size_t)c0 * hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
+    if (flags & kHasRelSplit) stage_split_rel(rels, split_rel, tm, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
@@ -566,12 +621,14 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
           continue;
         }
         const int tab = ts.tab(a, b, w.tw);
+        const int ay = ts.tab_row(a), ax = ts.tab_col(b);
         A dot = 0;
 #pragma unroll
         for (int d = 0; d < CK; ++d)
           if (d < nch) {
             A key = kreg[d];
             if (flags & kHasRel) key += rels[d * tt + tab];
+            if (flags & kHasRelSplit) key += rels[d * tm + (c0 + d < split_rel.half ? ay : ax)];
             dot += halo[d * halo_area + uh] * key;
           }
         up = c0 == 0 ? dot : up + dot;   // the first chunk stores

@@ -31,8 +31,8 @@ using namespace localrel;
 template <class T, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
-           const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
-           T* __restrict__ logits, int heads, int dqk, int flags, acc_t<T> scale) {
+           const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ rel_w,
+           const T* __restrict__ key_bias, T* __restrict__ logits, int heads, int dqk, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
@@ -42,7 +42,7 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
   const T* qc = q + qk_off + w.centre(p.r, p.c);
   const T* kb = k + qk_off;
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
-  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* kbias = key_bias + (size_t)p.plane * w.in_plane();
   T* dst = logits + (size_t)p.plane * w.slots() * w.out_plane() + (size_t)p.r * w.Wo + p.c;
   for (int ty = 0; ty < w.kh; ++ty)
@@ -101,7 +101,8 @@ template <class T, int VPT, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                   const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
-                  const T* __restrict__ key_bias, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                  const T* __restrict__ rel_w, const T* __restrict__ key_bias, T* __restrict__ out,
+                  acc_t<T>* __restrict__ lse,
                   int heads, int dqk, int dv, int chunks, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
@@ -115,7 +116,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
   const T* kb = k + qk_off;
   const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
-  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* kbias = key_bias + (size_t)bh * w.in_plane();
   A m = neg_inf<A>(), l = 0, acc[VPT];
 #pragma unroll
@@ -165,7 +166,8 @@ template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
-                        T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
+                        const T* __restrict__ rel_w, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                        int heads, int dqk, int dv,
                         int flags, acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -188,12 +190,17 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   int* tables = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
-  // (1) logits: q . (k + rel) summed over key-channel chunks.
+  // (1) logits: q . (k + rel) summed over key-channel chunks (q . k alone with split rel,
+  // which has no kHasRel bit).
   chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
                           w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
-  // (2) weights and lse, each thread on its own column.
+  // (2) weights and lse, each thread on its own column; split rel adds its kh + kw short
+  // dot products first.
   if (p.inside) {
+    if (flags & kHasRelSplit)
+      add_split_rel(logit + p.tid, tile, qc, w.in_plane(), RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh,
+                    w.kw);
     A m = neg_inf<A>();
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {

@@ -422,10 +422,18 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, other_bytes: int, st
 
 
 def _tiled_config(geo: Geometry, c: _Call):
-    """Plan of attention_forward_tiled: logits/weights [K][tile] and the per-tile tables."""
+    """Plan of attention_forward_tiled: logits/weights [K][tile], the per-tile tables and
+    (split rel) the short dot products' terms [kh + kw][tile]."""
     bx, by = TILED_BLOCK
     return _tiled_plan(geo, c, TILED_BLOCK, "pos",
-                       c.acc.itemsize * geo.slots * bx * by + _tile_tables(geo.kernel, TILED_BLOCK))
+                       c.acc.itemsize * (geo.slots * bx * by + _split_rel_floats(geo, c, TILED_BLOCK))
+                       + _tile_tables(geo.kernel, TILED_BLOCK))
+
+
+def _split_rel_floats(geo: Geometry, c: _Call, block) -> int:
+    """localrel::split_rel_floats: the query-side tiled kernels' [kh + kw][tile] terms of a
+    split rel (its short dot products, then dlogit's row/column sums), else 0."""
+    return sum(geo.kernel) * block[0] * block[1] if c.flags & HAS_REL_SPLIT else 0
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -498,9 +506,11 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
-    reads over the banks), qs[TABLE_CHANNELS][tile], inverse and per-tile tables."""
+    reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse and
+    per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by) \
+    other = c.acc.itemsize * (2 * geo.slots * (bx * by + 1) + TABLE_CHANNELS * bx * by
+                              + _split_rel_floats(geo, c, TILED_BWD_BLOCK)) \
         + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", other)

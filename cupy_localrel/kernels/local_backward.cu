@@ -251,32 +251,24 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 constexpr int kTableChannels = 8;
 
 // dq's part from SASA's split rel (kHasRelSplit) for channels [c0, c0 + nch) of one query:
-// acc[d] += sum_ty (sum_tx dlogit) rel_h[c][ay(ty)] for c = c0 + d < Dqk/2, and
-// sum_tx (sum_ty dlogit) rel_w[c - Dqk/2][ax(tx)] for the others: a row/column sum of
-// dlogit per chunk instead of one rel add per (slot, channel). Fixed summation order.
+// acc[d] += sum_ty R[ty] rel_h[c][ay(ty)] for c = c0 + d < Dqk/2, and sum_tx C[tx]
+// rel_w[c - Dqk/2][ax(tx)] for the others, where R/C are the row/column sums of the query's
+// dlogit, kept in `sums` (R[ty] at sums[ty * stride], C[tx] at sums[(kh + tx) * stride]):
+// kh + kw products per channel instead of one rel add per (slot, channel). Fixed order.
 template <int C, class T>
-__device__ __forceinline__ void split_rel_dq(acc_t<T> (&acc)[C], int c0, int nch, const acc_t<T>* __restrict__ my_dl,
+__device__ __forceinline__ void split_rel_dq(acc_t<T> (&acc)[C], int c0, int nch, const acc_t<T>* __restrict__ sums,
                                              int stride, const RelOfHead<T>& rel, const TileSlots& ts, int kh,
                                              int kw) {
   using A = acc_t<T>;
-  if (c0 < rel.half)
-    for (int ty = 0; ty < kh; ++ty) {
-      A row = 0;
-      for (int tx = 0; tx < kw; ++tx) row += my_dl[(size_t)(ty * kw + tx) * stride];
-      const int ay = ts.tab_row(ty);
+  for (int i = 0; i < kh + kw; ++i) {   // rows (rel_h: channels < Dqk/2), then columns
+    const bool row = i < kh;
+    const A sum = sums[(size_t)i * stride];
+    const T* table = row ? rel.a + ts.tab_row(i) : rel.b + ts.tab_col(i - kh);
+    const int entries = row ? rel.th : rel.tw;
 #pragma unroll
-      for (int d = 0; d < C; ++d)
-        if (d < nch && c0 + d < rel.half) acc[d] += row * load(rel.a, (size_t)(c0 + d) * rel.th + ay);
-    }
-  if (c0 + nch > rel.half)
-    for (int tx = 0; tx < kw; ++tx) {
-      A col = 0;
-      for (int ty = 0; ty < kh; ++ty) col += my_dl[(size_t)(ty * kw + tx) * stride];
-      const int ax = ts.tab_col(tx);
-#pragma unroll
-      for (int d = 0; d < C; ++d)
-        if (d < nch && c0 + d >= rel.half) acc[d] += col * load(rel.b, (size_t)(c0 + d - rel.half) * rel.tw + ax);
-    }
+    for (int d = 0; d < C; ++d)
+      if (d < nch && (c0 + d < rel.half) == row) acc[d] += sum * load(table, (size_t)(c0 + d - (row ? 0 : rel.half)) * entries);
+  }
 }
 
 template <class T, int CK, int CV>
@@ -299,7 +291,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* halo = dp + (size_t)K * ss;
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
-  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
+  A* my_terms = qs + kTableChannels * tile + p.tid;   // [kh + kw][tile] with split rel
+  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile + split_rel_floats(w.kh, w.kw, tile, flags));
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -332,10 +325,13 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta). Split rel adds its kh + kw short dot products to the
-  // logits first (phase (1) summed q . k alone).
-  const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
+  // logits here (phase (1) summed q . k alone), then leaves dlogit's row and column sums
+  // in their place for phase (4).
   if (p.inside) {
-    if (flags & kHasRelSplit) add_split_rel(my_dl, ss, qc, hw, split_rel, ts, w.kh, w.kw);
+    if (flags & kHasRelSplit) {
+      split_rel_terms(my_terms, tile, qc, hw, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
+      add_split_rel_terms(my_dl, ss, my_terms, tile, w.kh, w.kw);
+    }
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     A dsum = 0;
     for (int ty = 0; ty < w.kh; ++ty)
@@ -349,10 +345,22 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
       }
     delta[(size_t)p.plane * ohw + o] = dsum;
     for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
+    if (flags & kHasRelSplit) {   // row sums R[ty], then column sums C[tx], of dlogit
+      for (int ty = 0; ty < w.kh; ++ty) {
+        A sum = 0;
+        for (int tx = 0; tx < w.kw; ++tx) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
+        my_terms[(size_t)ty * tile] = sum;
+      }
+      for (int tx = 0; tx < w.kw; ++tx) {
+        A sum = 0;
+        for (int ty = 0; ty < w.kh; ++ty) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
+        my_terms[(size_t)(w.kh + tx) * tile] = sum;
+      }
+    }
   }
 
   // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again (split rel: its
-  // part per channel from the row/column sums of dlogit, split_rel_dq).
+  // part from the row/column sums of dlogit, split_rel_dq).
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
@@ -363,6 +371,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     A acc[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
+    if (flags & kHasRelSplit)   // split rel's part first, before the slot loop's registers are live
+      split_rel_dq<CK>(acc, c0, nch, my_terms, tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {
         const int hs = ts.off(ty, tx);
@@ -376,7 +386,6 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
             acc[d] += dl * key;
           }
       }
-    if (flags & kHasRelSplit) split_rel_dq<CK>(acc, c0, nch, my_dl, ss, split_rel, ts, w.kh, w.kw);
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
 #pragma unroll
     for (int d = 0; d < CK; ++d)

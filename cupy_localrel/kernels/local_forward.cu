@@ -187,7 +187,8 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
-  int* tables = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
+  A* terms = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kh + kw][tile] with split rel
+  int* tables = reinterpret_cast<int*>(terms + split_rel_floats(w.kh, w.kw, tile, flags));
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks (q . k alone with split rel,
@@ -196,11 +197,13 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
                           w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
   // (2) weights and lse, each thread on its own column; split rel adds its kh + kw short
-  // dot products first.
+  // dot products (split_rel_terms) to the logits here.
   if (p.inside) {
-    if (flags & kHasRelSplit)
-      add_split_rel(logit + p.tid, tile, qc, w.in_plane(), RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh,
-                    w.kw);
+    if (flags & kHasRelSplit) {
+      split_rel_terms(terms + p.tid, tile, qc, w.in_plane(), RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh,
+                      w.kw);
+      add_split_rel_terms(logit + p.tid, tile, terms + p.tid, tile, w.kh, w.kw);
+    }
     A m = neg_inf<A>();
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {

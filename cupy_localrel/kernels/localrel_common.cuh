@@ -186,6 +186,15 @@ struct RelOfHead {
     if (flags & kHasRelSplit) return d < half ? load(a, (size_t)d * th + ay) : load(b, (size_t)(d - half) * tw + ax);
     return load(a, ((size_t)d * th + ay) * tw + ax);
   }
+  // The channels of one slot as two runs, so that a channel loop needs no branch per
+  // channel: run 0 is channels [0, end(0)), run 1 [end(0), Dqk); channel d of run r reads
+  // entry[(d - first) * step(r)] of entry = start(r, ...). The full table is one run.
+  __device__ int end0(int dqk, int flags) const { return (flags & kHasRelSplit) ? half : dqk; }
+  __device__ const T* start(int r, int ay, int ax, int flags) const {
+    if (flags & kHasRelSplit) return r == 0 ? a + ay : b + ax;
+    return a + (size_t)ay * tw + ax;
+  }
+  __device__ int step(int r, int flags) const { return (flags & kHasRelSplit) ? (r == 0 ? th : tw) : th * tw; }
 };
 
 // A key whose key_bias is -inf is removed (docs/contract.md "Per-key logit"): every slot
@@ -287,10 +296,14 @@ __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, c
   using A = acc_t<T>;
   const size_t hw = w.in_plane();
   A dot = 0;
-  for (int d = 0; d < dqk; ++d) {
-    A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
-    if (SIM == kDot && (flags & kHasAnyRel)) key += rel_h.at(d, s.ay, s.ax, flags);
-    dot += Sim<SIM>::phi(load(qc, d * hw), key);
+  for (int r = 0, d = 0; r < 2; ++r) {   // the two runs of RelOfHead (one without split rel)
+    const int first = d, end = r == 0 ? rel_h.end0(dqk, flags) : dqk, step = rel_h.step(r, flags);
+    const T* rel_at = rel_h.start(r, s.ay, s.ax, flags);
+    for (; d < end; ++d) {
+      A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
+      if (SIM == kDot && (flags & kHasAnyRel)) key += load(rel_at, (size_t)(d - first) * step);
+      dot += Sim<SIM>::phi(load(qc, d * hw), key);
+    }
   }
   A logit = scale * dot;
   if (flags & kHasBias) logit += load(bias_h, (size_t)s.tab);
@@ -438,39 +451,52 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // SASA's split rel at one query (kHasRelSplit), rel being rank 2: q . rel at slot (ty, tx)
 // = q_rows . rel_h[:, ay(ty)] + q_cols . rel_w[:, ax(tx)], with q_rows/q_cols the query's
 // first/second Dqk/2 channels. So the query-side tiled kernels accumulate q . k alone in
-// their hot loop and add these kh + kw short dot products here: mine[slot * stride] gets
-// both terms. `qc`: the query's channel 0, channel stride q_stride. Fixed summation order.
-constexpr int kSplitRelChunk = 16;   // query channels held in registers per pass
+// their hot loop, and this thread's kh + kw short dot products go to its column of
+// `terms` ([kh + kw][stride], shared: split_rel_floats): row ty's at terms[ty * stride],
+// column tx's at terms[(kh + tx) * stride]. `qc`: the query's channel 0, channel stride
+// q_stride. Fixed summation order (chunk after chunk of kSplitRelChunk channels).
+constexpr int kSplitRelChunk = 8;   // query channels held in registers at a time
+
+// Floats of a tiled kernel's `terms` buffer (0 without split rel); the host plans the same.
+__device__ __forceinline__ int split_rel_floats(int kh, int kw, int tile, int flags) {
+  return (flags & kHasRelSplit) ? (kh + kw) * tile : 0;
+}
 
 template <class T>
-__device__ __forceinline__ void add_split_rel(acc_t<T>* __restrict__ mine, int stride, const T* __restrict__ qc,
-                                              size_t q_stride, const RelOfHead<T>& rel, const TileSlots& ts,
-                                              int kh, int kw) {
+__device__ __forceinline__ void split_rel_terms(acc_t<T>* __restrict__ terms, int stride, const T* __restrict__ qc,
+                                                size_t q_stride, const RelOfHead<T>& rel, const TileSlots& ts,
+                                                int kh, int kw) {
   using A = acc_t<T>;
+  for (int i = 0; i < kh + kw; ++i) terms[(size_t)i * stride] = 0;
   for (int d0 = 0; d0 < rel.half; d0 += kSplitRelChunk) {
     const int n = min(kSplitRelChunk, rel.half - d0);
-    A q_rows[kSplitRelChunk], q_cols[kSplitRelChunk];
-#pragma unroll
-    for (int d = 0; d < kSplitRelChunk; ++d) {
-      q_rows[d] = d < n ? load(qc, (size_t)(d0 + d) * q_stride) : A(0);
-      q_cols[d] = d < n ? load(qc, (size_t)(rel.half + d0 + d) * q_stride) : A(0);
-    }
-    for (int ty = 0; ty < kh; ++ty) {
-      const int ay = ts.tab_row(ty);
-      A dot = 0;
+    for (int axis = 0; axis < 2; ++axis) {   // rows (rel_h, first half), then columns
+      const T* table = axis == 0 ? rel.a : rel.b;
+      const int entries = axis == 0 ? rel.th : rel.tw, count = axis == 0 ? kh : kw;
+      A qr[kSplitRelChunk];
 #pragma unroll
       for (int d = 0; d < kSplitRelChunk; ++d)
-        if (d < n) dot += q_rows[d] * load(rel.a, (size_t)(d0 + d) * rel.th + ay);
-      for (int tx = 0; tx < kw; ++tx) mine[(size_t)(ty * kw + tx) * stride] += dot;
-    }
-    for (int tx = 0; tx < kw; ++tx) {
-      const int ax = ts.tab_col(tx);
-      A dot = 0;
+        qr[d] = d < n ? load(qc, (size_t)(axis * rel.half + d0 + d) * q_stride) : A(0);
+      for (int i = 0; i < count; ++i) {
+        const int at = axis == 0 ? ts.tab_row(i) : ts.tab_col(i);
+        A dot = 0;
 #pragma unroll
-      for (int d = 0; d < kSplitRelChunk; ++d)
-        if (d < n) dot += q_cols[d] * load(rel.b, (size_t)(d0 + d) * rel.tw + ax);
-      for (int ty = 0; ty < kh; ++ty) mine[(size_t)(ty * kw + tx) * stride] += dot;
+        for (int d = 0; d < kSplitRelChunk; ++d)
+          if (d < n) dot += qr[d] * load(table, (size_t)(d0 + d) * entries + at);
+        terms[(size_t)(axis * kh + i) * stride] += dot;
+      }
     }
+  }
+}
+
+// mine[slot (ty, tx)] += terms[ty] + terms[kh + tx]: split_rel_terms' products added to
+// this thread's per-slot logits (mine: stride `stride`, terms: stride `terms_stride`).
+template <class A>
+__device__ __forceinline__ void add_split_rel_terms(A* __restrict__ mine, int stride, const A* __restrict__ terms,
+                                                    int terms_stride, int kh, int kw) {
+  for (int ty = 0; ty < kh; ++ty) {
+    const A row = terms[(size_t)ty * terms_stride];
+    for (int tx = 0; tx < kw; ++tx) mine[(size_t)(ty * kw + tx) * stride] += row + terms[(size_t)(kh + tx) * terms_stride];
   }
 }
 

@@ -32,6 +32,11 @@ Kernel choice (see the .cu files for what each does):
   and ``key_grad`` keep them in a global scratch buffer (at most SCRATCH_LIMIT per launch).
 - ``local_qk2d``/``local_av2d``: one general kernel each way (``qk_forward``, ``av_forward``;
   ``query_grad<T, 1>`` + ``key_grad<T, 1>``; ``av_dattn`` + ``key_grad<T, 2>``).
+- ``rel`` as a :class:`~cupy_localrel._geometry.SplitRel` (``sasa2d``): flag HAS_REL_SPLIT,
+  its two arrays as the kernels' ``rel``/``rel_w`` pointers (:func:`_rel_args`); the
+  query-side fast paths add its ``kh + kw`` short dot products per query outside their hot
+  loop. ``drel``: the full table's block partials and ``table_reduce`` as for a full ``rel``,
+  then summed per axis (:func:`_rel_grad`).
 - similarity functions other than the dot product, and ``key_bias``, run the general kernels
   (the similarity is their last template parameter, ``<..., SIM>``, omitted for the dot
   product, whose instantiations keep their names and code); the fast paths serve the dot

@@ -241,7 +241,8 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 //   dlogit[K][TILE+1], dp[K][TILE+1] (A)   logits then their gradients; grad_out . v per
 //                           slot (the + 1 keeps tile_table_sum's lanes in different banks)
 //   halo[max(CK,CV)][halo_h*halo_w] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
-//   (A), row_slot, col_slot (int),
+//   (A), with split rel terms[kh + kw][TILE] (A: the short dot products, then dlogit's
+//   row/column sums), row_slot, col_slot (int),
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
@@ -557,7 +558,8 @@ __device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, con
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
 //   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels (with rel,
-//                                           CK channels of rel after CK of q: staging_floats)
+//                                           CK channels of rel after CK of q: staging_floats;
+//                                           split rel: CK rows of max(th, tw), stage_split_rel)
 //   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
 // dlogit, (4) dk over q chunks, (5) dv over grad chunks.

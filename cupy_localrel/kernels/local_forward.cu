@@ -21,6 +21,9 @@
 //                               Dot product and no key_bias only (the host's choice).
 // key_bias (B, heads, H, W), read only when flags has kHasKeyBias, adds to the logit of
 // every valid slot that looks at its pixel; -inf removes the pixel's key (key_removed).
+// rel: the full table (heads, Dqk, th, tw) with kHasRel, or with kHasRelSplit SASA's two
+// factors as they are, `rel` = rel_h (heads, Dqk/2, th) and `rel_w` (heads, Dqk/2, tw)
+// (localrel::RelOfHead); every kernel that reads rel takes both pointers.
 #include "localrel_common.cuh"
 
 using namespace localrel;
@@ -157,6 +160,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 //   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
 //   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels (with rel, CK
 //                             channels of rel after the first CK channels: staging_floats)
+//   terms[kh + kw][TILE] (A)  split rel only (kHasRelSplit): each query's kh + kw short dot
+//                             products q_rows . rel_h[:, a], q_cols . rel_w[:, b]
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights

@@ -16,6 +16,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -196,6 +197,33 @@ class Geometry:
         return (self.batch, self.heads, self.out_h, self.out_w)
 
 
+class SplitRel(NamedTuple):
+    """SASA's ``rel`` in its factored form, as ``sasa2d`` hands it to the backends (never
+    expanded per call): ``rows`` ``(heads, Dqk/2, th)`` is channel ``d < Dqk/2``'s entry at
+    the slot's table row, ``cols`` ``(heads, Dqk/2, tw)`` channel ``Dqk/2 + d``'s at its table
+    column. It stands for the full table ``rel`` ``(heads, Dqk, th, tw)`` of
+    :func:`expanded`; a backend's ``drel`` for it is a ``SplitRel`` of the same shapes.
+    """
+
+    rows: object
+    cols: object
+
+    def expanded(self, xp):
+        """The full table ``(heads, Dqk, th, tw)`` (``xp``: the arrays' module)."""
+        (heads, half, th), tw = self.rows.shape, self.cols.shape[2]
+        rows = xp.broadcast_to(self.rows[:, :, :, None], (heads, half, th, tw))
+        cols = xp.broadcast_to(self.cols[:, :, None, :], (heads, half, th, tw))
+        return xp.concatenate([rows, cols], axis=1)
+
+    @staticmethod
+    def from_full_grad(drel) -> "SplitRel":
+        """The gradient of ``rows``/``cols`` from that of the full table ``(heads, Dqk, th,
+        tw)``: ``rows[h, d, a]`` feeds every column of table row ``a``, so its gradient sums
+        over the columns (and ``cols``' over the rows)."""
+        half = drel.shape[1] // 2
+        return SplitRel(drel[:, :half].sum(axis=3), drel[:, half:].sum(axis=2))
+
+
 # ---------------------------------------------------------------------------------------
 # Checks of scalars and parameters
 # ---------------------------------------------------------------------------------------
@@ -297,7 +325,7 @@ def array_kind(x) -> str:
     module = type(x).__module__
     if isinstance(x, np.ndarray):
         return "numpy"
-    if module.startswith("cupy"):
+    if module.split(".")[0] == "cupy":   # not this package's own types (cupy_localrel...)
         return "cupy"
     return "other"
 
@@ -328,7 +356,7 @@ def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
     ``kind`` is ``"numpy"`` or ``"cupy"``, ``dtype`` in native byte order.
     """
     kinds, dtypes = {}, {}
-    for name, x in arrays.items():
+    for name, x in _split_rel_parts(arrays):
         if x is None:
             continue
         kind = array_kind(x)
@@ -347,6 +375,15 @@ def check_arrays(arrays: dict) -> tuple[str, np.dtype]:
                         ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
     first = next(iter(kinds))
     return kinds[first], dtypes[first]
+
+
+def _split_rel_parts(arrays: dict):
+    """``(name, array)`` pairs of ``arrays``, a :class:`SplitRel` as its two arrays."""
+    for name, x in arrays.items():
+        if isinstance(x, SplitRel):
+            yield from ((f"{name}.rows", x.rows), (f"{name}.cols", x.cols))
+        else:
+            yield name, x
 
 
 def check_ndim(x, name: str, ndim: int, layout: str) -> None:
@@ -416,7 +453,12 @@ def qk_geometry(q, k, heads, kernel_size, dilation, stride, border, bias, rel, s
                    check_scale(scale, default_scale), np.dtype(q.dtype).newbyteorder("="), similarity)
     if bias is not None:
         check_shape(bias, "bias", (heads, *geo.table_shape))
-    if rel is not None:
+    if isinstance(rel, SplitRel):   # sasa2d's (checked in its names by sasa_embeddings)
+        if dqk % 2:
+            raise ValueError(f"a split rel needs an even Dqk, got Dqk={dqk}")
+        check_shape(rel.rows, "rel.rows", (heads, dqk // 2, geo.table_shape[0]))
+        check_shape(rel.cols, "rel.cols", (heads, dqk // 2, geo.table_shape[1]))
+    elif rel is not None:
         check_shape(rel, "rel", (heads, dqk, *geo.table_shape))
     check_key_bias(key_bias, geo)
     return geo
@@ -486,8 +528,8 @@ def sasa_embeddings(arrays: dict, heads, kernel_size, border) -> tuple[int, int,
 
     ``arrays`` holds ``q`` ``(B, heads*Dqk, H, W)`` (``Dqk`` even), ``rel_h``
     ``(heads, Dqk/2, kh)``, ``rel_w`` ``(heads, Dqk/2, kw)`` and the call's other arrays
-    (dtypes checked together). The op then runs as ``local_attention2d`` with a ``rel``
-    built from the two, which the caller never passed: so they are checked here.
+    (dtypes checked together). The op then runs as ``local_attention2d`` with
+    ``rel=SplitRel(rel_h, rel_w)``, whose checks would name neither: so they are checked here.
     """
     if border not in CENTRED_BORDERS:
         raise ValueError(f"sasa2d needs a centred border ('mask' or 'zeros'), got border={border!r}")

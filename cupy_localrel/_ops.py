@@ -60,7 +60,7 @@ def _on_inputs_device(op):
     """Run ``op`` with CuPy's current device = the device of its first CuPy array.
 
     The kernels launch on the inputs' device anyway; this also puts what the public layer
-    itself allocates there (empty results, SASA's ``rel`` and its gradient sums), whatever
+    itself allocates there (empty results, SASA's ``rel_h``/``rel_w`` gradient sums), whatever
     device is current. Every public op passes here first, so this is also where byte-swapped
     NumPy inputs become native copies (:func:`_geometry.native_byte_order`).
     """
@@ -89,7 +89,12 @@ def _is_empty(geo: G.Geometry) -> bool:
 
 
 def _zeros_like_each(xp, *arrays):
-    return tuple(None if a is None else xp.zeros(a.shape, a.dtype) for a in arrays)
+    """Zeros shaped like each array (``None`` stays ``None``; a SplitRel gives a SplitRel)."""
+    def zeros(a):
+        if isinstance(a, G.SplitRel):
+            return G.SplitRel(*_zeros_like_each(xp, *a))
+        return None if a is None else xp.zeros(a.shape, a.dtype)
+    return tuple(zeros(a) for a in arrays)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +114,8 @@ def local_attention2d(q, k, v, heads, kernel_size, *, bias=None, rel=None, scale
         bias: ``(heads, kh, kw)`` additive logit per window offset
             (``(heads, 2kh-1, 2kw-1)`` with ``border="shift"``).
         rel: ``(heads, Dqk, kh, kw)`` content-position embedding, adds ``q . rel``
-            (``2k-1`` per axis with ``border="shift"``).
+            (``2k-1`` per axis with ``border="shift"``). Inside the package also a
+            ``_geometry.SplitRel`` (how :func:`sasa2d` passes its factored ``rel``).
         scale: logit scale, default ``1/sqrt(Dqk)``.
         return_lse: also return the log-sum-exp of the logits.
         dilation, stride: int or pair. border: ``"mask"``, ``"zeros"`` or ``"shift"``.
@@ -297,15 +303,12 @@ def local_relation2d_backward(grad_out, x, key, query, geometry, out, lse, kerne
     return LocalRelationGrads(x=g.v, key=g.k, query=g.q, geometry=g.bias, key_bias=g.key_bias)
 
 
-def _sasa_rel(arrays: dict, heads, kernel_size, border):
-    """Check SASA's arrays (in its own names, :func:`_geometry.sasa_embeddings`) and build
-    ``rel`` ``(heads, Dqk, kh, kw)`` from ``arrays["rel_h"]``/``arrays["rel_w"]``."""
-    heads, half, kh, kw = G.sasa_embeddings(arrays, heads, kernel_size, border)
-    rel_h, rel_w = arrays["rel_h"], arrays["rel_w"]
-    xp = _array_module(G.array_kind(arrays["q"]))
-    rows = xp.broadcast_to(rel_h[:, :, :, None], (heads, half, kh, kw))
-    cols = xp.broadcast_to(rel_w[:, :, None, :], (heads, half, kh, kw))
-    return xp.ascontiguousarray(xp.concatenate([rows, cols], axis=1))
+def _sasa_rel(arrays: dict, heads, kernel_size, border) -> G.SplitRel:
+    """Check SASA's arrays (in its own names, :func:`_geometry.sasa_embeddings`); its ``rel``
+    as the backends take it: ``SplitRel(rel_h, rel_w)``, never expanded to ``(heads, Dqk,
+    kh, kw)`` (the kernels add ``q . rel`` from the two factors)."""
+    G.sasa_embeddings(arrays, heads, kernel_size, border)
+    return G.SplitRel(arrays["rel_h"], arrays["rel_w"])
 
 
 @_on_inputs_device
@@ -316,7 +319,9 @@ def sasa2d(q, k, v, rel_h, rel_w, heads, kernel_size, *, scale=1.0, return_lse=F
     Args:
         q, k: ``(B, heads*Dqk, H, W)``, ``Dqk`` even. v: ``(B, heads*Dv, H, W)``.
         rel_h: ``(heads, Dqk/2, kh)`` row-offset embedding (first half of the channels).
-        rel_w: ``(heads, Dqk/2, kw)`` column-offset embedding (second half).
+        rel_w: ``(heads, Dqk/2, kw)`` column-offset embedding (second half). Both go
+            to the kernels as they are (``_geometry.SplitRel``): no ``(heads, Dqk, kh, kw)``
+            table is built per call.
         scale: default (and ``None``) 1: the paper has no ``1/sqrt(d)``.
         border: ``"mask"`` or ``"zeros"``.
         key_bias: ``(B, heads, H, W)`` per-key logit, e.g. ``-inf`` on padding.
@@ -343,7 +348,4 @@ def sasa2d_backward(grad_out, q, k, v, rel_h, rel_w, out, lse, heads, kernel_siz
                                    scale=G.check_papers_scale(scale), dilation=dilation,
                                    stride=stride, border=border, backend=backend,
                                    key_bias=key_bias)
-    half = rel.shape[1] // 2
-    # rel_h[h, :, a] feeds every column b of row a: its gradient sums over b (and vice versa).
-    return SASAGrads(q=g.q, k=g.k, v=g.v, rel_h=g.rel[:, :half].sum(axis=3),
-                     rel_w=g.rel[:, half:].sum(axis=2), key_bias=g.key_bias)
+    return SASAGrads(q=g.q, k=g.k, v=g.v, rel_h=g.rel.rows, rel_w=g.rel.cols, key_bias=g.key_bias)

@@ -8,6 +8,8 @@ that costs a GPU user time outside the kernels is recorded in ``FakeCupy.events`
 - ``alloc``: a new device array (``empty``, ``zeros``, ``asarray`` of host data, a copying
   ``ascontiguousarray``, ``concatenate``, ``sum``); detail: the array.
 - ``memset``: ``zeros``, ``fill``.
+- ``broadcast`` / ``concatenate``: ``broadcast_to`` (a view) / ``concatenate`` (also an
+  ``alloc``): how an expanded table (SASA's ``rel`` before issue 10) is built; detail: the array.
 - ``h2d`` / ``d2h``: host-to-device / device-to-host copies (``asarray`` of a NumPy array;
   ``get``, ``asnumpy``, ``__array__``, ``item``, ``float()``/``int()``/``bool()`` of an array).
 - ``sync``: stream or device synchronisation.
@@ -140,10 +142,14 @@ class FakeCupy:
             return _new(x._a, x._device)
 
         def broadcast_to(x, shape):              # a view
-            return ndarray(np.broadcast_to(x._a, shape), x._device)
+            out = ndarray(np.broadcast_to(x._a, shape), x._device)
+            fake.record("broadcast", out)
+            return out
 
         def concatenate(arrays, axis=0):
-            return _new(np.concatenate([a._a for a in arrays], axis=axis), arrays[0]._device)
+            out = _new(np.concatenate([a._a for a in arrays], axis=axis), arrays[0]._device)
+            fake.record("concatenate", out)
+            return out
 
         def asnumpy(x):
             fake.record("d2h", x)

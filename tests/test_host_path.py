@@ -126,10 +126,10 @@ CASES = {
                             2, ["query_grad", TABLE_REDUCE, "key_grad"], 1),   # dq: only centres written
     "local_relation2d": (_relation, 0, ["attention_forward_tiled"],
                          2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),
-    # SASA's rel (heads, Dqk, k, k) is still expanded from rel_h/rel_w per call (1 array),
-    # until the kernels take the two embeddings themselves (issue 10, kernel work).
-    "sasa2d": (_sasa, 1, ["attention_forward_tiled"],
-               4, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),   # rel, delta, partials, drel
+    # SASA's rel_h/rel_w go to the kernels as they are (no rel table built per call); the
+    # backward reduces the drel partials to the full table, then sums its rows/columns.
+    "sasa2d": (_sasa, 0, ["attention_forward_tiled"],
+               3, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),   # delta, partials, drel table
     "local_qk2d": (_qk, 0, ["qk_forward"], 2, ["query_grad", TABLE_REDUCE, TABLE_REDUCE, "key_grad"], 0),
     "local_av2d": (_av, 0, ["av_forward"], 0, ["av_dattn", "key_grad"], 0),
 }
@@ -138,7 +138,8 @@ CASES = {
 # (the key of the per-device caches) and enter the inputs' device (a cheap read/switch, no
 # query): once in the public layer (twice for the papers' layers, which call
 # local_attention2d) and once in the backend, which checks that all inputs share it.
-NOTHING_ELSE = dict(device_query=0, sync=0, h2d=0, d2h=0, compile=0, get_function=0, current_device=1)
+NOTHING_ELSE = dict(device_query=0, sync=0, h2d=0, d2h=0, compile=0, get_function=0, current_device=1,
+                    broadcast=0, concatenate=0)
 
 
 def _results(value):
@@ -178,6 +179,42 @@ def test_second_call_pays_only_results_scratch_and_launches(fake, name):
     forward(), backward()                         # first call: compiles, uploads the table
     assert _check_call(fake, forward, f_scratch, f_launches, 0, _enters(name)) == []
     assert _check_call(fake, backward, b_scratch, b_launches, b_memsets, _enters(name)) == []
+
+
+def _old_sasa_rel(arrays, heads, kernel_size, border):
+    """SASA's rel as it was built before issue 10: expanded to (heads, Dqk, kh, kw) per call."""
+    from cupy_localrel import _geometry as G
+    heads, half, kh, kw = G.sasa_embeddings(arrays, heads, kernel_size, border)
+    xp = sys.modules["cupy"]
+    rows = xp.broadcast_to(arrays["rel_h"][:, :, :, None], (heads, half, kh, kw))
+    cols = xp.broadcast_to(arrays["rel_w"][:, :, None, :], (heads, half, kh, kw))
+    return xp.ascontiguousarray(xp.concatenate([rows, cols], axis=1))
+
+
+def test_sasa_builds_no_rel_table(fake, monkeypatch):
+    """sasa2d hands rel_h/rel_w to the kernels as they are: no broadcast, no concatenate and
+    no (heads, Dqk, kh, kw) array in the forward; in the backward, one: the reduced drel
+    table (what rel_h/rel_w's gradients are summed from). The old expansion is caught."""
+    from cupy_localrel import _ops
+    forward, backward = _sasa(fake)
+    forward(), backward()
+    rel_shape = (2, 4, KS, KS)
+
+    def rel_sized(call):   # (heads, channels, kh, kw) arrays: rel, or a half of it
+        fake.reset()
+        call()
+        return [a.shape for kind in ("alloc", "broadcast") for a in fake.details(kind)
+                if a.ndim == 4 and a.shape[0] == 2 and a.shape[2:] == (KS, KS)]
+
+    assert rel_sized(forward) == [] and fake.counts()["concatenate"] == fake.counts()["broadcast"] == 0
+    assert rel_sized(backward) == [rel_shape] and fake.counts()["concatenate"] == fake.counts()["broadcast"] == 0
+    _, f_scratch, f_launches, _, _, _ = CASES["sasa2d"]
+    assert _check_call(fake, forward, f_scratch, f_launches, 0, 3) == []
+    monkeypatch.setattr(_ops, "_sasa_rel", _old_sasa_rel)
+    assert len(rel_sized(forward)) == 3   # two broadcasts and their concatenation
+    problems = _check_call(fake, forward, f_scratch, f_launches, 0, 3)
+    assert any(p.startswith("broadcast") for p in problems) and any(p.startswith("concatenate") for p in problems)
+    assert any(p.startswith("alloc") for p in problems), problems
 
 
 def test_first_call_of_a_geometry_uploads_its_table_once(fake):

@@ -559,3 +559,134 @@ def test_large_windows_take_the_fast_path_above_48_kib(border, sim_seed):
         assert query_side is not None, k
         assert K._tiled_key_config(geo, c) is not None or (border == "shift" and k == 13)
     _check_all_ops("sim", border, 13, 1, 1, "float32", True, True, shape=(1, 1, 8, 8, 17, 19))
+
+
+# ---------------------------------------------------------------------------------------
+# SASA's split rel: rel_h/rel_w reach the kernels as they are (kHasRelSplit), never
+# expanded to (heads, Dqk, kh, kw). Against the scalar oracle, given the full table that
+# the two embeddings stand for (built here, independently of the package).
+# ---------------------------------------------------------------------------------------
+
+def _full_rel(rel_h, rel_w):
+    """(heads, Dqk, kh, kw): channel d < Dqk/2 reads rel_h at the slot row, the rest rel_w
+    at the slot column (SASA's borders mask/zeros: table index = slot index)."""
+    heads, half, kh = rel_h.shape
+    kw = rel_w.shape[2]
+    full = np.empty((heads, 2 * half, kh, kw))
+    full[:, :half] = rel_h[:, :, :, None]
+    full[:, half:] = rel_w[:, :, None, :]
+    return full
+
+
+SPLIT_CASES = {
+    # (B, heads, Dqk, Dv, H, W, kernel, stride, key_bias)
+    # SASA's fast-path configuration (CK = 8); Dqk/2 = 3: a key chunk straddles the halves.
+    "tiled-sasa-odd": (1, 2, 6, 5, 9, 10, (3, 5), 1, False),
+    # Dqk/2 = 17: two register passes of the short dot products, three key chunks.
+    "tiled-sasa-wide": (1, 1, 34, 3, 6, 7, (3, 3), 1, False),
+    # LR-Net's configuration (CK = 1), even sizes, kh > kw.
+    "tiled-lrnet-even": (2, 1, 4, 3, 8, 6, (5, 3), 1, False),
+    # key_bias runs the general kernels (for every dtype), as does stride 2.
+    "general-key-bias": (1, 2, 6, 4, 7, 8, (3, 5), 1, True),
+    "general-stride2": (1, 2, 4, 3, 7, 6, (3, 3), 2, False),
+}
+SPLIT_BACKENDS = [pytest.param("numpy", id="numpy")] + BACKENDS
+
+
+def _split_inputs(case, dtype, seed):
+    B, heads, dqk, dv, H, W, kernel, stride, with_key_bias = SPLIT_CASES[case]
+    rng = np.random.default_rng(seed)
+    kh, kw = kernel
+    x = dict(q=rng.standard_normal((B, heads * dqk, H, W)), k=rng.standard_normal((B, heads * dqk, H, W)),
+             v=rng.standard_normal((B, heads * dv, H, W)), rel_h=rng.standard_normal((heads, dqk // 2, kh)),
+             rel_w=rng.standard_normal((heads, dqk // 2, kw)),
+             key_bias=rng.standard_normal((B, heads, H, W)) if with_key_bias else None)
+    if with_key_bias:
+        x["key_bias"][0, 0, 1, 2] = -np.inf   # one removed key
+    x = {n: None if a is None else a.astype(dtype) for n, a in x.items()}
+    return x, heads, kernel, stride
+
+
+@pytest.mark.parametrize("backend", SPLIT_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("border", ["mask", "zeros"])
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_sasa_split_rel_matches_oracle(backend, dtype, border, case, sim_seed):
+    from tests import oracle
+    if backend == "numpy" and sim_seed != SEEDS[0]:
+        pytest.skip("the reference has no thread order")
+    dt = _dtype(dtype, backend)
+    x, heads, kernel, stride = _split_inputs(case, dt, 21)
+    a = Arrays(backend)
+    opts = dict(border=border, stride=stride, backend=backend)
+    args = [a.put(x[n]) for n in ("q", "k", "v", "rel_h", "rel_w")]
+    out, lse = cl.sasa2d(*args, heads, kernel, return_lse=True, key_bias=a.put(x["key_bias"]), **opts)
+    r = {n: _f64(v) for n, v in x.items()}
+    full = _full_rel(r["rel_h"], r["rel_w"])
+    window = dict(scale=1.0, stride=stride, border=border, key_bias=r["key_bias"])
+    want_out, want_lse = oracle.attention(r["q"], r["k"], r["v"], heads, kernel, rel=full, **window)
+    _compare(out, want_out, dt, "out")
+    _compare(lse, want_lse, dt, "lse")
+
+    grad = np.random.default_rng(22).standard_normal(want_out.shape).astype(dt)
+    got = cl.sasa2d_backward(a.put(grad), *args, out, lse, heads, kernel, key_bias=a.put(x["key_bias"]), **opts)
+    dq, dk, dv, _, drel, dkey_bias = oracle.attention_backward(_f64(grad), r["q"], r["k"], r["v"], heads, kernel,
+                                                               rel=full, **window)
+    half = r["q"].shape[1] // heads // 2
+    summands = attention_summands(_f64(grad), r["q"], r["k"], r["v"], heads, kernel, rel=full, **window)
+    summed = summands["rel"]
+    want = dict(q=dq, k=dk, v=dv, rel_h=drel[:, :half].sum(axis=3), rel_w=drel[:, half:].sum(axis=2),
+                key_bias=dkey_bias)
+    bounds = dict(summands, rel_h=summed[:, :half].sum(axis=3), rel_w=summed[:, half:].sum(axis=2))
+    for name in got._fields:
+        _compare(getattr(got, name), want[name], dt, f"d{name}", summands=bounds[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("border", ["mask", "zeros"])
+def test_split_rel_on_general_kernels_where_fast_path_would_run(backend, dtype, border, sim_seed):
+    """The fused op's general kernels (allow_tiled=False) and local_qk2d's (query_grad and
+    key_grad in kQK mode) with a split rel, against the oracle's full table."""
+    from tests import oracle
+    from cupy_localrel._backends import _kernel_ops
+    target = _kernel_ops.Target(backend)
+    dt = _dtype(dtype, backend)
+    x, heads, kernel, _ = _split_inputs("tiled-sasa-odd", dt, 23)
+    a = Arrays(backend)
+    q, k, v = (a.put(x[n]) for n in "qkv")
+    split = G.SplitRel(a.put(x["rel_h"]), a.put(x["rel_w"]))
+    geo = G.qk_geometry(x["q"], x["k"], heads, kernel, 1, 1, border, None, G.SplitRel(x["rel_h"], x["rel_w"]),
+                        1.0, v=x["v"])
+    assert _kernel_ops._tiled_config(geo, _kernel_ops._Call(target, geo, None, split)) is not None
+    r = {n: _f64(v) for n, v in x.items()}
+    full, half = _full_rel(r["rel_h"], r["rel_w"]), r["rel_h"].shape[1]
+    window = dict(scale=1.0, border=border)
+
+    def check_rel_grad(got, drel, summed):
+        assert isinstance(got, G.SplitRel)
+        _compare(got.rows, drel[:, :half].sum(axis=3), dt, "drel rows", summands=summed[:, :half].sum(axis=3))
+        _compare(got.cols, drel[:, half:].sum(axis=2), dt, "drel cols", summands=summed[:, half:].sum(axis=2))
+
+    out, lse = _kernel_ops.attention_forward(target, geo, q, k, v, None, split, allow_tiled=False)
+    want_out, want_lse = oracle.attention(r["q"], r["k"], r["v"], heads, kernel, rel=full, **window)
+    _compare(out, want_out, dt, "out")
+    _compare(lse, want_lse, dt, "lse")
+    grad = np.random.default_rng(24).standard_normal(want_out.shape).astype(dt)
+    got = _kernel_ops.attention_backward(target, geo, a.put(grad), q, k, v, out, lse, None, split,
+                                         allow_tiled=False)
+    want = oracle.attention_backward(_f64(grad), r["q"], r["k"], r["v"], heads, kernel, rel=full, **window)
+    summands = attention_summands(_f64(grad), r["q"], r["k"], r["v"], heads, kernel, rel=full, **window)
+    for name, g, w in zip(("q", "k", "v"), got[:3], want[:3]):
+        _compare(g, w, dt, f"d{name}", summands=summands[name])
+    check_rel_grad(got[4], want[4], summands["rel"])
+
+    logits = _kernel_ops.qk_forward(target, geo, q, k, None, split)
+    want_logits = oracle.qk(r["q"], r["k"], heads, kernel, rel=full, **window)
+    _compare_logits(logits, want_logits, dt, "logits")
+    grad_logits = np.random.default_rng(25).standard_normal(want_logits.shape).astype(dt)
+    got = _kernel_ops.qk_backward(target, geo, a.put(grad_logits), q, k, None, split)
+    want = oracle.qk_backward(_f64(grad_logits), r["q"], r["k"], heads, kernel, rel=full, **window)
+    _compare(got[0], want[0], dt, "qk dq")
+    _compare(got[1], want[1], dt, "qk dk")
+    check_rel_grad(got[3], want[3], np.abs(want[3]))

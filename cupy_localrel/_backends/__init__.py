@@ -12,8 +12,11 @@ Each backend is a module with the same function set, taking a checked
 - ``av_forward(geo, attn, v) -> out``
 - ``av_backward(geo, grad_out, attn, v) -> (dattn, dv)``
 
-The similarity function is ``geo.similarity``. Gradients of optional inputs that were not
-given (``bias``/``rel``/``key_bias`` is ``None``) are ``None``. Arguments are already checked; a backend never re-checks them.
+The similarity function is ``geo.similarity``. ``rel`` is ``None``, the full table
+``(heads, Dqk, th, tw)``, or :class:`~cupy_localrel._geometry.SplitRel` ``(rows (heads,
+Dqk/2, th), cols (heads, Dqk/2, tw))``, SASA's factored form as ``sasa2d`` passes it (never
+expanded per call by the kernel backends); ``drel`` has the form ``rel`` had. Gradients of
+optional inputs that were not given (``bias``/``rel``/``key_bias`` is ``None``) are ``None``. Arguments are already checked; a backend never re-checks them.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 from .. import _loader
+from .._geometry import SplitRel
 from . import _kernel_ops as _k
 
 TARGET = _k.Target("cupy")
@@ -25,7 +26,8 @@ def _on_inputs_device(op):
     @functools.wraps(op)
     def run(geo, *arrays):
         import cupy
-        devices = {int(a.device.id) for a in arrays if a is not None}
+        flat = [x for a in arrays for x in (a if isinstance(a, SplitRel) else (a,))]   # sasa2d's rel: two arrays
+        devices = {int(a.device.id) for a in flat if a is not None}
         if len(devices) > 1:
             raise ValueError(f"all arrays of one call must be on one device, got devices {sorted(devices)}")
         device = devices.pop() if devices else cupy.cuda.Device().id

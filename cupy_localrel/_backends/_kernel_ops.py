@@ -32,6 +32,11 @@ Kernel choice (see the .cu files for what each does):
   and ``key_grad`` keep them in a global scratch buffer (at most SCRATCH_LIMIT per launch).
 - ``local_qk2d``/``local_av2d``: one general kernel each way (``qk_forward``, ``av_forward``;
   ``query_grad<T, 1>`` + ``key_grad<T, 1>``; ``av_dattn`` + ``key_grad<T, 2>``).
+- ``rel`` as a :class:`~cupy_localrel._geometry.SplitRel` (``sasa2d``): flag HAS_REL_SPLIT,
+  its two arrays as the kernels' ``rel``/``rel_w`` pointers (:func:`_rel_args`); the
+  query-side fast paths add its ``kh + kw`` short dot products per query outside their hot
+  loop. ``drel``: the full table's block partials and ``table_reduce`` as for a full ``rel``,
+  then summed per axis (:func:`_rel_grad`).
 - similarity functions other than the dot product, and ``key_bias``, run the general kernels
   (the similarity is their last template parameter, ``<..., SIM>``, omitted for the dot
   product, whose instantiations keep their names and code); the fast paths serve the dot
@@ -64,7 +69,7 @@ TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query
 TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
 REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
-HAS_BIAS, HAS_REL, HAS_KEY_BIAS = 1, 2, 4   # localrel::Flags
+HAS_BIAS, HAS_REL, HAS_KEY_BIAS, HAS_REL_SPLIT = 1, 2, 4, 8   # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
 _CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
@@ -182,7 +187,10 @@ class Target:
         self._tables.clear()
 
     def contiguous(self, x):
-        """A C-contiguous array with x's values (x itself when it already is; never modified)."""
+        """A C-contiguous array with x's values (x itself when it already is; never modified);
+        a SplitRel of two such arrays."""
+        if isinstance(x, G.SplitRel):
+            return G.SplitRel(*map(self.contiguous, x))
         return None if x is None else self.xp.ascontiguousarray(x)
 
 
@@ -297,7 +305,7 @@ class _Call:
         self.ctype = _CTYPE[geo.dtype.name]
         self.acc = lse_dtype(geo.dtype)           # float32, or float64 for float64 inputs
         self.scale = self.acc.type(geo.scale)
-        self.flags = np.int32((HAS_BIAS if bias is not None else 0) | (HAS_REL if rel is not None else 0)
+        self.flags = np.int32((HAS_BIAS if bias is not None else 0) | _rel_flag(rel)
                               | (HAS_KEY_BIAS if key_bias is not None else 0))
         # localrel::Similarity; the fast paths exist for the dot product without key_bias.
         self.sim = SIMILARITIES.index(geo.similarity)
@@ -335,6 +343,31 @@ def _or(x, fallback):
     return fallback if x is None else x
 
 
+def _rel_flag(rel) -> int:
+    """localrel::Flags of ``rel``: the full table, SASA's split form, or none."""
+    if rel is None:
+        return 0
+    return HAS_REL_SPLIT if isinstance(rel, G.SplitRel) else HAS_REL
+
+
+def _rel_args(rel, fallback) -> tuple:
+    """The kernels' ``(rel, rel_w)`` pointers: the full table and ``fallback``, or the split
+    form's ``rows`` and ``cols`` (localrel::RelOfHead), or ``fallback`` twice."""
+    if isinstance(rel, G.SplitRel):
+        return tuple(rel)
+    return _or(rel, fallback), fallback
+
+
+def _rel_grad(c: "_Call", rel, part_rel, tiles: int):
+    """``drel`` from the blocks' partials of the full table (heads, Dqk, th, tw): summed over
+    its rows/columns into a SplitRel when ``rel`` is one (a reduction of the gradient; the
+    kernels never see a full table for it)."""
+    geo = c.geo
+    full = _table_reduce(c, part_rel, (geo.heads, geo.dqk, *geo.table_shape), tiles,
+                         geo.dqk * geo.table_shape[0] * geo.table_shape[1])
+    return G.SplitRel.from_full_grad(full) if isinstance(rel, G.SplitRel) else full
+
+
 # ---------------------------------------------------------------------------------------
 # The backend function set (see cupy_localrel/_backends/__init__.py)
 # ---------------------------------------------------------------------------------------
@@ -346,7 +379,7 @@ def qk_forward(t: Target, geo: Geometry, q, k, bias, rel, key_bias=None):
     block = _plane_block(geo.out_h, geo.out_w)
     c.fn_sim(FORWARD_FILE, "qk_forward")(
         _grid(c.planes, geo.out_h, geo.out_w, block), block,
-        (c.win, q, k, _or(bias, q), _or(rel, q), _or(key_bias, q), logits, c.heads, c.dqk,
+        (c.win, q, k, _or(bias, q), *_rel_args(rel, q), _or(key_bias, q), logits, c.heads, c.dqk,
          c.flags, c.scale))
     return logits
 
@@ -365,7 +398,8 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int):
+def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int,
+                staged_rel: int = HAS_REL):
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
@@ -376,6 +410,9 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
     :func:`_halo_extent`) over ``block`` consecutive rows/columns; ``before_halo`` and
     ``after_halo`` are the kernel's other shared bytes, before and after the staging buffer,
     which starts at the next 16-byte boundary (localrel::align16: its wide loads).
+    ``staged_rel``: the Flags of the rel forms the kernel stages next to its halo (a chunk of
+    CK channels x th*tw entries; split rel only in key_grad_tiled, the query side adds it
+    outside its hot loop).
     """
     if geo.stride != (1, 1) or geo.dtype == np.float64 or not c.fast:
         return None
@@ -384,7 +421,7 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))
     staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
-    if c.flags & HAS_REL:
+    if c.flags & staged_rel:
         staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
     smem = -(-before_halo // 16) * 16 + c.acc.itemsize * staging + after_halo
     if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
@@ -393,10 +430,18 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
 
 
 def _tiled_config(geo: Geometry, c: _Call):
-    """Plan of attention_forward_tiled: logits/weights [K][tile] and the per-tile tables."""
+    """Plan of attention_forward_tiled: logits/weights [K][tile], the per-tile tables and
+    (split rel) the short dot products' terms [kh + kw][tile]."""
     bx, by = TILED_BLOCK
     return _tiled_plan(geo, c, TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
-                       _tile_tables(geo.kernel, TILED_BLOCK))
+                       c.acc.itemsize * _split_rel_floats(geo, c, TILED_BLOCK)
+                       + _tile_tables(geo.kernel, TILED_BLOCK))
+
+
+def _split_rel_floats(geo: Geometry, c: _Call, block) -> int:
+    """localrel::split_rel_floats: the query-side tiled kernels' [kh + kw][tile] terms of a
+    split rel (its short dot products, then dlogit's row/column sums), else 0."""
+    return sum(geo.kernel) * block[0] * block[1] if c.flags & HAS_REL_SPLIT else 0
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -410,7 +455,7 @@ def attention_forward(t: Target, geo: Geometry, q, k, v, bias, rel, key_bias=Non
     c = _Call(t, geo, bias, rel, key_bias)
     out = t.xp.empty(geo.out_shape, geo.dtype)
     lse = t.xp.empty(geo.lse_shape, c.acc)
-    inputs = (c.win, q, k, v, _or(bias, q), _or(rel, q))
+    inputs = (c.win, q, k, v, _or(bias, q), *_rel_args(rel, q))
     results = (out, lse, c.heads, c.dqk, c.dv)
     tiled = _tiled_config(geo, c) if allow_tiled else None
     if tiled is not None:
@@ -453,7 +498,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     blocks = c.planes * tiles
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
     part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
-    inputs = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q), _or(rel, q))
+    inputs = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q), *_rel_args(rel, q))
     results = (dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
                c.flags, c.scale)
     if tiled is not None:
@@ -463,15 +508,17 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
         _launch_work(c, kernel, geo.out_h, geo.out_w, block,
                      inputs + (_or(key_bias, q),) + results, smem_bytes, scratch_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
-    drel = None if rel is None else _table_reduce(c, part_rel, rel.shape, tiles, geo.dqk * th * tw)
+    drel = None if rel is None else _rel_grad(c, rel, part_rel, tiles)
     return dbias, drel
 
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
-    reads over the banks), qs[TABLE_CHANNELS][tile], inverse and per-tile tables."""
+    reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse and
+    per-tile tables."""
     bx, by = TILED_BWD_BLOCK
-    after = c.acc.itemsize * TABLE_CHANNELS * bx * by + tables(TILED_BWD_BLOCK) \
+    after = c.acc.itemsize * (TABLE_CHANNELS * bx * by + _split_rel_floats(geo, c, TILED_BWD_BLOCK)) \
+        + tables(TILED_BWD_BLOCK) \
         + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", c.acc.itemsize * 2 * geo.slots * (bx * by + 1), after)
 
@@ -488,7 +535,8 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
 
 def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv,
               key_bias=None, dkey_bias=None, *, allow_tiled=True):
-    """Launch key_grad (or its fast path): dk, dv and (with ``key_bias``) ``dkey_bias``."""
+    """Launch key_grad (or its fast path): dk, dv and (with ``key_bias``) ``dkey_bias``.
+    ``rel``: the kernels' ``(rel, rel_w)`` pointer pair (:func:`_rel_args`)."""
     geo = c.geo
     tiled = _tiled_key_config(geo, c) if allow_tiled and mode == MODE_ATTENTION else None
     common = (c.win, grad, q, k, v)
@@ -497,7 +545,7 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
         ck, cv, smem_bytes, halo_h, halo_w = tiled
         c.fn_smem(smem_bytes, BACKWARD_FILE, "key_grad_tiled", ck, cv)(
             _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
-            common + (lse, delta, bias, rel, dk, dv) + scalars + (np.int32(halo_h), np.int32(halo_w)),
+            common + (lse, delta, bias, *rel, dk, dv) + scalars + (np.int32(halo_h), np.int32(halo_w)),
             shared_mem=smem_bytes)
         return
     per_user = (2 if mode == MODE_ATTENTION else 1) * c.acc.itemsize   # weight and/or logit grad
@@ -510,7 +558,7 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     kernel = c.fn_sim(BACKWARD_FILE, "key_grad", mode) if mode != MODE_AV else \
         c.fn(BACKWARD_FILE, "key_grad", mode)
     _launch_work(c, kernel, geo.height, geo.width, block,
-                 common + (attn, lse, delta, bias, rel, _or(key_bias, q), dk, dv, _or(dkey_bias, dk))
+                 common + (attn, lse, delta, bias, *rel, _or(key_bias, q), dk, dv, _or(dkey_bias, dk))
                  + scalars, smem_bytes, scratch_bytes)
 
 
@@ -528,7 +576,8 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     bx, by = TILED_BWD_BLOCK
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
     return _tiled_plan(geo, c, TILED_BWD_BLOCK, "users", c.acc.itemsize * 2 * _users(geo) * bx * by,
-                       _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK))
+                       _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK),
+                       HAS_REL | HAS_REL_SPLIT)
 
 
 def _key_bias_grad(t: Target, geo: Geometry, key_bias):
@@ -546,7 +595,7 @@ def qk_backward(t: Target, geo: Geometry, grad_logits, q, k, bias, rel, key_bias
                               key_bias)
     if geo.dqk or key_bias is not None:
         _key_grad(c, MODE_QK, grad_logits, q, k, q, q, c.acc_dummy, c.acc_dummy, _or(bias, q),
-                  _or(rel, q), dk, q, key_bias, dkey_bias)
+                  _rel_args(rel, q), dk, q, key_bias, dkey_bias)
     return dq, dk, dbias, drel, dkey_bias
 
 
@@ -559,7 +608,7 @@ def av_backward(t: Target, geo: Geometry, grad_out, attn, v):
     c.fn(BACKWARD_FILE, "av_dattn")(
         _grid(c.planes, geo.out_h, geo.out_w, block), block, (c.win, grad_out, v, dattn, c.dv))
     if geo.dv:
-        _key_grad(c, MODE_AV, grad_out, v, v, v, attn, c.acc_dummy, c.acc_dummy, v, v, v, dv)
+        _key_grad(c, MODE_AV, grad_out, v, v, v, attn, c.acc_dummy, c.acc_dummy, v, (v, v), v, dv)
     return dattn, dv
 
 
@@ -577,6 +626,6 @@ def attention_backward(t: Target, geo: Geometry, grad_out, q, k, v, out, lse, bi
     dbias, drel = _query_grad(c, MODE_ATTENTION, grad_out, q, k, v, lse, bias, rel, dq, delta,
                               key_bias, allow_tiled=allow_tiled)
     if geo.dqk or geo.dv or key_bias is not None:
-        _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _or(rel, q), dk, dv,
+        _key_grad(c, MODE_ATTENTION, grad_out, q, k, v, q, lse, delta, _or(bias, q), _rel_args(rel, q), dk, dv,
                   key_bias, dkey_bias, allow_tiled=allow_tiled)
     return dq, dk, dv, dbias, drel, dkey_bias

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _geometry as G
 from .._geometry import Geometry, axis_window, lse_dtype
 
 _MIB = 1 << 20
@@ -763,12 +764,28 @@ def _cast(geo, *arrays):
     return tuple(None if a is None else a.astype(geo.dtype) for a in arrays)
 
 
+def _full_rel(rel):
+    """The reference computes with the full ``rel`` table: a :class:`_geometry.SplitRel`
+    (``sasa2d``'s factored form) is expanded to ``(heads, Dqk, th, tw)`` here, entry for
+    entry (no arithmetic)."""
+    return rel.expanded(np) if isinstance(rel, G.SplitRel) else rel
+
+
+def _small_results(geo, dbias, drel, rel):
+    """``(dbias, drel)`` in the inputs' dtype; ``drel`` a SplitRel when ``rel`` was one,
+    summed from the full table in the accumulation dtype before rounding."""
+    if isinstance(rel, G.SplitRel):
+        return _cast(geo, dbias) + (G.SplitRel(*_cast(geo, *G.SplitRel.from_full_grad(drel))),)
+    return _cast(geo, dbias, drel)
+
+
 # ---------------------------------------------------------------------------------------
 # The backend's function set
 # ---------------------------------------------------------------------------------------
 
 def qk_forward(geo: Geometry, q, k, bias, rel, key_bias=None):
     """Logits ``(B, heads, K, Ho, Wo)``; masked slots ``-inf`` with ``border="mask"``."""
+    rel = _full_rel(rel)
     logits = np.empty(geo.attn_shape, geo.dtype)
     for c in _chunks(geo, 2 * geo.dqk):
         kb_rows = _key_bias_rows(key_bias, geo, c)
@@ -780,6 +797,7 @@ def qk_forward(geo: Geometry, q, k, bias, rel, key_bias=None):
 
 
 def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
+    given_rel, rel = rel, _full_rel(rel)
     dq, dk = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype)
     dbias, drel = _small_grads(geo, bias, rel)
     dkey_bias = None if key_bias is None else np.zeros(key_bias.shape, key_bias.dtype)
@@ -808,7 +826,7 @@ def qk_backward(geo: Geometry, grad_logits, q, k, bias, rel, key_bias=None):
         _land(dk, dk_rows, c, geo.dqk)
         if dkb_rows is not None:
             _land(dkey_bias, dkb_rows, c, 1)
-    return (dq, dk) + _cast(geo, dbias, drel) + (dkey_bias,)
+    return (dq, dk) + _small_results(geo, dbias, drel, given_rel) + (dkey_bias,)
 
 
 def _mask_slots(geo, c, per_slot):
@@ -838,6 +856,7 @@ def av_backward(geo: Geometry, grad_out, attn, v):
 
 
 def attention_forward(geo: Geometry, q, k, v, bias, rel, key_bias=None):
+    rel = _full_rel(rel)
     out = np.empty(geo.out_shape, geo.dtype)
     lse = np.empty(geo.lse_shape, lse_dtype(geo.dtype))
     for c in _chunks(geo, 2 * geo.dqk + 2 * geo.dv):
@@ -854,6 +873,7 @@ def attention_forward(geo: Geometry, q, k, v, bias, rel, key_bias=None):
 
 
 def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, key_bias=None):
+    given_rel, rel = rel, _full_rel(rel)
     dq, dk, dv = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
     dbias, drel = _small_grads(geo, bias, rel)
     dkey_bias = None if key_bias is None else np.zeros(key_bias.shape, key_bias.dtype)
@@ -887,4 +907,4 @@ def attention_backward(geo: Geometry, grad_out, q, k, v, out, lse, bias, rel, ke
                                          (dv, dv_rows, geo.dv), (dkey_bias, dkb_rows, 1)):
             if dst is not None:
                 _land(dst, rows_grad, c, per_head)
-    return (dq, dk, dv) + _cast(geo, dbias, drel) + (dkey_bias,)
+    return (dq, dk, dv) + _small_results(geo, dbias, drel, given_rel) + (dkey_bias,)

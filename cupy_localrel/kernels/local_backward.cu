@@ -111,7 +111,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
                                A* __restrict__ qs, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                const T* __restrict__ qc, int dqk, int flags, A scale,
                                A* __restrict__ part_bias, A* __restrict__ part_rel, int tile, int stride = 0) {
-  if (!(flags & (kHasBias | kHasRel))) return;   // uniform over the block
+  if (!(flags & (kHasBias | kHasAnyRel))) return;   // uniform over the block
   if (stride == 0) stride = tile;
   __syncthreads();   // every thread has written its dlogit column before others read it
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, w.th, p.tid, tile);
@@ -125,7 +125,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
                            stride);
       part_bias[(size_t)p.block * entries + e] = sum[0];
     }
-  if (flags & kHasRel)
+  if (flags & kHasAnyRel)   // split rel too: the full table's partials, summed per axis on the host
     for (int d0 = 0; d0 < dqk; d0 += NQ) {
       const int nq = min(NQ, dqk - d0);
       __syncthreads();   // everybody is done reading the previous channels
@@ -149,7 +149,7 @@ template <class T, int MODE, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
            const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
-           const T* __restrict__ key_bias, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+           const T* __restrict__ rel_w, const T* __restrict__ key_bias, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
            acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
            acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
@@ -168,7 +168,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
   const size_t qk_off = (size_t)p.plane * dqk * hw;
   const T* qc = q + qk_off + (p.inside ? w.centre(p.r, p.c) : 0);
   const T* kb = k + qk_off;
-  const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* bias_h = bias + (size_t)h * tt;
   const T* kbias = key_bias + (size_t)p.plane * hw;
 
@@ -224,7 +224,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
         for (int tx = 0; tx < w.kw; ++tx) {
           const Slot s = slot_of(w, p.r, p.c, ty, tx);
           A key = s.valid() && !key_removed(w, s, flags, kbias) ? load(kb, d * hw + s.in(w.W)) : A(0);
-          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
+          if (SIM == kDot && (flags & kHasAnyRel)) key += rel_h.at(d, s.ay, s.ax, flags);
           sum += my[(size_t)(ty * w.kw + tx) * tile] * Sim<SIM>::dq(qd, key);
         }
       store(dqc + d * hw, scale * sum);
@@ -241,7 +241,8 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 //   dlogit[K][TILE+1], dp[K][TILE+1] (A)   logits then their gradients; grad_out . v per
 //                           slot (the + 1 keeps tile_table_sum's lanes in different banks)
 //   halo[max(CK,CV)][halo_h*halo_w] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
-//   (A), row_slot, col_slot (int),
+//   (A), with split rel terms[kh + kw][TILE] (A: the short dot products, then dlogit's
+//   row/column sums), row_slot, col_slot (int),
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
@@ -250,11 +251,32 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // feeds this many sums). The host's shared-memory plan (_kernel_ops) counts the same.
 constexpr int kTableChannels = 8;
 
+// dq's part from SASA's split rel (kHasRelSplit) for channels [c0, c0 + nch) of one query:
+// acc[d] += sum_ty R[ty] rel_h[c][ay(ty)] for c = c0 + d < Dqk/2, and sum_tx C[tx]
+// rel_w[c - Dqk/2][ax(tx)] for the others, where R/C are the row/column sums of the query's
+// dlogit, kept in `sums` (R[ty] at sums[ty * stride], C[tx] at sums[(kh + tx) * stride]):
+// kh + kw products per channel instead of one rel add per (slot, channel). Fixed order.
+template <int C, class T>
+__device__ __forceinline__ void split_rel_dq(acc_t<T> (&acc)[C], int c0, int nch, const acc_t<T>* __restrict__ sums,
+                                             int stride, const RelOfHead<T>& rel, const TileSlots& ts, int kh,
+                                             int kw) {
+  using A = acc_t<T>;
+  for (int i = 0; i < kh + kw; ++i) {   // rows (rel_h: channels < Dqk/2), then columns
+    const bool row = i < kh;
+    const A sum = sums[(size_t)i * stride];
+    const T* table = row ? rel.a + ts.tab_row(i) : rel.b + ts.tab_col(i - kh);
+    const int entries = row ? rel.th : rel.tw;
+#pragma unroll
+    for (int d = 0; d < C; ++d)
+      if (d < nch && (c0 + d < rel.half) == row) acc[d] += sum * load(table, (size_t)(c0 + d - (row ? 0 : rel.half)) * entries);
+  }
+}
+
 template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
                  const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse, const T* __restrict__ bias, const T* __restrict__ rel,
-                 T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
+                 const T* __restrict__ rel_w, T* __restrict__ dq, acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ part_bias,
                  acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
                  int halo_h, int halo_w) {
   using A = acc_t<T>;
@@ -270,7 +292,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* halo = align16(dlogit, 2 * (size_t)K * ss);   // 16-byte aligned: the halo's wide loads
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
-  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile);
+  A* my_terms = qs + kTableChannels * tile + p.tid;   // [kh + kw][tile] with split rel
+  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile + split_rel_floats(w.kh, w.kw, tile, flags));
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -302,8 +325,14 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
-  // dlogit_t = p_t (dp_t - delta).
+  // dlogit_t = p_t (dp_t - delta). Split rel adds its kh + kw short dot products to the
+  // logits here (phase (1) summed q . k alone), then leaves dlogit's row and column sums
+  // in their place for phase (4).
   if (p.inside) {
+    if (flags & kHasRelSplit) {
+      split_rel_terms(my_terms, tile, qc, hw, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
+      add_split_rel_terms(my_dl, ss, my_terms, tile, w.kh, w.kw);
+    }
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     A dsum = 0;
     for (int ty = 0; ty < w.kh; ++ty)
@@ -317,9 +346,22 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
       }
     delta[(size_t)p.plane * ohw + o] = dsum;
     for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
+    if (flags & kHasRelSplit) {   // row sums R[ty], then column sums C[tx], of dlogit
+      for (int ty = 0; ty < w.kh; ++ty) {
+        A sum = 0;
+        for (int tx = 0; tx < w.kw; ++tx) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
+        my_terms[(size_t)ty * tile] = sum;
+      }
+      for (int tx = 0; tx < w.kw; ++tx) {
+        A sum = 0;
+        for (int ty = 0; ty < w.kh; ++ty) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
+        my_terms[(size_t)(w.kh + tx) * tile] = sum;
+      }
+    }
   }
 
-  // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again.
+  // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again (split rel: its
+  // part from the row/column sums of dlogit, split_rel_dq).
   for (int c0 = 0; c0 < dqk; c0 += CK) {
     const int nch = min(CK, dqk - c0);
     __syncthreads();
@@ -330,6 +372,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     A acc[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
+    if (flags & kHasRelSplit)   // split rel's part first, before the slot loop's registers are live
+      split_rel_dq<CK>(acc, c0, nch, my_terms, tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
     // Channels past nch: the staged keys are 0 (their sums are not stored); only a tail's
     // rel chunk, staged for nch channels, needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {
@@ -391,8 +435,8 @@ __global__ void LOCALREL_BOUNDS
 key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
          const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ attn,
          const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
-         const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
-         T* __restrict__ dk, T* __restrict__ dv_out, T* __restrict__ dkey_bias, int heads, int dqk, int dv, int flags, acc_t<T> scale,
+         const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ rel_w,
+         const T* __restrict__ key_bias, T* __restrict__ dk, T* __restrict__ dv_out, T* __restrict__ dkey_bias, int heads, int dqk, int dv, int flags, acc_t<T> scale,
          acc_t<T>* __restrict__ scratch, long long scratch_per_block, int first_block) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -411,7 +455,7 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
   const T* kn = k + qk_off + n;
   const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * (MODE == kQK ? K : dv) * ohw;
-  const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   // This key's own key_bias: in every logit that sees it; -inf removes the key.
   const bool has_kb = MODE != kAV && (flags & kHasKeyBias);
   const A kb_n = has_kb ? load(key_bias, (size_t)p.plane * hw + n) : A(0);
@@ -439,12 +483,13 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
         user_dl[slot] = load(gb, t * ohw + o);
       } else {
         // Recompute the weight from lse; the key is this thread's own, always valid here.
-        const int tab = w.rows_tab[u.i * w.kh + u.ty] * w.tw + w.cols_tab[u.j * w.kw + u.tx];
+        const int ay = w.rows_tab[u.i * w.kh + u.ty], ax = w.cols_tab[u.j * w.kw + u.tx];
+        const int tab = ay * w.tw + ax;
         const T* qc = qb + w.centre(u.i, u.j);
         A dot = 0;
         for (int d = 0; d < dqk; ++d) {
           A key = load(kn, d * hw);
-          if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + tab);
+          if (SIM == kDot && (flags & kHasAnyRel)) key += rel_h.at(d, ay, ax, flags);
           dot += Sim<SIM>::phi(load(qc, d * hw), key);
         }
         A logit = scale * dot;
@@ -495,6 +540,21 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
     }
 }
 
+// Channels [c0, c0 + nch) of one head's split rel (kHasRelSplit) into shared memory as
+// rows of tm = max(th, tw) entries: channel c < Dqk/2 holds rel_h[c] (th entries, read at
+// the table row), the others rel_w[c - Dqk/2] (tw entries, read at the table column).
+template <class T>
+__device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, const RelOfHead<T>& rel, int tm,
+                                                int c0, int nch, int tid, int nthreads) {
+  for (int i = tid; i < nch * tm; i += nthreads) {
+    const int d = i / tm, e = i - d * tm, c = c0 + d;
+    const bool row = c < rel.half;
+    const int n = row ? rel.th : rel.tw;
+    rels[i] = e < n ? (row ? load(rel.a, (size_t)c * rel.th + e) : load(rel.b, (size_t)(c - rel.half) * rel.tw + e))
+                    : acc_t<T>(0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Key side, fast path (stride 1): key_grad<T, kAttention> for a tile of keys with the
 // queries and output gradients of its users staged in shared memory (the "halo" of
@@ -502,7 +562,8 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
 //   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels (with rel,
-//                                           CK channels of rel after CK of q: staging_floats)
+//                                           CK channels of rel after CK of q: staging_floats;
+//                                           split rel: CK rows of max(th, tw), stage_split_rel)
 //   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
 // dlogit, (4) dk over q chunks, (5) dv over grad chunks.
@@ -512,7 +573,7 @@ __global__ void LOCALREL_BOUNDS
 key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T* __restrict__ q,
                const T* __restrict__ k, const T* __restrict__ v, const acc_t<T>* __restrict__ lse,
                const acc_t<T>* __restrict__ delta, const T* __restrict__ bias, const T* __restrict__ rel,
-               T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
+               const T* __restrict__ rel_w, T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
                acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -535,11 +596,15 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
+  const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
+  const int tm = max(w.th, w.tw);   // split rel: staged rows of tm entries (stage_split_rel)
 
   // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
   // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
-  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
-  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel, [CK][tm] with split rel (staging_floats)
+  // A chunk of split rel takes the room of a full table's chunk (tm <= th*tw): sized alike.
+  const int staged = (flags & kHasRelSplit) ? (flags | kHasRel) : flags;
+  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, staged));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
   fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
@@ -556,6 +621,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     __syncthreads();
     stage_halo<CK>(halo, qb + (size_t)c0 * hw, hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
+    if (flags & kHasRelSplit) stage_split_rel(rels, split_rel, tm, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
@@ -572,6 +638,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
             continue;
           }
           const int tab = ts.tab(a, b, w.tw);
+          const int ay = ts.tab_row(a), ax = ts.tab_col(b);
           A qu[CK];
           halo_channels<CK>(halo, halo_area, uh, qu);
           A dot = 0;
@@ -579,6 +646,8 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
           for (int d = 0; d < CK; ++d) {
             A key = kreg[d];
             if ((flags & kHasRel) && (decltype(full)::value || d < nch)) key += rels[d * tt + tab];
+            if ((flags & kHasRelSplit) && (decltype(full)::value || d < nch))
+              key += rels[d * tm + (c0 + d < split_rel.half ? ay : ax)];
             dot += qu[d] * key;
           }
           up = c0 == 0 ? dot : up + dot;   // the first chunk stores

@@ -21,6 +21,9 @@
 //                               Dot product and no key_bias only (the host's choice).
 // key_bias (B, heads, H, W), read only when flags has kHasKeyBias, adds to the logit of
 // every valid slot that looks at its pixel; -inf removes the pixel's key (key_removed).
+// rel: the full table (heads, Dqk, th, tw) with kHasRel, or with kHasRelSplit SASA's two
+// factors as they are, `rel` = rel_h (heads, Dqk/2, th) and `rel_w` (heads, Dqk/2, tw)
+// (localrel::RelOfHead); every kernel that reads rel takes both pointers.
 #include "localrel_common.cuh"
 
 using namespace localrel;
@@ -31,8 +34,8 @@ using namespace localrel;
 template <class T, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
-           const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ key_bias,
-           T* __restrict__ logits, int heads, int dqk, int flags, acc_t<T> scale) {
+           const T* __restrict__ bias, const T* __restrict__ rel, const T* __restrict__ rel_w,
+           const T* __restrict__ key_bias, T* __restrict__ logits, int heads, int dqk, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
@@ -42,7 +45,7 @@ qk_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __rest
   const T* qc = q + qk_off + w.centre(p.r, p.c);
   const T* kb = k + qk_off;
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
-  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* kbias = key_bias + (size_t)p.plane * w.in_plane();
   T* dst = logits + (size_t)p.plane * w.slots() * w.out_plane() + (size_t)p.r * w.Wo + p.c;
   for (int ty = 0; ty < w.kh; ++ty)
@@ -101,7 +104,8 @@ template <class T, int VPT, int SIM = kDot>
 __global__ void LOCALREL_BOUNDS
 attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                   const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
-                  const T* __restrict__ key_bias, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                  const T* __restrict__ rel_w, const T* __restrict__ key_bias, T* __restrict__ out,
+                  acc_t<T>* __restrict__ lse,
                   int heads, int dqk, int dv, int chunks, int flags, acc_t<T> scale) {
   using A = acc_t<T>;
   const Window w(geo);
@@ -115,7 +119,7 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
   const T* kb = k + qk_off;
   const T* vb = v + ((size_t)bh * dv + e0) * w.in_plane();
   const T* bias_h = bias + (size_t)h * w.th * w.tw;
-  const T* rel_h = rel + (size_t)h * dqk * w.th * w.tw;
+  const RelOfHead<T> rel_h(rel, rel_w, h, dqk, w, flags);
   const T* kbias = key_bias + (size_t)bh * w.in_plane();
   A m = neg_inf<A>(), l = 0, acc[VPT];
 #pragma unroll
@@ -156,6 +160,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 //   logit[K][TILE] (A)        each thread's K logits, then its K weights (own column only)
 //   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels (with rel, CK
 //                             channels of rel after the first CK channels: staging_floats)
+//   terms[kh + kw][TILE] (A)  split rel only (kHasRelSplit): each query's kh + kw short dot
+//                             products q_rows . rel_h[:, a], q_cols . rel_w[:, b]
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
@@ -165,7 +171,8 @@ template <class T, int CK, int CV>
 __global__ void LOCALREL_BOUNDS
 attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const T* __restrict__ bias, const T* __restrict__ rel,
-                        T* __restrict__ out, acc_t<T>* __restrict__ lse, int heads, int dqk, int dv,
+                        const T* __restrict__ rel_w, T* __restrict__ out, acc_t<T>* __restrict__ lse,
+                        int heads, int dqk, int dv,
                         int flags, acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -185,15 +192,23 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
-  int* tables = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, flags));
+  A* terms = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kh + kw][tile] with split rel
+  int* tables = reinterpret_cast<int*>(terms + split_rel_floats(w.kh, w.kw, tile, flags));
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
-  // (1) logits: q . (k + rel) summed over key-channel chunks.
+  // (1) logits: q . (k + rel) summed over key-channel chunks (q . k alone with split rel,
+  // which has no kHasRel bit).
   chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
                           w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
 
-  // (2) weights and lse, each thread on its own column.
+  // (2) weights and lse, each thread on its own column; split rel adds its kh + kw short
+  // dot products (split_rel_terms) to the logits here.
   if (p.inside) {
+    if (flags & kHasRelSplit) {
+      split_rel_terms(terms + p.tid, tile, qc, w.in_plane(), RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh,
+                      w.kw);
+      add_split_rel_terms(logit + p.tid, tile, terms + p.tid, tile, w.kh, w.kw);
+    }
     A m = neg_inf<A>();
     for (int ty = 0; ty < w.kh; ++ty)
       for (int tx = 0; tx < w.kw; ++tx) {

@@ -108,6 +108,7 @@ struct Window {
 // row/column (not a flat offset) so that nothing needs a 64-bit division to recover them.
 struct Slot {
   int ny, nx;     // input row/column the slot looks at; -1 when outside the image
+  int ay, ax;     // bias/rel table row and column (SASA's split rel reads them apart)
   int tab;        // flat bias/rel table index ay*tw + ax
   __device__ bool valid() const { return (ny | nx) >= 0; }
   // Flat input offset ny*W + nx (valid slots only), 64-bit: planes may pass 2^31 elements.
@@ -118,7 +119,9 @@ __device__ __forceinline__ Slot slot_of(const Window& w, int i, int j, int ty, i
   Slot s;
   s.ny = w.rows_pos[i * w.kh + ty];
   s.nx = w.cols_pos[j * w.kw + tx];
-  s.tab = w.rows_tab[i * w.kh + ty] * w.tw + w.cols_tab[j * w.kw + tx];
+  s.ay = w.rows_tab[i * w.kh + ty];
+  s.ax = w.cols_tab[j * w.kw + tx];
+  s.tab = s.ay * w.tw + s.ax;
   return s;
 }
 
@@ -158,8 +161,41 @@ __device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block 
   return p;
 }
 
-// Flags of the optional inputs (kernel argument `flags`), uniform over a launch.
-enum Flags { kHasBias = 1, kHasRel = 2, kHasKeyBias = 4 };
+// Flags of the optional inputs (kernel argument `flags`), uniform over a launch. rel comes
+// in one of two forms: kHasRel, the full table (heads, Dqk, th*tw) in `rel`; or
+// kHasRelSplit, SASA's factored form, never expanded: `rel` holds rel_h (heads, Dqk/2, th)
+// for channels d < Dqk/2, `rel_w` holds rel_w (heads, Dqk/2, tw) for the others
+// (RelOfHead). kHasAnyRel: either form.
+enum Flags { kHasBias = 1, kHasRel = 2, kHasKeyBias = 4, kHasRelSplit = 8, kHasAnyRel = kHasRel | kHasRelSplit };
+
+// One head's rel in either form (Flags), for the kernels that read it per (slot, channel).
+template <class T>
+struct RelOfHead {
+  const T* __restrict__ a;   // kHasRel: rel[h] (Dqk, th*tw); kHasRelSplit: rel_h[h] (Dqk/2, th)
+  const T* __restrict__ b;   // kHasRelSplit: rel_w[h] (Dqk/2, tw)
+  int half, th, tw;
+  __device__ RelOfHead(const T* __restrict__ rel, const T* __restrict__ rel_w, int h, int dqk, const Window& w,
+                       int flags)
+      : half(dqk / 2), th(w.th), tw(w.tw) {
+    const bool split = (flags & kHasRelSplit) != 0;
+    a = rel + (size_t)h * (split ? (size_t)half * th : (size_t)dqk * th * tw);
+    b = rel_w + (split ? (size_t)h * half * tw : 0);
+  }
+  // Channel d's rel at table row ay, column ax (with kHasAnyRel only).
+  __device__ acc_t<T> at(int d, int ay, int ax, int flags) const {
+    if (flags & kHasRelSplit) return d < half ? load(a, (size_t)d * th + ay) : load(b, (size_t)(d - half) * tw + ax);
+    return load(a, ((size_t)d * th + ay) * tw + ax);
+  }
+  // The channels of one slot as two runs, so that a channel loop needs no branch per
+  // channel: run 0 is channels [0, end(0)), run 1 [end(0), Dqk); channel d of run r reads
+  // entry[(d - first) * step(r)] of entry = start(r, ...). The full table is one run.
+  __device__ int end0(int dqk, int flags) const { return (flags & kHasRelSplit) ? half : dqk; }
+  __device__ const T* start(int r, int ay, int ax, int flags) const {
+    if (flags & kHasRelSplit) return r == 0 ? a + ay : b + ax;
+    return a + (size_t)ay * tw + ax;
+  }
+  __device__ int step(int r, int flags) const { return (flags & kHasRelSplit) ? (r == 0 ? th : tw) : th * tw; }
+};
 
 // A key whose key_bias is -inf is removed (docs/contract.md "Per-key logit"): every slot
 // that looks at it is handled like an invalid slot under border="mask": no logit, weight 0,
@@ -254,16 +290,20 @@ __device__ __forceinline__ A weight_from_lse(A logit, A lse) {
 // plane's key_bias (read only with kHasKeyBias).
 template <int SIM = kDot, class T>
 __device__ __forceinline__ acc_t<T> slot_logit(const Window& w, const Slot& s, const T* __restrict__ qc,
-                                               const T* __restrict__ kb, const T* __restrict__ rel_h,
+                                               const T* __restrict__ kb, const RelOfHead<T>& rel_h,
                                                const T* __restrict__ bias_h, int dqk, int flags,
                                                acc_t<T> scale, const T* __restrict__ kbias = nullptr) {
   using A = acc_t<T>;
-  const size_t hw = w.in_plane(), tt = (size_t)w.th * w.tw;
+  const size_t hw = w.in_plane();
   A dot = 0;
-  for (int d = 0; d < dqk; ++d) {
-    A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
-    if (SIM == kDot && (flags & kHasRel)) key += load(rel_h, d * tt + s.tab);
-    dot += Sim<SIM>::phi(load(qc, d * hw), key);
+  for (int r = 0, d = 0; r < 2; ++r) {   // the two runs of RelOfHead (one without split rel)
+    const int first = d, end = r == 0 ? rel_h.end0(dqk, flags) : dqk, step = rel_h.step(r, flags);
+    const T* rel_at = rel_h.start(r, s.ay, s.ax, flags);
+    for (; d < end; ++d) {
+      A key = s.valid() ? load(kb, d * hw + s.in(w.W)) : A(0);
+      if (SIM == kDot && (flags & kHasAnyRel)) key += load(rel_at, (size_t)(d - first) * step);
+      dot += Sim<SIM>::phi(load(qc, d * hw), key);
+    }
   }
   A logit = scale * dot;
   if (flags & kHasBias) logit += load(bias_h, (size_t)s.tab);
@@ -545,6 +585,9 @@ struct TileSlots {
   __device__ int row(int sr) const { return row_off[sr * by]; }
   __device__ int col(int sc) const { return col_off[sc * bx]; }
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }
+  // The table row of slot row sr and the table column of slot column sc, kept apart (split rel).
+  __device__ int tab_row(int sr) const { return row_tab[sr * by]; }
+  __device__ int tab_col(int sc) const { return col_tab[sc * bx]; }
 };
 
 // The tile's window tables (fill_window_axis, rows then columns) carved from `cursor`
@@ -557,6 +600,58 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
   fill_window_axis(cols, w.cols_pos, w.cols_tab, w.kw, p.col0, blockDim.x, w.Wo, x0, 1, p.tid, tile);
   __syncthreads();
   return TileSlots(rows, cols);
+}
+
+// SASA's split rel at one query (kHasRelSplit), rel being rank 2: q . rel at slot (ty, tx)
+// = q_rows . rel_h[:, ay(ty)] + q_cols . rel_w[:, ax(tx)], with q_rows/q_cols the query's
+// first/second Dqk/2 channels. So the query-side tiled kernels accumulate q . k alone in
+// their hot loop, and this thread's kh + kw short dot products go to its column of
+// `terms` ([kh + kw][stride], shared: split_rel_floats): row ty's at terms[ty * stride],
+// column tx's at terms[(kh + tx) * stride]. `qc`: the query's channel 0, channel stride
+// q_stride. Fixed summation order (chunk after chunk of kSplitRelChunk channels).
+constexpr int kSplitRelChunk = 8;   // query channels held in registers at a time
+
+// Floats of a tiled kernel's `terms` buffer (0 without split rel); the host plans the same.
+__device__ __forceinline__ int split_rel_floats(int kh, int kw, int tile, int flags) {
+  return (flags & kHasRelSplit) ? (kh + kw) * tile : 0;
+}
+
+template <class T>
+__device__ __forceinline__ void split_rel_terms(acc_t<T>* __restrict__ terms, int stride, const T* __restrict__ qc,
+                                                size_t q_stride, const RelOfHead<T>& rel, const TileSlots& ts,
+                                                int kh, int kw) {
+  using A = acc_t<T>;
+  for (int i = 0; i < kh + kw; ++i) terms[(size_t)i * stride] = 0;
+  for (int d0 = 0; d0 < rel.half; d0 += kSplitRelChunk) {
+    const int n = min(kSplitRelChunk, rel.half - d0);
+    for (int axis = 0; axis < 2; ++axis) {   // rows (rel_h, first half), then columns
+      const T* table = axis == 0 ? rel.a : rel.b;
+      const int entries = axis == 0 ? rel.th : rel.tw, count = axis == 0 ? kh : kw;
+      A qr[kSplitRelChunk];
+#pragma unroll
+      for (int d = 0; d < kSplitRelChunk; ++d)
+        qr[d] = d < n ? load(qc, (size_t)(axis * rel.half + d0 + d) * q_stride) : A(0);
+      for (int i = 0; i < count; ++i) {
+        const int at = axis == 0 ? ts.tab_row(i) : ts.tab_col(i);
+        A dot = 0;
+#pragma unroll
+        for (int d = 0; d < kSplitRelChunk; ++d)
+          if (d < n) dot += qr[d] * load(table, (size_t)(d0 + d) * entries + at);
+        terms[(size_t)(axis * kh + i) * stride] += dot;
+      }
+    }
+  }
+}
+
+// mine[slot (ty, tx)] += terms[ty] + terms[kh + tx]: split_rel_terms' products added to
+// this thread's per-slot logits (mine: stride `stride`, terms: stride `terms_stride`).
+template <class A>
+__device__ __forceinline__ void add_split_rel_terms(A* __restrict__ mine, int stride, const A* __restrict__ terms,
+                                                    int terms_stride, int kh, int kw) {
+  for (int ty = 0; ty < kh; ++ty) {
+    const A row = terms[(size_t)ty * terms_stride];
+    for (int tx = 0; tx < kw; ++tx) mine[(size_t)(ty * kw + tx) * stride] += row + terms[(size_t)(kh + tx) * terms_stride];
+  }
 }
 
 // ---------------------------------------------------------------------------------------

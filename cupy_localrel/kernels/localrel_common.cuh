@@ -767,17 +767,21 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
   constexpr bool kPairs = PairBlocking<A, C>::value;
   const bool pairs = kPairs && blockDim.y % 2 == 0;   // uniform over the block
   constexpr int CH = kPairs ? C / 2 : C;   // channels per thread when paired
-  // This thread's outputs: (ty_a, tx) and, paired, (ty_a + 1, tx), channel half g.
-  const int half = tile / 2;
-  const int g = pairs ? p.tid / half : 0;
-  const int rem = p.tid - g * half;
-  const int tx = pairs ? rem % (int)blockDim.x : (int)threadIdx.x;
-  const int ty_a = pairs ? 2 * (rem / (int)blockDim.x) : (int)threadIdx.y;
+  // This thread's outputs: (ty_a, tx) and, paired, (ty_a + 1, tx), channel half g. The two
+  // halves of one row pair are neighbours (g is the bit above tx): in a 16-wide tile one warp
+  // is one row pair, its 16-lane halves read the same weights and column offsets (one
+  // broadcast wavefront) and the two channel groups at the same positions. (With g above
+  // the pair index, a warp held two row pairs, whose weights lie 2 * 16 words apart in the
+  // per-slot arrays, one bank: 2-way conflicts on every weight load.)
+  const int bx = (int)blockDim.x;
+  const int g = pairs ? (p.tid / bx) % 2 : 0;
+  const int tx = pairs ? p.tid % bx : (int)threadIdx.x;
+  const int ty_a = pairs ? 2 * (p.tid / (2 * bx)) : (int)threadIdx.y;
   const int r_a = p.row0 + ty_a, c = p.col0 + tx;
   const bool in_a = r_a < rows && c < cols, in_b = pairs && r_a + 1 < rows && c < cols;
   const TileSlots ta = ts.at(ty_a, tx), tb = ts.at(ty_a + 1, tx);
-  const A* mine_a = mine + ty_a * (int)blockDim.x + tx;
-  const A* mine_b = mine_a + blockDim.x;
+  const A* mine_a = mine + ty_a * bx + tx;
+  const A* mine_b = mine_a + bx;
   T* dst_a = dst + (in_a ? (size_t)r_a * cols + c : 0);
   T* dst_b = dst + (in_b ? (size_t)(r_a + 1) * cols + c : 0);
   for (int c0 = 0; c0 < nch_total; c0 += C) {

@@ -753,7 +753,8 @@ template <class A, int C> struct PairBlocking {
 // cursors) visits a row both look at once, a row only one looks at for that one alone. Each
 // output still sums its own slots in (row, column) order, exactly as one output per thread
 // would: the result is bitwise the same. Otherwise (odd heights, C that does not split) one
-// output per thread, all C channels.
+// output per thread, all C channels. A thread reads other threads' columns of `mine`: the
+// barriers before each chunk's staging order those reads after the caller's writes.
 template <int C, class T>
 __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_t dst_stride, acc_t<T> out_scale,
                                                       const acc_t<T>* __restrict__ mine,

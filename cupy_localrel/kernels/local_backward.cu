@@ -688,11 +688,12 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
       }
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
-  chunked_weighted_sums<CK>(dk + qk_off + n, hw, scale, user_dl, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0, ox0,
-                            halo_h, halo_w, tile, tile);
+  // (user_p and user_dl point at this thread's column: the sums take the arrays' bases.)
+  chunked_weighted_sums<CK>(dk + qk_off, hw, scale, user_dl - p.tid, halo, qb, hw, dqk, w, p, ts, w.mr, w.mc, oy0,
+                            ox0, halo_h, halo_w, tile, tile, w.H, w.W);
   // (5) dv = sum_u p_u grad_out_u, over grad chunks.
-  chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw + n, hw, A(1), user_p, halo, gb, ohw, dv, w, p, ts,
-                            w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
+  chunked_weighted_sums<CV>(dv_out + (size_t)p.plane * dv * hw, hw, A(1), user_p - p.tid, halo, gb, ohw, dv, w, p,
+                            ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile, w.H, w.W);
 }
 
 // ---------------------------------------------------------------------------------------

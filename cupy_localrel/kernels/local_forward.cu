@@ -233,7 +233,6 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // (3) out = sum_t weight_t * v_t, one value-channel chunk at a time (invalid slots
   // carry value 0).
   const T* vb = v + (size_t)p.plane * dv * w.in_plane();
-  T* dst = out + (size_t)p.plane * dv * w.out_plane() + (p.inside ? (size_t)p.r * w.Wo + p.c : 0);
-  chunked_weighted_sums<CV>(dst, w.out_plane(), A(1), logit + p.tid, halo, vb, w.in_plane(), dv, w, p, ts, w.kh,
-                            w.kw, y0, x0, halo_h, halo_w, tile, tile);
+  chunked_weighted_sums<CV>(out + (size_t)p.plane * dv * w.out_plane(), w.out_plane(), A(1), logit, halo, vb,
+                            w.in_plane(), dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile, w.Ho, w.Wo);
 }

@@ -588,6 +588,15 @@ struct TileSlots {
   // The table row of slot row sr and the table column of slot column sc, kept apart (split rel).
   __device__ int tab_row(int sr) const { return row_tab[sr * by]; }
   __device__ int tab_col(int sc) const { return col_tab[sc * bx]; }
+  // The view of the thread at tile position (ty, tx) instead of this one's.
+  __device__ TileSlots at(int ty, int tx) const {
+    TileSlots o = *this;
+    o.row_off += ty - (int)threadIdx.y;
+    o.row_tab += ty - (int)threadIdx.y;
+    o.col_off += tx - (int)threadIdx.x;
+    o.col_tab += tx - (int)threadIdx.x;
+    return o;
+  }
 };
 
 // The tile's window tables (fill_window_axis, rows then columns) carved from `cursor`
@@ -776,48 +785,151 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
   }
 }
 
+// One halo row of the weighted sums: acc[c] += mine[(sr * nc + sc) * stride] * halo_c[row + col(sc)]
+// over the slot columns sc in order, for the slots inside (offset >= 0). `halo` is the
+// first channel group of the C channels summed here.
+template <int C, class A>
+__device__ __forceinline__ void weighted_row(A (&acc)[C], const A* __restrict__ mine, const A* __restrict__ halo,
+                                             int halo_area, const TileSlots& ts, int row, int sr, int nc,
+                                             int stride) {
+  for (int sc = 0; sc < nc; ++sc) {
+    const int hs = row + ts.col(sc);
+    if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
+    const A wt = mine[(size_t)(sr * nc + sc) * stride];
+    A val[C];
+    halo_channels<C>(halo, halo_area, hs, val);
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[c] += wt * val[c];
+  }
+}
+
+// As weighted_row for two outputs of the same tile column whose slot rows sa (output a)
+// and sb (output b) both look at halo row `row`: each halo value is loaded once for both.
+template <int C, class A>
+__device__ __forceinline__ void weighted_row_pair(A (&acc_a)[C], A (&acc_b)[C], const A* __restrict__ mine_a,
+                                                  const A* __restrict__ mine_b, const A* __restrict__ halo,
+                                                  int halo_area, const TileSlots& ts, int row, int sa, int sb,
+                                                  int nc, int stride) {
+  for (int sc = 0; sc < nc; ++sc) {
+    const int hs = row + ts.col(sc);
+    if (hs < 0) continue;
+    const A wa = mine_a[(size_t)(sa * nc + sc) * stride], wb = mine_b[(size_t)(sb * nc + sc) * stride];
+    A val[C];
+    halo_channels<C>(halo, halo_area, hs, val);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      acc_a[c] += wa * val[c];
+      acc_b[c] += wb * val[c];
+    }
+  }
+}
+
+// Can the weighted sums of C channels be register-blocked (two outputs x half the chunk per
+// thread)? Each half must be whole channel groups of the same width as the full chunk's.
+template <class A, int C> struct PairBlocking {
+  static constexpr bool value = C % 2 == 0 && ChunkLayout<A, C>::groups % 2 == 0 &&
+                                ChunkLayout<A, C / 2>::G == ChunkLayout<A, C>::G;
+};
+
 // dst[c] = out_scale * sum_s mine[s] * halo_c[s] over the slots inside (ts.off >= 0), for
-// every channel c of src (dst: this thread's channel 0, channel stride dst_stride). The
-// weighted sums of the tiled kernels: out = sum_t p_t v_t (forward), dk = scale * sum_u
+// every channel c of src, at every output of the tile inside the rows x cols plane (dst:
+// channel 0 of the plane, channel stride dst_stride, row pitch cols; mine: the per-slot
+// array's base, the output at tile position (ty, tx) owns column ty * blockDim.x + tx).
+// The weighted sums of the tiled kernels: out = sum_t p_t v_t (forward), dk = scale * sum_u
 // dlogit_u q_u and dv = sum_u p_u grad_out_u (key side; out_scale 1 stores the sum as is).
 // The inner loop has no channel predicate (channels past nch are staged as 0 and not stored).
+//
+// Register blocking (PairBlocking, even tile heights): in this phase the threads are
+// remapped so that each computes TWO outputs, tile rows 2i and 2i+1 of one column, for one
+// half g of the chunk's channels: the same outputs and channels over the same threads, but
+// a halo value feeds both outputs wherever their windows share its halo row, and the slot's
+// column offset is read once for both. The slot rows of each output come from the tables
+// (borders, dilation, users): a merge of the two outputs' sequences of halo rows (two
+// cursors) visits a row both look at once, a row only one looks at for that one alone. Each
+// output still sums its own slots in (row, column) order, exactly as one output per thread
+// would: the result is bitwise the same. Otherwise (odd heights, C that does not split) one
+// output per thread, all C channels. A thread reads other threads' columns of `mine`: the
+// barriers before each chunk's staging order those reads after the caller's writes.
 template <int C, class T>
 __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_t dst_stride, acc_t<T> out_scale,
                                                       const acc_t<T>* __restrict__ mine,
                                                       acc_t<T>* __restrict__ halo, const T* __restrict__ src,
                                                       size_t src_stride, int nch_total, const Window& w,
                                                       const TilePos& p, const TileSlots& ts, int nr, int nc,
-                                                      int y0, int x0, int halo_h, int halo_w, int tile, int stride) {
+                                                      int y0, int x0, int halo_h, int halo_w, int tile, int stride,
+                                                      int rows, int cols) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
+  constexpr bool kPairs = PairBlocking<A, C>::value;
+  const bool pairs = kPairs && blockDim.y % 2 == 0;   // uniform over the block
+  constexpr int CH = kPairs ? C / 2 : C;   // channels per thread when paired
+  // This thread's outputs: (ty_a, tx) and, paired, (ty_a + 1, tx), channel half g. The two
+  // halves of one row pair are neighbours (g is the bit above tx): in a 16-wide tile one warp
+  // is one row pair, its 16-lane halves read the same weights and column offsets (one
+  // broadcast wavefront) and the two channel groups at the same positions. (With g above
+  // the pair index, a warp held two row pairs, whose weights lie 2 * 16 words apart in the
+  // per-slot arrays, one bank: 2-way conflicts on every weight load.)
+  const int bx = (int)blockDim.x;
+  const int g = pairs ? (p.tid / bx) % 2 : 0;
+  const int tx = pairs ? p.tid % bx : (int)threadIdx.x;
+  const int ty_a = pairs ? 2 * (p.tid / (2 * bx)) : (int)threadIdx.y;
+  const int r_a = p.row0 + ty_a, c = p.col0 + tx;
+  const bool in_a = r_a < rows && c < cols, in_b = pairs && r_a + 1 < rows && c < cols;
+  const TileSlots ta = ts.at(ty_a, tx), tb = ts.at(ty_a + 1, tx);
+  const A* mine_a = mine + ty_a * bx + tx;
+  const A* mine_b = mine_a + bx;
+  T* dst_a = dst + (in_a ? (size_t)r_a * cols + c : 0);
+  T* dst_b = dst + (in_b ? (size_t)(r_a + 1) * cols + c : 0);
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
-    if (!p.inside) continue;
+    if (!in_a) continue;   // (b lies below a: outside too)
+    if (kPairs && pairs) {
+      const A* hg = halo + (size_t)g * CH * halo_area;   // channel half g: whole groups
+      A acc_a[CH], acc_b[CH];
+#pragma unroll
+      for (int e = 0; e < CH; ++e) acc_a[e] = acc_b[e] = 0;
+      constexpr int kDone = 0x7fffffff;   // past a cursor's end, or no second output
+      int sa = 0, sb = 0;
+      while (true) {
+        const int ra = sa < nr ? ta.row(sa) : kDone, rb = in_b && sb < nr ? tb.row(sb) : kDone;
+        if (ra < 0) { ++sa; continue; }   // a slot row outside the image: adds nothing
+        if (rb < 0) { ++sb; continue; }
+        if (ra == kDone && rb == kDone) break;
+        if (ra == rb) {
+          weighted_row_pair<CH>(acc_a, acc_b, mine_a, mine_b, hg, halo_area, ta, ra, sa, sb, nc, stride);
+          ++sa, ++sb;
+        } else if (ra < rb) {
+          weighted_row<CH>(acc_a, mine_a, hg, halo_area, ta, ra, sa, nc, stride);
+          ++sa;
+        } else {
+          weighted_row<CH>(acc_b, mine_b, hg, halo_area, tb, rb, sb, nc, stride);
+          ++sb;
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < CH; ++e) {
+        const int ch = g * CH + e;
+        if (nch == C || ch < nch) {
+          store(dst_a + (size_t)(c0 + ch) * dst_stride, out_scale * acc_a[e]);
+          if (in_b) store(dst_b + (size_t)(c0 + ch) * dst_stride, out_scale * acc_b[e]);
+        }
+      }
+      continue;
+    }
     A acc[C];
 #pragma unroll
-    for (int c = 0; c < C; ++c) acc[c] = 0;
-    for (int sr = 0; sr < nr; ++sr) {
-      const int row = ts.row(sr);
-      for (int sc = 0; sc < nc; ++sc) {
-        const int hs = row + ts.col(sc);
-        if (hs < 0) continue;   // outside the image (value 0) or padding (no user)
-        const A wt = mine[(size_t)(sr * nc + sc) * stride];
-        A val[C];
-        halo_channels<C>(halo, halo_area, hs, val);
-#pragma unroll
-        for (int c = 0; c < C; ++c) acc[c] += wt * val[c];
-      }
-    }
+    for (int e = 0; e < C; ++e) acc[e] = 0;
+    for (int sr = 0; sr < nr; ++sr) weighted_row<C>(acc, mine_a, halo, halo_area, ta, ta.row(sr), sr, nc, stride);
     if (nch == C) {
 #pragma unroll
-      for (int c = 0; c < C; ++c) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+      for (int e = 0; e < C; ++e) store(dst_a + (size_t)(c0 + e) * dst_stride, out_scale * acc[e]);
     } else {
 #pragma unroll
-      for (int c = 0; c < C; ++c)
-        if (c < nch) store(dst + (size_t)(c0 + c) * dst_stride, out_scale * acc[c]);
+      for (int e = 0; e < C; ++e)
+        if (e < nch) store(dst_a + (size_t)(c0 + e) * dst_stride, out_scale * acc[e]);
     }
   }
 }

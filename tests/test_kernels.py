@@ -663,6 +663,27 @@ def test_sasa_split_rel_matches_oracle(backend, dtype, border, case, sim_seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["tiled-sasa-odd", "tiled-sasa-wide", "general-key-bias"])
+def test_sasa_split_rel_backward_is_bitwise_deterministic(backend, case, monkeypatch):
+    """SASA's split rel (its row/column sums of dlogit, the drel partials) keeps the backward
+    free of atomics: two thread orders give the same bits, on the fast and general paths."""
+    x, heads, kernel, stride = _split_inputs(case, np.float32, 31)
+    a = Arrays(backend)
+    args = [a.put(x[n]) for n in ("q", "k", "v", "rel_h", "rel_w")]
+    opts = dict(border="zeros", stride=stride, backend=backend, key_bias=a.put(x["key_bias"]))
+    out, lse = cl.sasa2d(*args, heads, kernel, return_lse=True, **opts)
+    grad = a.put(np.random.default_rng(32).standard_normal(Arrays.get(out).shape).astype(np.float32))
+    runs = []
+    for seed in ("0", "777"):   # a different thread order must not change a bit either
+        monkeypatch.setenv("CUPY_LOCALREL_SIM_SEED", seed)
+        g = cl.sasa2d_backward(grad, *args, out, lse, heads, kernel, **opts)
+        runs.append([Arrays.get(t) for t in g if t is not None])
+    assert len(runs[0]) == (6 if x["key_bias"] is not None else 5)
+    for first, second in zip(*runs):
+        np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("border", ["mask", "zeros"])
 def test_split_rel_on_general_kernels_where_fast_path_would_run(backend, dtype, border, sim_seed):

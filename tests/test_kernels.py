@@ -604,7 +604,7 @@ SPLIT_CASES = {
     "tiled-sasa-odd": (1, 2, 6, 5, 9, 10, (3, 5), 1, False),
     # Dqk/2 = 17: two register passes of the short dot products, three key chunks.
     "tiled-sasa-wide": (1, 1, 34, 3, 6, 7, (3, 3), 1, False),
-    # LR-Net's configuration (CK = 1), even sizes, kh > kw.
+    # Dqk = 4 (LR-Net's CK = 1 range without split rel) runs the CK = 8 kernels: a tail chunk; kh > kw.
     "tiled-lrnet-even": (2, 1, 4, 3, 8, 6, (5, 3), 1, False),
     # key_bias runs the general kernels (for every dtype), as does stride 2.
     "general-key-bias": (1, 2, 6, 4, 7, 8, (3, 5), 1, True),

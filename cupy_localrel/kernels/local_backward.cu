@@ -280,6 +280,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
                  acc_t<T>* __restrict__ part_rel, int heads, int dqk, int dv, int flags, acc_t<T> scale,
                  int halo_h, int halo_w) {
   using A = acc_t<T>;
+  flags = tiled_flags<CK>(flags);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);
@@ -576,6 +577,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
                const T* __restrict__ rel_w, T* __restrict__ dk, T* __restrict__ dv_out, int heads, int dqk, int dv, int flags,
                acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
+  flags = tiled_flags<CK>(flags);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
   const TilePos p = tile_pos(w.H, w.W);

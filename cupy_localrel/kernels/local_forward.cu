@@ -175,6 +175,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
                         int heads, int dqk, int dv,
                         int flags, acc_t<T> scale, int halo_h, int halo_w) {
   using A = acc_t<T>;
+  flags = tiled_flags<CK>(flags);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Window w(geo);
   const TilePos p = tile_pos(w.Ho, w.Wo);

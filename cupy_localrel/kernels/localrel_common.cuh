@@ -168,6 +168,13 @@ __device__ __forceinline__ TilePos tile_pos(int rows, int cols, int first_block 
 // (RelOfHead). kHasAnyRel: either form.
 enum Flags { kHasBias = 1, kHasRel = 2, kHasKeyBias = 4, kHasRelSplit = 8, kHasAnyRel = kHasRel | kHasRelSplit };
 
+// The flags a tiled kernel of key chunk CK serves. The host sends SASA's split rel to the
+// CK > 1 configuration only (_kernel_ops._tiled_plan), so the CK = 1 kernels (LR-Net's) drop
+// the bit at compile time: their split-rel code is dead and costs them no registers.
+template <int CK> __device__ __forceinline__ int tiled_flags(int flags) {
+  return CK > 1 ? flags : (flags & ~kHasRelSplit);
+}
+
 // One head's rel in either form (Flags), for the kernels that read it per (slot, channel).
 template <class T>
 struct RelOfHead {

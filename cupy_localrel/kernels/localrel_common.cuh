@@ -832,13 +832,40 @@ __device__ __forceinline__ void load_vector(A (&x)[C], const XAt& x_at, int r, i
   for (int d = 0; d < C; ++d) x[d] = d < nch ? load(at, (size_t)(c0 + d) * x_stride) : A(0);
 }
 
+// A row pair's vectors xa, xb (outputs a, b of RowPair rp; xb 0 without b), channels c0 ..
+// c0 + nch, for pairs_in_warps(): each lane loads its own output's vector (p.r, p.c: one
+// global request per channel and warp, as unpaired) and the pair takes them by warp
+// shuffles. (Loading both in every thread doubled the global requests, and the model's
+// latency term with them.) Every thread of the block must call this (the shuffles).
+template <int C, class A, class XAt>
+__device__ __forceinline__ void pair_vectors(A (&xa)[C], A (&xb)[C], const XAt& x_at, const TilePos& p,
+                                             const RowPair& rp, size_t x_stride, int c0, int nch) {
+  const int bx = (int)blockDim.x;
+  const auto* at = x_at(p.r, p.c);
+  const int n = p.inside ? nch : 0, lane = p.tid % 32, first = lane - lane % (2 * bx);   // the pair's first lane
+#pragma unroll
+  for (int d = 0; d < C; ++d) {
+    const A own = d < n ? load(at, (size_t)(c0 + d) * x_stride) : A(0);
+    xa[d] = __shfl_sync(0xffffffffu, own, first + rp.tx);
+    xb[d] = __shfl_sync(0xffffffffu, own, first + bx + rp.tx);
+  }
+}
+
+// Can the per-slot dots be register-blocked? Even tile heights (RowPair), and a row pair in
+// one warp (2 * blockDim.x divides 32, whole warps: pair_vectors' shuffles). Uniform.
+__device__ __forceinline__ bool pairs_in_warps() {
+  return blockDim.y % 2 == 0 && 32 % (2 * blockDim.x) == 0 && (blockDim.x * blockDim.y) % 32 == 0;
+}
+
 // The per-slot logits q . (k + rel) of the query-side tiled kernels, over key chunks
 // (mine: the per-slot array's base, stride `stride`; x_at(r, c): the query of the output at
 // plane position (r, c), channel stride x_stride; rows x cols: the output plane). Without
-// a full rel table (kHasRel) and for even tile heights, register-blocked (RowPair,
+// a full rel table (kHasRel), for C > 1 and pairs_in_warps(), register-blocked (RowPair,
 // slot_dots_chunk: one key vector loaded per halo row and slot column for two queries); the
-// sums are bitwise those of one output per thread. Blocked, a thread writes other threads'
-// columns of mine: a closing barrier orders them before the caller's reads.
+// sums are bitwise those of one output per thread. (LR-Net's one key channel is not: the
+// model showed no gain, and its registers cost the forward a block per SM.) Blocked, a
+// thread writes other threads' columns of mine: a closing barrier orders them before the
+// caller's reads.
 template <int C, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
@@ -849,7 +876,7 @@ __device__ __forceinline__ void chunked_slot_logits(
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
-  const bool pairs = !(flags & kHasRel) && blockDim.y % 2 == 0;   // uniform over the block
+  const bool pairs = C > 1 && !(flags & kHasRel) && pairs_in_warps();   // (one channel: no gain, see below)
   const RowPair rp(pairs, p, rows, cols);
   if (nch_total <= 0 && p.inside)   // no channel: every logit is 0 (before rel, bias)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride + p.tid] = 0;
@@ -859,18 +886,18 @@ __device__ __forceinline__ void chunked_slot_logits(
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
-    if (!rp.in_a) continue;   // (b lies below a: outside too)
     A xa[C], xb[C];
-    load_vector<C, A>(xa, x_at, rp.r_a, rp.c, x_stride, c0, nch);
-    if (!pairs) {
-      by_chunk_fill(nch == C, [&](auto full) {
-        slot_logits_chunk<decltype(full)::value>(mine + p.tid, halo, rels, xa, flags, nch, c0 == 0, w, ts, nr, nc,
-                                                 halo_area, stride);
-      });
+    if (pairs) {
+      pair_vectors<C, A>(xa, xb, x_at, p, rp, x_stride, c0, nch);
+      if (rp.in_a) slot_dots_chunk<false>(mine, halo, halo_area, ts, rp, true, xa, xb, c0 == 0, nr, nc, stride);
       continue;
     }
-    load_vector<C, A>(xb, x_at, rp.in_b ? rp.r_a + 1 : rp.r_a, rp.c, x_stride, c0, rp.in_b ? nch : 0);
-    slot_dots_chunk<false>(mine, halo, halo_area, ts, rp, true, xa, xb, c0 == 0, nr, nc, stride);
+    if (!p.inside) continue;
+    load_vector<C, A>(xa, x_at, p.r, p.c, x_stride, c0, nch);
+    by_chunk_fill(nch == C, [&](auto full) {
+      slot_logits_chunk<decltype(full)::value>(mine + p.tid, halo, rels, xa, flags, nch, c0 == 0, w, ts, nr, nc,
+                                               halo_area, stride);
+    });
   }
   if (pairs) __syncthreads();
 }
@@ -878,9 +905,10 @@ __device__ __forceinline__ void chunked_slot_logits(
 // mine[s] = sum_e x[e] * halo_e[s] over the chunks, for the slots inside (ts.off >= 0), 0
 // for the others: grad_out . v of each slot (query side; x_at(r, c): grad_out of output
 // (r, c)) or each user (key side; v of key (r, c)); mine, rows x cols, the blocking and the
-// closing barrier as chunked_slot_logits (blocked for every even tile height). No channel
+// closing barrier as chunked_slot_logits, blocked where BLOCKED and pairs_in_warps() (the
+// key side; query_grad_tiled, at the register cap, spills when blocked). No channel
 // predicate: the staged halo is 0 past nch, and so is x.
-template <int C, class T, class XAt>
+template <int C, bool BLOCKED, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
                                                   const T* __restrict__ src, size_t src_stride, const XAt& x_at,
                                                   size_t x_stride, int nch_total, const Window& w, const TilePos& p,
@@ -888,7 +916,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   int halo_w, int tile, int stride, int rows, int cols) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
-  const bool pairs = blockDim.y % 2 == 0;   // uniform over the block
+  const bool pairs = BLOCKED && pairs_in_warps();
   const RowPair rp(pairs, p, rows, cols);
   if (nch_total <= 0 && p.inside)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride + p.tid] = 0;
@@ -897,11 +925,10 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     __syncthreads();
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
-    if (!rp.in_a) continue;
     A xa[C], xb[C];
-    load_vector<C, A>(xa, x_at, rp.r_a, rp.c, x_stride, c0, nch);
-    if (pairs) load_vector<C, A>(xb, x_at, rp.in_b ? rp.r_a + 1 : rp.r_a, rp.c, x_stride, c0, rp.in_b ? nch : 0);
-    slot_dots_chunk<true>(mine, halo, halo_area, ts, rp, pairs, xa, xb, c0 == 0, nr, nc, stride);
+    if (pairs) pair_vectors<C, A>(xa, xb, x_at, p, rp, x_stride, c0, nch);
+    else if (p.inside) load_vector<C, A>(xa, x_at, p.r, p.c, x_stride, c0, nch);
+    if (rp.in_a) slot_dots_chunk<true>(mine, halo, halo_area, ts, rp, pairs, xa, xb, c0 == 0, nr, nc, stride);
   }
   if (pairs) __syncthreads();
 }

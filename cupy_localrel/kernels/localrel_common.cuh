@@ -904,11 +904,12 @@ __device__ __forceinline__ void chunked_slot_logits(
 
 // mine[s] = sum_e x[e] * halo_e[s] over the chunks, for the slots inside (ts.off >= 0), 0
 // for the others: grad_out . v of each slot (query side; x_at(r, c): grad_out of output
-// (r, c)) or each user (key side; v of key (r, c)); mine, rows x cols, the blocking and the
-// closing barrier as chunked_slot_logits, blocked where BLOCKED and pairs_in_warps() (the
-// key side; query_grad_tiled, at the register cap, spills when blocked). No channel
+// (r, c)) or each user (key side; v of key (r, c)); mine and rows x cols as in
+// chunked_slot_logits. One output per thread: blocked like the logits (pair_vectors'
+// shuffles), the model had LR-Net's key_grad_tiled 1373 -> 1439 us and SASA's 1828 -> 1872
+// (fewer shared loads, more instructions), and query_grad_tiled spilled. No channel
 // predicate: the staged halo is 0 past nch, and so is x.
-template <int C, bool BLOCKED, class T, class XAt>
+template <int C, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
                                                   const T* __restrict__ src, size_t src_stride, const XAt& x_at,
                                                   size_t x_stride, int nch_total, const Window& w, const TilePos& p,
@@ -916,8 +917,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
                                                   int halo_w, int tile, int stride, int rows, int cols) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
-  const bool pairs = BLOCKED && pairs_in_warps();
-  const RowPair rp(pairs, p, rows, cols);
+  const RowPair rp(false, p, rows, cols);   // this thread's own output
   if (nch_total <= 0 && p.inside)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride + p.tid] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
@@ -925,12 +925,11 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     __syncthreads();
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
-    A xa[C], xb[C];
-    if (pairs) pair_vectors<C, A>(xa, xb, x_at, p, rp, x_stride, c0, nch);
-    else if (p.inside) load_vector<C, A>(xa, x_at, p.r, p.c, x_stride, c0, nch);
-    if (rp.in_a) slot_dots_chunk<true>(mine, halo, halo_area, ts, rp, pairs, xa, xb, c0 == 0, nr, nc, stride);
+    if (!p.inside) continue;
+    A x[C];
+    load_vector<C, A>(x, x_at, p.r, p.c, x_stride, c0, nch);
+    slot_dots_chunk<true>(mine, halo, halo_area, ts, rp, false, x, x, c0 == 0, nr, nc, stride);
   }
-  if (pairs) __syncthreads();
 }
 
 // One halo row of the weighted sums: acc[c] += mine[(sr * nc + sc) * stride] * halo_c[row + col(sc)]

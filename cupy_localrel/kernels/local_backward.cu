@@ -325,8 +325,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const auto grad_at = [&](int r, int c) { return gb + (size_t)r * w.Wo + c; };
-  chunked_slot_dots<CV>(dp, halo, vb, hw, grad_at, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss,
-                        w.Ho, w.Wo);
+  chunked_slot_dots<CV>(dp, halo, vb, hw, grad_at, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta). Split rel adds its kh + kw short dot products to the
@@ -662,7 +661,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const T* vb = v + (size_t)p.plane * dv * hw;
   const auto value_at = [&](int r, int c) { return vb + (size_t)r * w.W + c; };
   chunked_slot_dots<CV>(user_dl - p.tid, halo, gb, ohw, value_at, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h,
-                        halo_w, tile, tile, w.H, w.W);
+                        halo_w, tile, tile);
 
   // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user. lse and
   // delta of the users' outputs are staged over the output halo first (the halo buffer is

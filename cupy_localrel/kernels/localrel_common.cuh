@@ -761,29 +761,23 @@ __device__ __forceinline__ void merge_slot_rows(const TileSlots& ta, const TileS
   }
 }
 
-// One halo row of per-slot dots for up to two outputs of one tile column (use_a, use_b:
-// which ones look at halo row `row`, as their slot rows sa and sb): for the slot columns
-// sc = sc0, sc0 + step, ... < nc, mine_a[(sa * nc + sc) * stride] = (first ? 0 : itself) +
-// sum_d xa[d] * halo_d[row + col(sc)], d in order (b alike with xb): each halo vector is
-// loaded once for both. A slot outside (offset < 0): SKIP, the first chunk stores 0 and
-// later chunks add nothing (grad_out . v); else the dot with zero keys (the logits).
-template <bool SKIP, int C, class A>
-__device__ __forceinline__ void slot_dots_row(A* __restrict__ mine_a, A* __restrict__ mine_b,
-                                              const A* __restrict__ halo, int halo_area, const TileSlots& ts,
-                                              int row, int sa, int sb, bool use_a, bool use_b, const A (&xa)[C],
-                                              const A (&xb)[C], bool first, int sc0, int step, int nc, int stride) {
+// One halo row of the blocked logits for up to two outputs of one tile column (use_a,
+// use_b: which ones look at halo row `row`, as their slot rows sa and sb): for the slot
+// columns sc = sc0, sc0 + 2, ... < nc, mine_a[(sa * nc + sc) * stride] = (first ? 0 :
+// itself) + sum_d xa[d] * key_d, d in order, key = the halo at row + col(sc) or 0 outside
+// (b alike with xb): each key vector is loaded once for both.
+template <int C, class A>
+__device__ __forceinline__ void slot_logits_row(A* __restrict__ mine_a, A* __restrict__ mine_b,
+                                                const A* __restrict__ halo, int halo_area, const TileSlots& ts,
+                                                int row, int sa, int sb, bool use_a, bool use_b, const A (&xa)[C],
+                                                const A (&xb)[C], bool first, int sc0, int nc, int stride) {
   A* ma = mine_a + (size_t)sa * nc * stride;
   A* mb = mine_b + (size_t)sb * nc * stride;
 #pragma unroll 1
-  for (int sc = sc0; sc < nc; sc += step) {
+  for (int sc = sc0; sc < nc; sc += 2) {
     const int hs = row + ts.col(sc);
     A& a = ma[(size_t)sc * stride];
     A& b = mb[(size_t)sc * stride];
-    if (SKIP && hs < 0) {
-      if (first && use_a) a = 0;
-      if (first && use_b) b = 0;
-      continue;
-    }
     A key[C];
     halo_channels_or_zero<C>(halo, halo_area, hs, key);
     A dot_a = 0, dot_b = 0;
@@ -797,28 +791,21 @@ __device__ __forceinline__ void slot_dots_row(A* __restrict__ mine_a, A* __restr
   }
 }
 
-// One staged chunk of per-slot dots. Paired (RowPair rp): this thread's two outputs, every
+// One staged key chunk of the blocked logits (RowPair rp): this thread's two outputs, every
 // other slot column (sc = g, g + 2, ...), over the merge of their halo rows; xa/xb are the
-// outputs' vectors (xb 0 without b). Unpaired: this thread's output, every slot column.
-// mine: the per-slot arrays' base (output (ty, tx) owns column ty * blockDim.x + tx).
-template <bool SKIP, int C, class A>
-__device__ __forceinline__ void slot_dots_chunk(A* __restrict__ mine, const A* __restrict__ halo, int halo_area,
-                                                const TileSlots& ts, const RowPair& rp, bool pairs,
-                                                const A (&xa)[C], const A (&xb)[C], bool first, int nr, int nc,
-                                                int stride) {
+// outputs' queries (xb 0 without b). mine: the per-slot arrays' base (output (ty, tx) owns
+// column ty * blockDim.x + tx).
+template <int C, class A>
+__device__ __forceinline__ void slot_logits_pairs(A* __restrict__ mine, const A* __restrict__ halo, int halo_area,
+                                                  const TileSlots& ts, const RowPair& rp, const A (&xa)[C],
+                                                  const A (&xb)[C], bool first, int nr, int nc, int stride) {
   const int bx = (int)blockDim.x;
   const TileSlots ta = ts.at(rp.ty_a, rp.tx);
   A* mine_a = mine + rp.ty_a * bx + rp.tx;
-  if (!pairs) {
-    for (int sr = 0; sr < nr; ++sr)
-      slot_dots_row<SKIP>(mine_a, mine_a, halo, halo_area, ta, ta.row(sr), sr, sr, true, false, xa, xa, first, 0, 1,
-                          nc, stride);
-    return;
-  }
   merge_slot_rows(ta, ts.at(rp.ty_a + 1, rp.tx), nr, rp.in_b, true,
                   [&](int row, int sa, int sb, bool use_a, bool use_b) {
-                    slot_dots_row<SKIP>(mine_a, mine_a + bx, halo, halo_area, ta, row, sa, sb, use_a, use_b, xa, xb,
-                                        first, rp.g, 2, nc, stride);
+                    slot_logits_row<C>(mine_a, mine_a + bx, halo, halo_area, ta, row, sa, sb, use_a, use_b, xa, xb,
+                                       first, rp.g, nc, stride);
                   });
 }
 
@@ -861,7 +848,7 @@ __device__ __forceinline__ bool pairs_in_warps() {
 // (mine: the per-slot array's base, stride `stride`; x_at(r, c): the query of the output at
 // plane position (r, c), channel stride x_stride; rows x cols: the output plane). Without
 // a full rel table (kHasRel), for C > 1 and pairs_in_warps(), register-blocked (RowPair,
-// slot_dots_chunk: one key vector loaded per halo row and slot column for two queries); the
+// slot_logits_pairs: one key vector loaded per halo row and slot column for two queries); the
 // sums are bitwise those of one output per thread. (LR-Net's one key channel is not: the
 // model showed no gain, and its registers cost the forward a block per SM.) Blocked, a
 // thread writes other threads' columns of mine: a closing barrier orders them before the
@@ -889,7 +876,7 @@ __device__ __forceinline__ void chunked_slot_logits(
     A xa[C], xb[C];
     if (pairs) {
       pair_vectors<C, A>(xa, xb, x_at, p, rp, x_stride, c0, nch);
-      if (rp.in_a) slot_dots_chunk<false>(mine, halo, halo_area, ts, rp, true, xa, xb, c0 == 0, nr, nc, stride);
+      if (rp.in_a) slot_logits_pairs<C>(mine, halo, halo_area, ts, rp, xa, xb, c0 == 0, nr, nc, stride);
       continue;
     }
     if (!p.inside) continue;
@@ -904,31 +891,47 @@ __device__ __forceinline__ void chunked_slot_logits(
 
 // mine[s] = sum_e x[e] * halo_e[s] over the chunks, for the slots inside (ts.off >= 0), 0
 // for the others: grad_out . v of each slot (query side; x_at(r, c): grad_out of output
-// (r, c)) or each user (key side; v of key (r, c)); mine and rows x cols as in
-// chunked_slot_logits. One output per thread: blocked like the logits (pair_vectors'
-// shuffles), the model had LR-Net's key_grad_tiled 1373 -> 1439 us and SASA's 1828 -> 1872
-// (fewer shared loads, more instructions), and query_grad_tiled spilled. No channel
-// predicate: the staged halo is 0 past nch, and so is x.
+// (r, c)) or each user (key side; v of key (r, c)); mine as in chunked_slot_logits. One
+// output per thread: blocked like the logits (pair_vectors' shuffles), the model had
+// LR-Net's key_grad_tiled 1373 -> 1439 us and SASA's 1828 -> 1872 (fewer shared loads, more
+// instructions), and query_grad_tiled spilled. No channel predicate: the staged halo is 0
+// past nch, and so is x.
 template <int C, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
                                                   const T* __restrict__ src, size_t src_stride, const XAt& x_at,
                                                   size_t x_stride, int nch_total, const Window& w, const TilePos& p,
                                                   const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
-                                                  int halo_w, int tile, int stride, int rows, int cols) {
+                                                  int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
-  const RowPair rp(false, p, rows, cols);   // this thread's own output
+  mine += p.tid;   // this thread's column
   if (nch_total <= 0 && p.inside)
-    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride + p.tid] = 0;
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
-    A x[C];
-    load_vector<C, A>(x, x_at, p.r, p.c, x_stride, c0, nch);
-    slot_dots_chunk<true>(mine, halo, halo_area, ts, rp, false, x, x, c0 == 0, nr, nc, stride);
+    A xreg[C];
+    load_vector<C, A>(xreg, x_at, p.r, p.c, x_stride, c0, nch);
+    for (int sr = 0; sr < nr; ++sr) {
+      const int row = ts.row(sr);
+      for (int sc = 0; sc < nc; ++sc) {
+        const int hs = row + ts.col(sc);
+        A& m = mine[(size_t)(sr * nc + sc) * stride];
+        if (hs < 0) {   // outside: nothing to add
+          if (c0 == 0) m = 0;
+          continue;
+        }
+        A val[C];
+        halo_channels<C>(halo, halo_area, hs, val);
+        A dot = 0;
+#pragma unroll
+        for (int e = 0; e < C; ++e) dot += xreg[e] * val[e];
+        m = c0 == 0 ? dot : m + dot;
+      }
+    }
   }
 }
 

@@ -277,9 +277,10 @@ def test_fast_path_tail_chunks_and_odd_edges(backend, config, border, dtype, sim
 
 # Register blocking of the tiled kernels' hot loops (localrel_common.cuh: RowPair): each
 # thread takes two outputs of one tile column (rows 2i, 2i+1), merging the two windows' halo
-# rows; the weighted sums for half the chunk's channels, the per-slot logits and dots
-# (query side; key side: users) for every other slot column. Tile heights that are odd keep
-# one output per thread, and so do the logits with a full rel table (with_rel). Other block
+# rows; the weighted sums for half the chunk's channels, the query-side logits (key chunks
+# of C > 1, tiles at most 16 wide: the (16, 6) shapes here) for every other slot column.
+# Tile heights that are odd keep one output per thread, and so do the logits with a full
+# rel table (with_rel). Other block
 # shapes than the shipped (16, 8) / (16, 4): whole warps, even and odd heights, with odd H
 # (a pair's second row outside the plane), dilation and tail chunks (Dqk = 12, Dv = 20).
 # Row dilation 2 gives the two windows of a pair disjoint halo rows (only the merge's

@@ -275,24 +275,34 @@ def test_fast_path_tail_chunks_and_odd_edges(backend, config, border, dtype, sim
                    scale=0.6)
 
 
-# Register blocking of the weighted sums (localrel_common.cuh: chunked_weighted_sums): each
-# thread sums two outputs of one tile column (rows 2i, 2i+1) for half the chunk's channels,
-# merging the two windows' halo rows; tile heights that are odd keep one output per thread.
-# Other block shapes than the shipped (16, 8) / (16, 4): whole warps, even and odd heights,
-# with odd H (a pair's second row outside the plane), dilation and tail chunks (Dv = 20).
+# Register blocking of the tiled kernels' hot loops (localrel_common.cuh: RowPair): each
+# thread takes two outputs of one tile column (rows 2i, 2i+1), merging the two windows' halo
+# rows; the weighted sums for half the chunk's channels, the query-side logits (key chunks
+# of C > 1, tiles at most 16 wide: the (16, 6) shapes here) for every other slot column.
+# Tile heights that are odd keep one output per thread, and so do the logits with a full
+# rel table (with_rel). Other block
+# shapes than the shipped (16, 8) / (16, 4): whole warps, even and odd heights, with odd H
+# (a pair's second row outside the plane), dilation and tail chunks (Dqk = 12, Dv = 20).
+# Row dilation 2 gives the two windows of a pair disjoint halo rows (only the merge's
+# single-output branches run), column dilation 2 shared ones (the paired rows).
+@pytest.mark.parametrize("dilation", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("with_rel", [True, False])
 @pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("blocks", [((32, 2), (32, 2)), ((32, 3), (32, 1)), ((16, 6), (16, 2))])
-def test_fast_path_weighted_sums_over_block_shapes(border, blocks, monkeypatch):
+def test_fast_path_weighted_sums_over_block_shapes(border, blocks, with_rel, dilation, monkeypatch):
     from cupy_localrel._backends import _kernel_ops
     _require("sim")
     monkeypatch.setattr(_kernel_ops, "TILED_BLOCK", blocks[0])
     monkeypatch.setattr(_kernel_ops, "TILED_BWD_BLOCK", blocks[1])
-    shape = (1, 1, 8, 20, 11, 35)
-    x = _inputs(*shape, (5, 3), border, True, True, np.float32, 3)
-    geo = G.qk_geometry(x["q"], x["k"], 1, (5, 3), (2, 1), 1, border, x["bias"], x["rel"], None, v=x["v"])
+    shape = (1, 1, 12, 20, 11, 35)
+    x = _inputs(*shape, (5, 3), border, True, with_rel, np.float32, 3)
+    geo = G.qk_geometry(x["q"], x["k"], 1, (5, 3), dilation, 1, border, x["bias"], x["rel"], None, v=x["v"])
     call = _kernel_ops._Call(_kernel_ops.Target("sim"), geo, x["bias"], x["rel"])
-    assert _kernel_ops._tiled_config(geo, call) and _kernel_ops._tiled_key_config(geo, call)   # fast paths
-    _check_all_ops("sim", border, (5, 3), (2, 1), 1, "float32", True, True, shape=shape, scale=0.6)
+    plan = _kernel_ops._tiled_config(geo, call)
+    assert plan and _kernel_ops._tiled_key_config(geo, call)   # fast paths
+    ck, cv = plan[:2]
+    assert 12 % ck and 20 % cv   # tail chunks in both the key and the value phases
+    _check_all_ops("sim", border, (5, 3), dilation, 1, "float32", True, with_rel, shape=shape, scale=0.6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

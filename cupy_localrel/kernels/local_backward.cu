@@ -304,7 +304,6 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   const T* qc = q + qk_off + (p.inside ? w.centre(p.r, p.c) : 0);
   const T* kb = k + qk_off;
   const T* vb = v + (size_t)p.plane * dv * hw;
-  const T* g = grad + (size_t)p.plane * dv * ohw + o;
   const T* rel_h = rel + (size_t)h * dqk * tt;
   A* my_dl = dlogit + p.tid;
   A* my_dp = dp + p.tid;
@@ -319,11 +318,15 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] = 0;
 
   // (1) logits q . (k + rel), over key chunks.
-  chunked_slot_logits<CK>(my_dl, halo, kb, hw, qc, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0, halo_h,
-                          halo_w, tile, ss);
+  const T* qb = q + qk_off;
+  const auto query_at = [&](int r, int c) { return qb + w.centre(r, c); };
+  chunked_slot_logits<CK>(dlogit, halo, kb, hw, query_at, hw, rel_h, rels, flags, dqk, w, p, ts, w.kh, w.kw, y0, x0,
+                          halo_h, halo_w, tile, ss, w.Ho, w.Wo);
 
   // (2) dp_t = grad_out . v_t, over value chunks (invalid slots: value 0).
-  chunked_slot_dots<CV>(my_dp, halo, vb, hw, g, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
+  const T* gb = grad + (size_t)p.plane * dv * ohw;
+  const auto grad_at = [&](int r, int c) { return gb + (size_t)r * w.Wo + c; };
+  chunked_slot_dots<CV>(dp, halo, vb, hw, grad_at, ohw, dv, w, p, ts, w.kh, w.kw, y0, x0, halo_h, halo_w, tile, ss);
 
   // (3) weights p_t from lse (0 for masked slots), delta = sum_t p_t dp_t, then
   // dlogit_t = p_t (dp_t - delta). Split rel adds its kh + kw short dot products to the
@@ -595,7 +598,6 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const size_t qk_off = (size_t)p.plane * dqk * hw;
   const T* qb = q + qk_off;
   const T* kn = k + qk_off + n;
-  const T* vn = v + (size_t)p.plane * dv * hw + n;
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
   const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
@@ -658,7 +660,10 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   }
 
   // (2) dp_u = grad_out_u . v, over grad chunks.
-  chunked_slot_dots<CV>(user_dl, halo, gb, ohw, vn, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h, halo_w, tile, tile);
+  const T* vb = v + (size_t)p.plane * dv * hw;
+  const auto value_at = [&](int r, int c) { return vb + (size_t)r * w.W + c; };
+  chunked_slot_dots<CV>(user_dl - p.tid, halo, gb, ohw, value_at, hw, dv, w, p, ts, w.mr, w.mc, oy0, ox0, halo_h,
+                        halo_w, tile, tile);
 
   // (3) weight p_u = exp(logit - lse) and dlogit_u = p_u (dp_u - delta) of each user. lse and
   // delta of the users' outputs are staged over the output halo first (the halo buffer is

@@ -199,8 +199,10 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
 
   // (1) logits: q . (k + rel) summed over key-channel chunks (q . k alone with split rel,
   // which has no kHasRel bit).
-  chunked_slot_logits<CK>(logit + p.tid, halo, kb, w.in_plane(), qc, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
-                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile);
+  const T* qb = q + (size_t)p.plane * dqk * w.in_plane();
+  const auto query_at = [&](int r, int c) { return qb + w.centre(r, c); };
+  chunked_slot_logits<CK>(logit, halo, kb, w.in_plane(), query_at, w.in_plane(), rel_h, rels, flags, dqk, w, p, ts,
+                          w.kh, w.kw, y0, x0, halo_h, halo_w, tile, tile, w.Ho, w.Wo);
 
   // (2) weights and lse, each thread on its own column; split rel adds its kh + kw short
   // dot products (split_rel_terms) to the logits here.

@@ -720,47 +720,198 @@ __device__ __forceinline__ void slot_logits_chunk(A* __restrict__ mine, const A*
   }
 }
 
-template <int C, class T>
+// ---------------------------------------------------------------------------------------
+// Register blocking of the tiled kernels' hot loops (two outputs per thread). In a blocked
+// phase the threads are remapped (RowPair): each takes two outputs of one tile column, tile
+// rows 2i and 2i+1, and a half g of the work (the weighted sums: half the chunk's channels;
+// the per-slot dots: every other slot column). The two halves of one row pair are
+// neighbours (g is the bit above tx): in a 16-wide tile one warp is one row pair. (With g
+// above the pair index, a warp held two row pairs, whose per-slot entries lie 2 * 16 words
+// apart: one bank, 2-way conflicts on the weighted sums' weight loads.) Only for even tile
+// heights (blockDim.y, uniform over the block); otherwise one output per thread.
+// ---------------------------------------------------------------------------------------
+struct RowPair {
+  int g;          // this thread's half of the work (0 unpaired)
+  int tx, ty_a;   // output a at tile position (ty_a, tx); paired, output b at (ty_a + 1, tx)
+  int r_a, c;     // output a's row and column in the plane
+  bool in_a, in_b;   // the outputs lie in the rows x cols plane (b: paired only)
+  __device__ RowPair(bool pairs, const TilePos& p, int rows, int cols) {
+    const int bx = (int)blockDim.x;
+    g = pairs ? (p.tid / bx) % 2 : 0;
+    tx = pairs ? p.tid % bx : (int)threadIdx.x;
+    ty_a = pairs ? 2 * (p.tid / (2 * bx)) : (int)threadIdx.y;
+    r_a = p.row0 + ty_a;
+    c = p.col0 + tx;
+    in_a = r_a < rows && c < cols;
+    in_b = pairs && r_a + 1 < rows && c < cols;
+  }
+};
+
+// Visit the halo rows of two outputs of one tile column (TileSlots views ta, tb; b only if
+// with_b) in a merge of their slot rows' halo offsets (two cursors): visit(row, sa, sb,
+// use_a, use_b) once per step, for a row both look at (use_a and use_b: slot rows sa of a,
+// sb of b) or a row only one looks at. Each output still meets its own slot rows in order.
+// A slot row outside the image (offset < 0) is visited alone where visit_outside, else
+// skipped.
+template <class Visit>
+__device__ __forceinline__ void merge_slot_rows(const TileSlots& ta, const TileSlots& tb, int nr, bool with_b,
+                                                bool visit_outside, Visit&& visit) {
+  constexpr int kDone = 0x7fffffff;   // past a cursor's end, or no second output
+  int sa = 0, sb = 0;
+  while (true) {
+    const int ra = sa < nr ? ta.row(sa) : kDone, rb = with_b && sb < nr ? tb.row(sb) : kDone;
+    if (ra == kDone && rb == kDone) break;
+    const bool use_a = ra < 0 || (rb >= 0 && ra <= rb), use_b = !use_a || ra == rb;
+    if (visit_outside || (use_a ? ra : rb) >= 0) visit(use_a ? ra : rb, sa, sb, use_a, use_b);
+    sa += use_a;
+    sb += use_b;
+  }
+}
+
+// One halo row of the blocked logits for up to two outputs of one tile column (use_a,
+// use_b: which ones look at halo row `row`, as their slot rows sa and sb): for the slot
+// columns sc = sc0, sc0 + 2, ... < nc, mine_a[(sa * nc + sc) * stride] = (first ? 0 :
+// itself) + sum_d xa[d] * key_d, d in order, key = the halo at row + col(sc) or 0 outside
+// (b alike with xb): each key vector is loaded once for both.
+template <int C, class A>
+__device__ __forceinline__ void slot_logits_row(A* __restrict__ mine_a, A* __restrict__ mine_b,
+                                                const A* __restrict__ halo, int halo_area, const TileSlots& ts,
+                                                int row, int sa, int sb, bool use_a, bool use_b, const A (&xa)[C],
+                                                const A (&xb)[C], bool first, int sc0, int nc, int stride) {
+  A* ma = mine_a + (size_t)sa * nc * stride;
+  A* mb = mine_b + (size_t)sb * nc * stride;
+#pragma unroll 1
+  for (int sc = sc0; sc < nc; sc += 2) {
+    const int hs = row + ts.col(sc);
+    A& a = ma[(size_t)sc * stride];
+    A& b = mb[(size_t)sc * stride];
+    A key[C];
+    halo_channels_or_zero<C>(halo, halo_area, hs, key);
+    A dot_a = 0, dot_b = 0;
+#pragma unroll
+    for (int d = 0; d < C; ++d) {
+      dot_a += xa[d] * key[d];
+      dot_b += xb[d] * key[d];
+    }
+    if (use_a) a = first ? dot_a : a + dot_a;
+    if (use_b) b = first ? dot_b : b + dot_b;
+  }
+}
+
+// One staged key chunk of the blocked logits (RowPair rp): this thread's two outputs, every
+// other slot column (sc = g, g + 2, ...), over the merge of their halo rows; xa/xb are the
+// outputs' queries (xb 0 without b). mine: the per-slot arrays' base (output (ty, tx) owns
+// column ty * blockDim.x + tx).
+template <int C, class A>
+__device__ __forceinline__ void slot_logits_pairs(A* __restrict__ mine, const A* __restrict__ halo, int halo_area,
+                                                  const TileSlots& ts, const RowPair& rp, const A (&xa)[C],
+                                                  const A (&xb)[C], bool first, int nr, int nc, int stride) {
+  const int bx = (int)blockDim.x;
+  const TileSlots ta = ts.at(rp.ty_a, rp.tx);
+  A* mine_a = mine + rp.ty_a * bx + rp.tx;
+  merge_slot_rows(ta, ts.at(rp.ty_a + 1, rp.tx), nr, rp.in_b, true,
+                  [&](int row, int sa, int sb, bool use_a, bool use_b) {
+                    slot_logits_row<C>(mine_a, mine_a + bx, halo, halo_area, ta, row, sa, sb, use_a, use_b, xa, xb,
+                                       first, rp.g, nc, stride);
+                  });
+}
+
+// C channels c0 .. c0 + nch of the vector of the output at plane position (r, c): x_at(r, c)
+// is its channel 0, channel stride x_stride; 0 past nch.
+template <int C, class A, class XAt>
+__device__ __forceinline__ void load_vector(A (&x)[C], const XAt& x_at, int r, int c, size_t x_stride, int c0,
+                                            int nch) {
+  const auto* at = x_at(r, c);
+#pragma unroll
+  for (int d = 0; d < C; ++d) x[d] = d < nch ? load(at, (size_t)(c0 + d) * x_stride) : A(0);
+}
+
+// A row pair's vectors xa, xb (outputs a, b of RowPair rp; xb 0 without b), channels c0 ..
+// c0 + nch, for pairs_in_warps(): each lane loads its own output's vector (p.r, p.c: one
+// global request per channel and warp, as unpaired) and the pair takes them by warp
+// shuffles. (Loading both in every thread doubled the global requests, and the model's
+// latency term with them.) Every thread of the block must call this (the shuffles).
+template <int C, class A, class XAt>
+__device__ __forceinline__ void pair_vectors(A (&xa)[C], A (&xb)[C], const XAt& x_at, const TilePos& p,
+                                             const RowPair& rp, size_t x_stride, int c0, int nch) {
+  const int bx = (int)blockDim.x;
+  const auto* at = x_at(p.r, p.c);
+  const int n = p.inside ? nch : 0, lane = p.tid % 32, first = lane - lane % (2 * bx);   // the pair's first lane
+#pragma unroll
+  for (int d = 0; d < C; ++d) {
+    const A own = d < n ? load(at, (size_t)(c0 + d) * x_stride) : A(0);
+    xa[d] = __shfl_sync(0xffffffffu, own, first + rp.tx);
+    xb[d] = __shfl_sync(0xffffffffu, own, first + bx + rp.tx);
+  }
+}
+
+// Can the per-slot dots be register-blocked? Even tile heights (RowPair), and a row pair in
+// one warp (2 * blockDim.x divides 32, whole warps: pair_vectors' shuffles). Uniform.
+__device__ __forceinline__ bool pairs_in_warps() {
+  return blockDim.y % 2 == 0 && 32 % (2 * blockDim.x) == 0 && (blockDim.x * blockDim.y) % 32 == 0;
+}
+
+// The per-slot logits q . (k + rel) of the query-side tiled kernels, over key chunks
+// (mine: the per-slot array's base, stride `stride`; x_at(r, c): the query of the output at
+// plane position (r, c), channel stride x_stride; rows x cols: the output plane). Without
+// a full rel table (kHasRel), for C > 1 and pairs_in_warps(), register-blocked (RowPair,
+// slot_logits_pairs: one key vector loaded per halo row and slot column for two queries); the
+// sums are bitwise those of one output per thread. (LR-Net's one key channel is not: the
+// model showed no gain, and its registers cost the forward a block per SM.) Blocked, a
+// thread writes other threads' columns of mine: a closing barrier orders them before the
+// caller's reads.
+template <int C, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_logits(
     acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo, const T* __restrict__ src, size_t src_stride,
-    const T* __restrict__ x, size_t x_stride, const T* __restrict__ rel_h, acc_t<T>* __restrict__ rels,
+    const XAt& x_at, size_t x_stride, const T* __restrict__ rel_h, acc_t<T>* __restrict__ rels,
     int flags, int nch_total,
     const Window& w, const TilePos& p, const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
-    int halo_w, int tile, int stride) {
+    int halo_w, int tile, int stride, int rows, int cols) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
   const size_t tt = (size_t)w.th * w.tw;
+  const bool pairs = C > 1 && !(flags & kHasRel) && pairs_in_warps();   // (one channel: no gain, see below)
+  const RowPair rp(pairs, p, rows, cols);
   if (nch_total <= 0 && p.inside)   // no channel: every logit is 0 (before rel, bias)
-    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
+    for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride + p.tid] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
     const int nch = min(C, nch_total - c0);
     __syncthreads();   // the previous chunk's readers are done with the halo
     stage_halo<C>(halo, src + (size_t)c0 * src_stride, src_stride, w, y0, x0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
     __syncthreads();
+    A xa[C], xb[C];
+    if (pairs) {
+      pair_vectors<C, A>(xa, xb, x_at, p, rp, x_stride, c0, nch);
+      if (rp.in_a) slot_logits_pairs<C>(mine, halo, halo_area, ts, rp, xa, xb, c0 == 0, nr, nc, stride);
+      continue;
+    }
     if (!p.inside) continue;
-    A xreg[C];
-#pragma unroll
-    for (int d = 0; d < C; ++d) xreg[d] = d < nch ? load(x, (size_t)(c0 + d) * x_stride) : A(0);
+    load_vector<C, A>(xa, x_at, p.r, p.c, x_stride, c0, nch);
     by_chunk_fill(nch == C, [&](auto full) {
-      slot_logits_chunk<decltype(full)::value>(mine, halo, rels, xreg, flags, nch, c0 == 0, w, ts, nr, nc,
+      slot_logits_chunk<decltype(full)::value>(mine + p.tid, halo, rels, xa, flags, nch, c0 == 0, w, ts, nr, nc,
                                                halo_area, stride);
     });
   }
+  if (pairs) __syncthreads();
 }
 
-// mine[s] += sum_e x[e] * halo_e[s] over nch channels, for the slots inside (ts.off >= 0)
-// only: grad_out . v of each slot (query side) or each user (key side). No channel
-// predicate: the staged halo is 0 past nch, and so is x.
-template <int C, class T>
+// mine[s] = sum_e x[e] * halo_e[s] over the chunks, for the slots inside (ts.off >= 0), 0
+// for the others: grad_out . v of each slot (query side; x_at(r, c): grad_out of output
+// (r, c)) or each user (key side; v of key (r, c)); mine as in chunked_slot_logits. One
+// output per thread: blocked like the logits (pair_vectors' shuffles), the model had
+// LR-Net's key_grad_tiled 1373 -> 1439 us and SASA's 1828 -> 1872 (fewer shared loads, more
+// instructions), and query_grad_tiled spilled. No channel predicate: the staged halo is 0
+// past nch, and so is x.
+template <int C, class T, class XAt>
 __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, acc_t<T>* __restrict__ halo,
-                                                  const T* __restrict__ src, size_t src_stride,
-                                                  const T* __restrict__ x, size_t x_stride, int nch_total,
-                                                  const Window& w, const TilePos& p, const TileSlots& ts,
-                                                  int nr, int nc, int y0, int x0, int halo_h, int halo_w,
-                                                  int tile, int stride) {
+                                                  const T* __restrict__ src, size_t src_stride, const XAt& x_at,
+                                                  size_t x_stride, int nch_total, const Window& w, const TilePos& p,
+                                                  const TileSlots& ts, int nr, int nc, int y0, int x0, int halo_h,
+                                                  int halo_w, int tile, int stride) {
   using A = acc_t<T>;
   const int halo_area = halo_h * halo_w;
+  mine += p.tid;   // this thread's column
   if (nch_total <= 0 && p.inside)
     for (int sr = 0; sr < nr * nc; ++sr) mine[(size_t)sr * stride] = 0;
   for (int c0 = 0; c0 < nch_total; c0 += C) {
@@ -770,8 +921,7 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     __syncthreads();
     if (!p.inside) continue;
     A xreg[C];
-#pragma unroll
-    for (int e = 0; e < C; ++e) xreg[e] = e < nch ? load(x, (size_t)(c0 + e) * x_stride) : A(0);
+    load_vector<C, A>(xreg, x_at, p.r, p.c, x_stride, c0, nch);
     for (int sr = 0; sr < nr; ++sr) {
       const int row = ts.row(sr);
       for (int sc = 0; sc < nc; ++sc) {
@@ -870,18 +1020,13 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
   constexpr bool kPairs = PairBlocking<A, C>::value;
   const bool pairs = kPairs && blockDim.y % 2 == 0;   // uniform over the block
   constexpr int CH = kPairs ? C / 2 : C;   // channels per thread when paired
-  // This thread's outputs: (ty_a, tx) and, paired, (ty_a + 1, tx), channel half g. The two
-  // halves of one row pair are neighbours (g is the bit above tx): in a 16-wide tile one warp
-  // is one row pair, its 16-lane halves read the same weights and column offsets (one
-  // broadcast wavefront) and the two channel groups at the same positions. (With g above
-  // the pair index, a warp held two row pairs, whose weights lie 2 * 16 words apart in the
-  // per-slot arrays, one bank: 2-way conflicts on every weight load.)
+  // This thread's outputs (RowPair): (ty_a, tx) and, paired, (ty_a + 1, tx), channel half
+  // g: the two 16-lane halves of a warp read the same weights and column offsets (one
+  // broadcast wavefront) and the two channel groups at the same positions.
   const int bx = (int)blockDim.x;
-  const int g = pairs ? (p.tid / bx) % 2 : 0;
-  const int tx = pairs ? p.tid % bx : (int)threadIdx.x;
-  const int ty_a = pairs ? 2 * (p.tid / (2 * bx)) : (int)threadIdx.y;
-  const int r_a = p.row0 + ty_a, c = p.col0 + tx;
-  const bool in_a = r_a < rows && c < cols, in_b = pairs && r_a + 1 < rows && c < cols;
+  const RowPair rp(pairs, p, rows, cols);
+  const int g = rp.g, tx = rp.tx, ty_a = rp.ty_a, r_a = rp.r_a, c = rp.c;
+  const bool in_a = rp.in_a, in_b = rp.in_b;
   const TileSlots ta = ts.at(ty_a, tx), tb = ts.at(ty_a + 1, tx);
   const A* mine_a = mine + ty_a * bx + tx;
   const A* mine_b = mine_a + bx;
@@ -898,24 +1043,11 @@ __device__ __forceinline__ void chunked_weighted_sums(T* __restrict__ dst, size_
       A acc_a[CH], acc_b[CH];
 #pragma unroll
       for (int e = 0; e < CH; ++e) acc_a[e] = acc_b[e] = 0;
-      constexpr int kDone = 0x7fffffff;   // past a cursor's end, or no second output
-      int sa = 0, sb = 0;
-      while (true) {
-        const int ra = sa < nr ? ta.row(sa) : kDone, rb = in_b && sb < nr ? tb.row(sb) : kDone;
-        if (ra < 0) { ++sa; continue; }   // a slot row outside the image: adds nothing
-        if (rb < 0) { ++sb; continue; }
-        if (ra == kDone && rb == kDone) break;
-        if (ra == rb) {
-          weighted_row_pair<CH>(acc_a, acc_b, mine_a, mine_b, hg, halo_area, ta, ra, sa, sb, nc, stride);
-          ++sa, ++sb;
-        } else if (ra < rb) {
-          weighted_row<CH>(acc_a, mine_a, hg, halo_area, ta, ra, sa, nc, stride);
-          ++sa;
-        } else {
-          weighted_row<CH>(acc_b, mine_b, hg, halo_area, tb, rb, sb, nc, stride);
-          ++sb;
-        }
-      }
+      merge_slot_rows(ta, tb, nr, in_b, false, [&](int row, int sa, int sb, bool use_a, bool use_b) {
+        if (use_a && use_b) weighted_row_pair<CH>(acc_a, acc_b, mine_a, mine_b, hg, halo_area, ta, row, sa, sb, nc, stride);
+        else if (use_a) weighted_row<CH>(acc_a, mine_a, hg, halo_area, ta, row, sa, nc, stride);
+        else weighted_row<CH>(acc_b, mine_b, hg, halo_area, tb, row, sb, nc, stride);
+      });
 #pragma unroll
       for (int e = 0; e < CH; ++e) {
         const int ch = g * CH + e;

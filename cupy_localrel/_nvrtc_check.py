@@ -224,7 +224,8 @@ MIX_KEYS = ("global_load", "global_store", "shared_load", "shared_store", "local
 # memory_words: the global/shared loads and stores and atomics counted in 4-byte units of
 # width per lane (LDS.128 = 4, LDG.E.64 = 2, anything up to 4 bytes = 1): what the same data
 # would take in 4-byte instructions (the issue proxy's denominator, _profile.py).
-_MEMORY_CLASSES = ("global_load", "global_store", "shared_load", "shared_store", "atomic")
+# MEMORY_CLASSES: the classes of memory instructions (also _profile.instructions_per_request).
+MEMORY_CLASSES = ("global_load", "global_store", "shared_load", "shared_store", "atomic")
 _SASS_CLASSES = {"LDG": "global_load", "STG": "global_store", "LDS": "shared_load", "LDSM": "shared_load",
                  "STS": "shared_store", "LDL": "local", "STL": "local", "FFMA": "ffma", "MUFU": "mufu",
                  "BAR": "barrier", "ATOM": "atomic", "ATOMG": "atomic", "ATOMS": "atomic", "RED": "atomic"}
@@ -265,7 +266,7 @@ def _count_sass(mix: dict, opcode: str, modifiers: str) -> None:
     cls = _SASS_CLASSES.get(opcode)
     if cls:
         mix[cls] += 1
-        if cls in _MEMORY_CLASSES:
+        if cls in MEMORY_CLASSES:
             mix["memory_words"] += _sass_words(modifiers)
 
 
@@ -312,7 +313,7 @@ def ptx_mix(ptx: str) -> dict[str, dict[str, int]]:
         for prefix, cls in _PTX_CLASSES:
             if t.startswith(prefix):
                 cur[cls] += 1
-                if cls in _MEMORY_CLASSES:
+                if cls in MEMORY_CLASSES:
                     cur["memory_words"] += _ptx_words(t)
                 break
     return out

@@ -252,8 +252,8 @@ def instructions_per_request(mix: dict | None) -> float | None:
     accesses (or narrower) this is all instructions per memory instruction."""
     if not mix:
         return None
-    mem = mix.get("memory_words") or sum(
-        mix[k] for k in ("global_load", "global_store", "shared_load", "shared_store", "atomic"))
+    from ._nvrtc_check import MEMORY_CLASSES
+    mem = mix.get("memory_words") or sum(mix[k] for k in MEMORY_CLASSES)
     return mix["total"] / mem if mem else None
 
 

@@ -418,8 +418,8 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
         return None
     # Split rel only on the CK > 1 configuration (localrel::tiled_flags): LR-Net's kernels
     # compile without it.
-    small = geo.dqk <= 4 and not c.flags & HAS_REL_SPLIT
-    ck, cv = TILED_CONFIGS["lrnet" if small else "sasa"]
+    lrnet_config = geo.dqk <= 4 and not c.flags & HAS_REL_SPLIT
+    ck, cv = TILED_CONFIGS["lrnet" if lrnet_config else "sasa"]
     halo_h, halo_w = (_halo_extent(length, k, d, st, geo.border, table, tile) for length, k, d, st, tile
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))

@@ -281,7 +281,7 @@ def test_fast_path_tail_chunks_and_odd_edges(backend, config, border, dtype, sim
 # of C > 1, tiles at most 16 wide: the (16, 6) shapes here) for every other slot column.
 # Tile heights that are odd keep one output per thread, and so do the logits with a full
 # rel table (with_rel). Other block
-# shapes than the shipped (16, 8) / (16, 4): whole warps, even and odd heights, with odd H
+# shapes than the shipped (16, 8) / (16, 8) or (16, 4): whole warps, even and odd heights, with odd H
 # (a pair's second row outside the plane), dilation and tail chunks (Dqk = 12, Dv = 20).
 # Row dilation 2 gives the two windows of a pair disjoint halo rows (only the merge's
 # single-output branches run), column dilation 2 shared ones (the paired rows).
@@ -293,7 +293,7 @@ def test_fast_path_weighted_sums_over_block_shapes(border, blocks, with_rel, dil
     from cupy_localrel._backends import _kernel_ops
     _require("sim")
     monkeypatch.setattr(_kernel_ops, "TILED_BLOCK", blocks[0])
-    monkeypatch.setattr(_kernel_ops, "TILED_BWD_BLOCK", blocks[1])
+    monkeypatch.setattr(_kernel_ops, "TILED_BWD_BLOCKS", (blocks[1],))
     shape = (1, 1, 12, 20, 11, 35)
     x = _inputs(*shape, (5, 3), border, True, with_rel, np.float32, 3)
     geo = G.qk_geometry(x["q"], x["k"], 1, (5, 3), dilation, 1, border, x["bias"], x["rel"], None, v=x["v"])
@@ -587,6 +587,8 @@ def test_large_windows_take_the_fast_path_above_48_kib(border, sim_seed):
         th, tw = geo.table_shape
         query_side = K._tiled_backward_config(geo, c, lambda b: 4 * (b[1] * th + b[0] * tw))
         assert query_side is not None, k
+        # The larger backward tile where it fits sm_80's shared memory, the smaller at k = 13.
+        assert query_side[0] == ((16, 4) if k == 13 else (16, 8)), (k, query_side)
         assert K._tiled_key_config(geo, c) is not None or (border == "shift" and k == 13)
     _check_all_ops("sim", border, 13, 1, 1, "float32", True, True, shape=(1, 1, 8, 8, 17, 19))
 

@@ -66,7 +66,10 @@ MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds
 VPT = 8                         # value channels per thread of the general kernels
 TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
-TILED_BWD_BLOCK = (16, 4)       # the backward fast path keeps two [K][tile] arrays
+# The backward fast path's tiles, largest first: each kernel takes the first whose plan fits
+# the device's shared memory (two [K][tile] arrays per block; 16 x 8 halves the halo
+# staging per output of 16 x 4, and k = 13 on sm_80 falls back to 16 x 4).
+TILED_BWD_BLOCKS = ((16, 8), (16, 4))
 REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
 HAS_BIAS, HAS_REL, HAS_KEY_BIAS, HAS_REL_SPLIT = 1, 2, 4, 8   # localrel::Flags
@@ -485,8 +488,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     tables = lambda block: 4 * (block[1] * th + block[0] * tw)   # noqa: E731  row_slot, col_slot
     tiled = _tiled_backward_config(geo, c, tables) if allow_tiled and mode == MODE_ATTENTION else None
     if tiled is not None:
-        ck, cv, smem_bytes, halo_h, halo_w = tiled
-        block = TILED_BWD_BLOCK
+        block, (ck, cv, smem_bytes, halo_h, halo_w) = tiled
         kernel = c.fn_smem(smem_bytes, BACKWARD_FILE, "query_grad_tiled", ck, cv)
         extra = (np.int32(halo_h), np.int32(halo_w))
     else:
@@ -515,15 +517,25 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     return dbias, drel
 
 
+def _first_fitting_block(plan_of):
+    """(block, plan) of the first of TILED_BWD_BLOCKS whose plan ``plan_of(block)`` fits, or None."""
+    for block in TILED_BWD_BLOCKS:
+        plan = plan_of(block)
+        if plan is not None:
+            return block, plan
+    return None
+
+
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
-    """Plan of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the table sums'
-    reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse and
-    per-tile tables."""
-    bx, by = TILED_BWD_BLOCK
-    after = c.acc.itemsize * (TABLE_CHANNELS * bx * by + _split_rel_floats(geo, c, TILED_BWD_BLOCK)) \
-        + tables(TILED_BWD_BLOCK) \
-        + _tile_tables(geo.kernel, TILED_BWD_BLOCK)
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "pos", c.acc.itemsize * 2 * geo.slots * (bx * by + 1), after)
+    """(block, plan) of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the
+    table sums' reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse
+    and per-tile tables."""
+    def plan(block):
+        tile = block[0] * block[1]
+        after = c.acc.itemsize * (TABLE_CHANNELS * tile + _split_rel_floats(geo, c, block)) \
+            + tables(block) + _tile_tables(geo.kernel, block)
+        return _tiled_plan(geo, c, block, "pos", c.acc.itemsize * 2 * geo.slots * (tile + 1), after)
+    return _first_fitting_block(plan)
 
 
 def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
@@ -545,9 +557,9 @@ def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, d
     common = (c.win, grad, q, k, v)
     scalars = (c.heads, c.dqk, c.dv, c.flags, c.scale)
     if tiled is not None:
-        ck, cv, smem_bytes, halo_h, halo_w = tiled
+        block, (ck, cv, smem_bytes, halo_h, halo_w) = tiled
         c.fn_smem(smem_bytes, BACKWARD_FILE, "key_grad_tiled", ck, cv)(
-            _grid(c.planes, geo.height, geo.width, TILED_BWD_BLOCK), TILED_BWD_BLOCK,
+            _grid(c.planes, geo.height, geo.width, block), block,
             common + (lse, delta, bias, *rel, dk, dv) + scalars + (np.int32(halo_h), np.int32(halo_w)),
             shared_mem=smem_bytes)
         return
@@ -571,16 +583,16 @@ def _users(geo: Geometry) -> int:
 
 
 def _tiled_key_config(geo: Geometry, c: _Call):
-    """Plan of key_grad_tiled: weights and logit gradients [U][tile], per-tile users tables.
+    """(block, plan) of key_grad_tiled: weights and logit gradients [U][tile], per-tile users
+    tables.
 
     The halo is the rectangle of outputs using the tile's keys (spanned by the users tables);
     with stride 1 their queries sit at the same positions, so one rectangle serves both.
     """
-    bx, by = TILED_BWD_BLOCK
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
-    return _tiled_plan(geo, c, TILED_BWD_BLOCK, "users", c.acc.itemsize * 2 * _users(geo) * bx * by,
-                       _tile_tables((rows_users.shape[1], cols_users.shape[1]), TILED_BWD_BLOCK),
-                       HAS_REL | HAS_REL_SPLIT)
+    return _first_fitting_block(lambda block: _tiled_plan(
+        geo, c, block, "users", c.acc.itemsize * 2 * _users(geo) * block[0] * block[1],
+        _tile_tables((rows_users.shape[1], cols_users.shape[1]), block), HAS_REL | HAS_REL_SPLIT))
 
 
 def _key_bias_grad(t: Target, geo: Geometry, key_bias):

@@ -446,8 +446,11 @@ def _tiled_config(geo: Geometry, c: _Call):
 
 def _split_rel_floats(geo: Geometry, c: _Call, block) -> int:
     """localrel::split_rel_floats: the query-side tiled kernels' [kh + kw][tile] terms of a
-    split rel (its short dot products, then dlogit's row/column sums), else 0."""
-    return sum(geo.kernel) * block[0] * block[1] if c.flags & HAS_REL_SPLIT else 0
+    split rel (its short dot products, then dlogit's row/column sums) and the head's rel_h
+    and rel_w staged next to them, else 0."""
+    if not c.flags & HAS_REL_SPLIT:
+        return 0
+    return sum(geo.kernel) * block[0] * block[1] + geo.dqk // 2 * sum(geo.table_shape)
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:

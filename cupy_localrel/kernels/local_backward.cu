@@ -242,7 +242,7 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 //                           slot (the + 1 keeps tile_table_sum's lanes in different banks)
 //   halo[max(CK,CV)][halo_h*halo_w] (A) (with rel: staging_floats), qs[kTableChannels][TILE]
 //   (A), with split rel terms[kh + kw][TILE] (A: the short dot products, then dlogit's
-//   row/column sums), row_slot, col_slot (int),
+//   row/column sums) and the head's rel_h, rel_w (stage_split_rel_head), row_slot, col_slot (int),
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over key chunks, (2) dp over value chunks, (3) dlogit, (4) dq over key
 // chunks again, (5) table partials.
@@ -256,15 +256,14 @@ constexpr int kTableChannels = 8;
 // rel_w[c - Dqk/2][ax(tx)] for the others, where R/C are the row/column sums of the query's
 // dlogit, kept in `sums` (R[ty] at sums[ty * stride], C[tx] at sums[(kh + tx) * stride]):
 // kh + kw products per channel instead of one rel add per (slot, channel). Fixed order.
-template <int C, class T>
-__device__ __forceinline__ void split_rel_dq(acc_t<T> (&acc)[C], int c0, int nch, const acc_t<T>* __restrict__ sums,
-                                             int stride, const RelOfHead<T>& rel, const TileSlots& ts, int kh,
+template <int C, class A>
+__device__ __forceinline__ void split_rel_dq(A (&acc)[C], int c0, int nch, const A* __restrict__ sums,
+                                             int stride, const RelOfHead<A>& rel, const TileSlots& ts, int kh,
                                              int kw) {
-  using A = acc_t<T>;
   for (int i = 0; i < kh + kw; ++i) {   // rows (rel_h: channels < Dqk/2), then columns
     const bool row = i < kh;
     const A sum = sums[(size_t)i * stride];
-    const T* table = row ? rel.a + ts.tab_row(i) : rel.b + ts.tab_col(i - kh);
+    const A* table = row ? rel.a + ts.tab_row(i) : rel.b + ts.tab_col(i - kh);
     const int entries = row ? rel.th : rel.tw;
 #pragma unroll
     for (int d = 0; d < C; ++d)
@@ -294,7 +293,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
   A* my_terms = qs + kTableChannels * tile + p.tid;   // [kh + kw][tile] with split rel
-  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile + split_rel_floats(w.kh, w.kw, tile, flags));
+  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile + split_rel_floats(w, dqk, tile, flags));
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -310,6 +309,11 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 
   // Slot (ty, tx) of this thread's output: halo offset ts.off (negative: outside the image)
   // and table index ts.tab, from the tile's tables in shared memory.
+  // Split rel: the head's rel_h and rel_w, after the terms (read after the next barrier).
+  const RelOfHead<A> split_rel = (flags & kHasRelSplit)
+      ? stage_split_rel_head(my_terms - p.tid + (w.kh + w.kw) * tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags),
+                             p.tid, tile)
+      : RelOfHead<A>(nullptr, nullptr, 0, 0, 0);
   const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
 
   // Threads past the plane edge hold zeros for the table sums (the phases below write only
@@ -334,7 +338,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // in their place for phase (4).
   if (p.inside) {
     if (flags & kHasRelSplit) {
-      split_rel_terms(my_terms, tile, qc, hw, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
+      split_rel_terms(my_terms, tile, qc, hw, split_rel, ts, w.kh, w.kw);
       add_split_rel_terms(my_dl, ss, my_terms, tile, w.kh, w.kw);
     }
     const A lse_o = lse[(size_t)p.plane * ohw + o];
@@ -377,7 +381,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
     if (flags & kHasRelSplit)   // split rel's part first, before the slot loop's registers are live
-      split_rel_dq<CK>(acc, c0, nch, my_terms, tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh, w.kw);
+      split_rel_dq<CK>(acc, c0, nch, my_terms, tile, split_rel, ts, w.kh, w.kw);
     // Channels past nch: the staged keys are 0 (their sums are not stored); only a tail's
     // rel chunk, staged for nch channels, needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {

@@ -161,7 +161,8 @@ attention_forward(const int* __restrict__ geo, const T* __restrict__ q, const T*
 //   halo[max(CK,CV)][halo_h*halo_w] (A)   one chunk of key or value channels (with rel, CK
 //                             channels of rel after the first CK channels: staging_floats)
 //   terms[kh + kw][TILE] (A)  split rel only (kHasRelSplit): each query's kh + kw short dot
-//                             products q_rows . rel_h[:, a], q_cols . rel_w[:, b]
+//                             products q_rows . rel_h[:, a], q_cols . rel_w[:, b]; then
+//                             the head's rel_h and rel_w (stage_split_rel_head)
 //   the tile's window tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits accumulate over key-channel chunks; (2) each thread turns its logits
 // into weights and lse; (3) per value-channel chunk, stage values and sum. The weights
@@ -194,7 +195,11 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // and table index ts.tab, from the tile's tables in shared memory.
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
   A* terms = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kh + kw][tile] with split rel
-  int* tables = reinterpret_cast<int*>(terms + split_rel_floats(w.kh, w.kw, tile, flags));
+  int* tables = reinterpret_cast<int*>(terms + split_rel_floats(w, dqk, tile, flags));
+  // Split rel: the head's rel_h and rel_w, after the terms (read after the next barrier).
+  const RelOfHead<A> split_rel = (flags & kHasRelSplit)
+      ? stage_split_rel_head(terms + (w.kh + w.kw) * tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), p.tid, tile)
+      : RelOfHead<A>(nullptr, nullptr, 0, 0, 0);
   const TileSlots ts = window_tile_slots(tables, w, p, y0, x0, halo_w, tile);
 
   // (1) logits: q . (k + rel) summed over key-channel chunks (q . k alone with split rel,
@@ -208,8 +213,7 @@ attention_forward_tiled(const int* __restrict__ geo, const T* __restrict__ q, co
   // dot products (split_rel_terms) to the logits here.
   if (p.inside) {
     if (flags & kHasRelSplit) {
-      split_rel_terms(terms + p.tid, tile, qc, w.in_plane(), RelOfHead<T>(rel, rel_w, h, dqk, w, flags), ts, w.kh,
-                      w.kw);
+      split_rel_terms(terms + p.tid, tile, qc, w.in_plane(), split_rel, ts, w.kh, w.kw);
       add_split_rel_terms(logit + p.tid, tile, terms + p.tid, tile, w.kh, w.kw);
     }
     A m = neg_inf<A>();

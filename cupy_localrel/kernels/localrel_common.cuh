@@ -188,6 +188,9 @@ struct RelOfHead {
     a = rel + (size_t)h * (split ? (size_t)half * th : (size_t)dqk * th * tw);
     b = rel_w + (split ? (size_t)h * half * tw : 0);
   }
+  // A split rel at a and b as they are (stage_split_rel_head's copy in shared memory).
+  __device__ RelOfHead(const T* __restrict__ a_, const T* __restrict__ b_, int half_, int th_, int tw_)
+      : a(a_), b(b_), half(half_), th(th_), tw(tw_) {}
   // Channel d's rel at table row ay, column ax (with kHasAnyRel only).
   __device__ acc_t<T> at(int d, int ay, int ax, int flags) const {
     if (flags & kHasRelSplit) return d < half ? load(a, (size_t)d * th + ay) : load(b, (size_t)(d - half) * tw + ax);
@@ -627,21 +630,36 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // q_stride. Fixed summation order (chunk after chunk of kSplitRelChunk channels).
 constexpr int kSplitRelChunk = 8;   // query channels held in registers at a time
 
-// Floats of a tiled kernel's `terms` buffer (0 without split rel); the host plans the same.
-__device__ __forceinline__ int split_rel_floats(int kh, int kw, int tile, int flags) {
-  return (flags & kHasRelSplit) ? (kh + kw) * tile : 0;
+// Floats of a query-side tiled kernel's split rel buffers (0 without split rel): `terms`
+// [kh + kw][tile], then the head's rel_h and rel_w (stage_split_rel_head). The host plans
+// the same (_kernel_ops._split_rel_floats).
+__device__ __forceinline__ int split_rel_floats(const Window& w, int dqk, int tile, int flags) {
+  return (flags & kHasRelSplit) ? (w.kh + w.kw) * tile + dqk / 2 * (w.th + w.tw) : 0;
 }
 
+// One head's split rel copied into shared memory (`dst`: rel_h's Dqk/2 x th entries, then
+// rel_w's Dqk/2 x tw), once per block: split_rel_terms and split_rel_dq read every entry
+// once per query, and from global memory that was one (uniform) request per entry and warp.
+// Returns the copy's view; every thread of the block must call this, and a barrier must
+// come before the view is read.
 template <class T>
+__device__ __forceinline__ RelOfHead<acc_t<T>> stage_split_rel_head(acc_t<T>* __restrict__ dst,
+                                                                   const RelOfHead<T>& rel, int tid, int nthreads) {
+  const int na = rel.half * rel.th, n = na + rel.half * rel.tw;
+  for (int i = tid; i < n; i += nthreads) dst[i] = i < na ? load(rel.a, i) : load(rel.b, i - na);
+  return RelOfHead<acc_t<T>>(dst, dst + na, rel.half, rel.th, rel.tw);
+}
+
+template <class T, class R>
 __device__ __forceinline__ void split_rel_terms(acc_t<T>* __restrict__ terms, int stride, const T* __restrict__ qc,
-                                                size_t q_stride, const RelOfHead<T>& rel, const TileSlots& ts,
+                                                size_t q_stride, const RelOfHead<R>& rel, const TileSlots& ts,
                                                 int kh, int kw) {
   using A = acc_t<T>;
   for (int i = 0; i < kh + kw; ++i) terms[(size_t)i * stride] = 0;
   for (int d0 = 0; d0 < rel.half; d0 += kSplitRelChunk) {
     const int n = min(kSplitRelChunk, rel.half - d0);
     for (int axis = 0; axis < 2; ++axis) {   // rows (rel_h, first half), then columns
-      const T* table = axis == 0 ? rel.a : rel.b;
+      const R* table = axis == 0 ? rel.a : rel.b;
       const int entries = axis == 0 ? rel.th : rel.tw, count = axis == 0 ? kh : kw;
       A qr[kSplitRelChunk];
 #pragma unroll

@@ -128,8 +128,8 @@ CASES = {
                          2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),
     # SASA's rel_h/rel_w go to the kernels as they are (no rel table built per call); the
     # backward reduces the drel partials to the full table, then sums its rows/columns.
-    "sasa2d": (_sasa, 0, ["attention_forward_tiled"],
-               3, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),   # delta, partials, drel table
+    "sasa2d": (_sasa, 0, ["attention_forward_tiled"],   # backward: delta, partials; drel's rows, columns
+               2, ["query_grad_tiled", TABLE_REDUCE, TABLE_REDUCE, "key_grad_tiled"], 0),
     "local_qk2d": (_qk, 0, ["qk_forward"], 2, ["query_grad", TABLE_REDUCE, TABLE_REDUCE, "key_grad"], 0),
     "local_av2d": (_av, 0, ["av_forward"], 0, ["av_dattn", "key_grad"], 0),
 }
@@ -193,12 +193,11 @@ def _old_sasa_rel(arrays, heads, kernel_size, border):
 
 def test_sasa_builds_no_rel_table(fake, monkeypatch):
     """sasa2d hands rel_h/rel_w to the kernels as they are: no broadcast, no concatenate and
-    no (heads, Dqk, kh, kw) array in the forward; in the backward, one: the reduced drel
-    table (what rel_h/rel_w's gradients are summed from). The old expansion is caught."""
+    no (heads, Dqk, kh, kw) array in the forward or the backward (query_grad_tiled sums
+    drel per table row and column itself). The old expansion is caught."""
     from cupy_localrel import _ops
     forward, backward = _sasa(fake)
     forward(), backward()
-    rel_shape = (2, 4, KS, KS)
 
     def rel_sized(call):   # (heads, channels, kh, kw) arrays: rel, or a half of it
         fake.reset()
@@ -207,7 +206,7 @@ def test_sasa_builds_no_rel_table(fake, monkeypatch):
                 if a.ndim == 4 and a.shape[0] == 2 and a.shape[2:] == (KS, KS)]
 
     assert rel_sized(forward) == [] and fake.counts()["concatenate"] == fake.counts()["broadcast"] == 0
-    assert rel_sized(backward) == [rel_shape] and fake.counts()["concatenate"] == fake.counts()["broadcast"] == 0
+    assert rel_sized(backward) == [] and fake.counts()["concatenate"] == fake.counts()["broadcast"] == 0
     _, f_scratch, f_launches, _, _, _ = CASES["sasa2d"]
     assert _check_call(fake, forward, f_scratch, f_launches, 0, 3) == []
     monkeypatch.setattr(_ops, "_sasa_rel", _old_sasa_rel)

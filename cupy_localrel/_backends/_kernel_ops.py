@@ -72,6 +72,7 @@ TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query
 TILED_BWD_BLOCKS = ((16, 8), (16, 4))
 REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
+SPLIT_DREL_CHANNELS = 8         # kSplitDrelChannels of query_grad_tiled (split rel's drel)
 HAS_BIAS, HAS_REL, HAS_KEY_BIAS, HAS_REL_SPLIT = 1, 2, 4, 8   # localrel::Flags
 MODE_ATTENTION, MODE_QK, MODE_AV = 0, 1, 2   # Mode in local_backward.cu
 
@@ -371,6 +372,18 @@ def _rel_grad(c: "_Call", rel, part_rel, tiles: int):
     return G.SplitRel.from_full_grad(full) if isinstance(rel, G.SplitRel) else full
 
 
+def _split_rel_grad(c: "_Call", part_rel, blocks: int, tiles: int):
+    """A split rel's ``drel`` from query_grad_tiled's partials: every block's rows partials
+    ``(Dqk/2, th)``, then every block's columns partials ``(Dqk/2, tw)``, each reduced over
+    the blocks into its own array."""
+    geo = c.geo
+    half, (th, tw) = geo.dqk // 2, geo.table_shape
+    split = blocks * half * th
+    rows = _table_reduce(c, part_rel[:split], (geo.heads, half, th), tiles, half * th)
+    cols = _table_reduce(c, part_rel[split:], (geo.heads, half, tw), tiles, half * tw)
+    return G.SplitRel(rows, cols)
+
+
 # ---------------------------------------------------------------------------------------
 # The backend function set (see cupy_localrel/_backends/__init__.py)
 # ---------------------------------------------------------------------------------------
@@ -440,17 +453,17 @@ def _tiled_config(geo: Geometry, c: _Call):
     (split rel) the short dot products' terms [kh + kw][tile]."""
     bx, by = TILED_BLOCK
     return _tiled_plan(geo, c, TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
-                       c.acc.itemsize * _split_rel_floats(geo, c, TILED_BLOCK)
+                       c.acc.itemsize * _split_rel_floats(geo, c, bx * by)
                        + _tile_tables(geo.kernel, TILED_BLOCK))
 
 
-def _split_rel_floats(geo: Geometry, c: _Call, block) -> int:
-    """localrel::split_rel_floats: the query-side tiled kernels' [kh + kw][tile] terms of a
-    split rel (its short dot products, then dlogit's row/column sums) and the head's rel_h
-    and rel_w staged next to them, else 0."""
+def _split_rel_floats(geo: Geometry, c: _Call, stride: int) -> int:
+    """localrel::split_rel_floats: the query-side tiled kernels' [kh + kw][stride] terms of
+    a split rel (its short dot products, then dlogit's row/column sums; stride: the tile, or
+    tile + 1 in query_grad_tiled) and the head's rel_h and rel_w staged next to them, else 0."""
     if not c.flags & HAS_REL_SPLIT:
         return 0
-    return sum(geo.kernel) * block[0] * block[1] + geo.dqk // 2 * sum(geo.table_shape)
+    return sum(geo.kernel) * stride + geo.dqk // 2 * sum(geo.table_shape)
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -505,7 +518,11 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     tiles = _tiles(geo.out_h, geo.out_w, block)
     blocks = c.planes * tiles
     part_bias = xp.empty(blocks * th * tw, c.acc) if bias is not None else c.acc_dummy
-    part_rel = xp.empty(blocks * geo.dqk * th * tw, c.acc) if rel is not None else c.acc_dummy
+    # query_grad_tiled sums a split rel's partials per table row and column itself
+    # (split_rel_partials); the other kernels write the full table's.
+    split_partials = tiled is not None and bool(c.flags & HAS_REL_SPLIT)
+    rel_entries = geo.dqk // 2 * (th + tw) if split_partials else geo.dqk * th * tw
+    part_rel = xp.empty(blocks * rel_entries, c.acc) if rel is not None else c.acc_dummy
     inputs = (c.win, grad, q, k, _or(v, q), _or(lse, c.acc_dummy), _or(bias, q), *_rel_args(rel, q))
     results = (dq, _or(delta, c.acc_dummy), part_bias, part_rel, c.heads, c.dqk, c.dv,
                c.flags, c.scale)
@@ -516,7 +533,12 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
         _launch_work(c, kernel, geo.out_h, geo.out_w, block,
                      inputs + (_or(key_bias, q),) + results, smem_bytes, scratch_bytes)
     dbias = None if bias is None else _table_reduce(c, part_bias, bias.shape, tiles, th * tw)
-    drel = None if rel is None else _rel_grad(c, rel, part_rel, tiles)
+    if rel is None:
+        drel = None
+    elif split_partials:
+        drel = _split_rel_grad(c, part_rel, blocks, tiles)
+    else:
+        drel = _rel_grad(c, rel, part_rel, tiles)
     return dbias, drel
 
 
@@ -533,9 +555,12 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     """(block, plan) of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the
     table sums' reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse
     and per-tile tables."""
+    # localrel query_rows_floats: the tile's queries for the drel partials
+    query_rows = 2 * SPLIT_DREL_CHANNELS + 1 if c.flags & HAS_REL_SPLIT else TABLE_CHANNELS
+
     def plan(block):
         tile = block[0] * block[1]
-        after = c.acc.itemsize * (TABLE_CHANNELS * tile + _split_rel_floats(geo, c, block)) \
+        after = c.acc.itemsize * (query_rows * tile + _split_rel_floats(geo, c, tile + 1)) \
             + tables(block) + _tile_tables(geo.kernel, block)
         return _tiled_plan(geo, c, block, "pos", c.acc.itemsize * 2 * geo.slots * (tile + 1), after)
     return _first_fitting_block(plan)

@@ -143,6 +143,60 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
     }
 }
 
+// Stage 1 of SASA's split drel (kHasRelSplit) in query_grad_tiled, for one block of outputs:
+//   part_rows[block][c][ay] = sum over the tile's outputs o of scale q_o[c] R_o[ty(ay)],
+//   part_cols[block][c][ax] = sum over o of scale q_o[Dqk/2 + c] C_o[tx(ax)],
+// where R_o[ty] and C_o[tx] are output o's dlogit summed over slot row ty and slot column
+// tx (in `terms` [kh + kw][terms_stride], zeros outside the plane) and ty(ay) is the slot
+// row that reads table row ay (none: no term). rel_h[c][ay] is in every full-table entry of
+// row ay, so its gradient is those entries' summed over the columns: kh + kw sums per
+// output instead of the full table's Dqk x th x tw partials (and no full table to reduce).
+// Fixed order: outputs by rows, then columns. Lanes take entries channel fastest: a warp's
+// lanes read one or a few sums (broadcasts, rows terms_stride apart: an odd stride keeps
+// them in different banks) and neighbouring channels of one query (qt: rows of
+// 2 kSplitDrelChannels + 1 words). Every thread of the block must call this (barriers).
+constexpr int kSplitDrelChannels = 8;   // channels of each half per pass
+
+template <class A, class T>
+__device__ void split_rel_partials(const Window& w, const TilePos& p, const A* __restrict__ terms, int terms_stride,
+                                   A* __restrict__ qt, int* __restrict__ row_slot, int* __restrict__ col_slot,
+                                   const T* __restrict__ qc, int dqk, A scale, A* __restrict__ part_rel, int tile) {
+  constexpr int P = kSplitDrelChannels, pitch = 2 * P + 1;
+  const int half = dqk / 2, th = w.th, tw = w.tw, bx = blockDim.x;
+  A* part_rows = part_rel;
+  A* part_cols = part_rel + (size_t)gridDim.x * half * th;   // after every block's rows
+  __syncthreads();   // every thread has written its terms, and nobody reads row_slot any more
+  invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, th, p.tid, tile);
+  invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, tw, p.tid, tile);
+  for (int d0 = 0; d0 < half; d0 += P) {
+    const int nq = min(P, half - d0);
+    __syncthreads();   // the inverted tables are complete; the previous pass's readers are done
+    for (int n = 0; n < 2 * P; ++n) {   // this thread's query: channels d0.. of each half
+      const int c = (n < P ? 0 : half) + d0 + n % P;
+      qt[p.tid * pitch + n] = (p.inside && n % P < nq) ? scale * load(qc, (size_t)c * w.in_plane()) : A(0);
+    }
+    __syncthreads();
+    for (int e = p.tid; e < P * (th + tw); e += tile) {
+      const int n = e % P, a = e / P;   // channel d0 + n of table row a (a < th), else column a - th
+      if (n >= nq) continue;
+      const bool row = a < th;
+      A sum = 0;
+      for (int r = 0; r < (int)blockDim.y; ++r) {
+        const int ty = row ? row_slot[r * th + a] : 0;
+        if (ty < 0) continue;   // no slot row of tile row r reads table row a
+        for (int c = 0; c < bx; ++c) {
+          const int tx = row ? 0 : col_slot[c * tw + a - th];
+          if (tx < 0) continue;
+          const int o = r * bx + c, i = row ? ty : w.kh + tx;   // i: the sum's row in terms
+          sum += qt[o * pitch + (row ? n : P + n)] * terms[(size_t)i * terms_stride + o];
+        }
+      }
+      if (row) part_rows[((size_t)p.block * half + d0 + n) * th + a] = sum;
+      else part_cols[((size_t)p.block * half + d0 + n) * tw + a - th] = sum;
+    }
+  }
+}
+
 }  // namespace
 
 template <class T, int MODE, int SIM = kDot>
@@ -251,6 +305,13 @@ query_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __r
 // feeds this many sums). The host's shared-memory plan (_kernel_ops) counts the same.
 constexpr int kTableChannels = 8;
 
+// Floats of query_grad_tiled's query rows (qs): kTableChannels rows of the tile's queries
+// (a full rel's partials), or with split rel split_rel_partials' qt (2 kSplitDrelChannels
+// + 1 floats per output). The host plans the same.
+__device__ __forceinline__ int query_rows_floats(int tile, int flags) {
+  return ((flags & kHasRelSplit) ? 2 * kSplitDrelChannels + 1 : kTableChannels) * tile;
+}
+
 // dq's part from SASA's split rel (kHasRelSplit) for channels [c0, c0 + nch) of one query:
 // acc[d] += sum_ty R[ty] rel_h[c][ay(ty)] for c = c0 + d < Dqk/2, and sum_tx C[tx]
 // rel_w[c - Dqk/2][ax(tx)] for the others, where R/C are the row/column sums of the query's
@@ -291,9 +352,10 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   A* dp = dlogit + (size_t)K * ss;
   A* halo = align16(dlogit, 2 * (size_t)K * ss);   // 16-byte aligned: the halo's wide loads
   A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (see staging_floats)
-  A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // [kTableChannels][tile]
-  A* my_terms = qs + kTableChannels * tile + p.tid;   // [kh + kw][tile] with split rel
-  int* row_slot = reinterpret_cast<int*>(qs + kTableChannels * tile + split_rel_floats(w, dqk, tile, flags));
+  A* qs = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);   // query_rows_floats
+  const int ts_stride = tile + 1;   // terms' row stride: odd, see split_rel_partials
+  A* my_terms = qs + query_rows_floats(tile, flags) + p.tid;   // [kh + kw][ts_stride] with split rel
+  int* row_slot = reinterpret_cast<int*>(qs + query_rows_floats(tile, flags) + split_rel_floats(w, dqk, ts_stride, flags));
   int* col_slot = row_slot + blockDim.y * w.th;
   const int y0 = halo_origin(w.rows_pos, p.row0, blockDim.y, w.Ho, w.kh);
   const int x0 = halo_origin(w.cols_pos, p.col0, blockDim.x, w.Wo, w.kw);
@@ -311,7 +373,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // and table index ts.tab, from the tile's tables in shared memory.
   // Split rel: the head's rel_h and rel_w, after the terms (read after the next barrier).
   const RelOfHead<A> split_rel = (flags & kHasRelSplit)
-      ? stage_split_rel_head(my_terms - p.tid + (w.kh + w.kw) * tile, RelOfHead<T>(rel, rel_w, h, dqk, w, flags),
+      ? stage_split_rel_head(my_terms - p.tid + (w.kh + w.kw) * ts_stride, RelOfHead<T>(rel, rel_w, h, dqk, w, flags),
                              p.tid, tile)
       : RelOfHead<A>(nullptr, nullptr, 0, 0, 0);
   const TileSlots ts = window_tile_slots(col_slot + blockDim.x * w.tw, w, p, y0, x0, halo_w, tile);
@@ -338,8 +400,8 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
   // in their place for phase (4).
   if (p.inside) {
     if (flags & kHasRelSplit) {
-      split_rel_terms(my_terms, tile, qc, hw, split_rel, ts, w.kh, w.kw);
-      add_split_rel_terms(my_dl, ss, my_terms, tile, w.kh, w.kw);
+      split_rel_terms(my_terms, ts_stride, qc, hw, split_rel, ts, w.kh, w.kw);
+      add_split_rel_terms(my_dl, ss, my_terms, ts_stride, w.kh, w.kw);
     }
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     A dsum = 0;
@@ -358,14 +420,16 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
       for (int ty = 0; ty < w.kh; ++ty) {
         A sum = 0;
         for (int tx = 0; tx < w.kw; ++tx) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
-        my_terms[(size_t)ty * tile] = sum;
+        my_terms[(size_t)ty * ts_stride] = sum;
       }
       for (int tx = 0; tx < w.kw; ++tx) {
         A sum = 0;
         for (int ty = 0; ty < w.kh; ++ty) sum += my_dl[(size_t)(ty * w.kw + tx) * ss];
-        my_terms[(size_t)(w.kh + tx) * tile] = sum;
+        my_terms[(size_t)(w.kh + tx) * ts_stride] = sum;
       }
     }
+  } else if (flags & kHasRelSplit) {   // outside the plane: no sums (split_rel_partials reads them)
+    for (int i = 0; i < w.kh + w.kw; ++i) my_terms[(size_t)i * ts_stride] = 0;
   }
 
   // (4) dq = scale * sum_t dlogit_t (k_t + rel_t), over key chunks again (split rel: its
@@ -381,7 +445,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
 #pragma unroll
     for (int d = 0; d < CK; ++d) acc[d] = 0;
     if (flags & kHasRelSplit)   // split rel's part first, before the slot loop's registers are live
-      split_rel_dq<CK>(acc, c0, nch, my_terms, tile, split_rel, ts, w.kh, w.kw);
+      split_rel_dq<CK>(acc, c0, nch, my_terms, ts_stride, split_rel, ts, w.kh, w.kw);
     // Channels past nch: the staged keys are 0 (their sums are not stored); only a tail's
     // rel chunk, staged for nch channels, needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {
@@ -405,9 +469,11 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
       if (d < nch) store(dqc + (size_t)(c0 + d) * hw, scale * acc[d]);
   }
 
-  // (5) stage 1 of dbias/drel.
-  table_partials<kTableChannels>(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags, scale, part_bias,
-                                 part_rel, tile, ss);
+  // (5) stage 1 of dbias/drel (split rel: its own, from dlogit's row and column sums).
+  table_partials<kTableChannels>(w, p, dlogit, qs, row_slot, col_slot, qc, dqk, flags & ~kHasRelSplit, scale,
+                                 part_bias, part_rel, tile, ss);
+  if (flags & kHasRelSplit)
+    split_rel_partials(w, p, my_terms - p.tid, ts_stride, qs, row_slot, col_slot, qc, dqk, scale, part_rel, tile);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -631,10 +631,10 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 constexpr int kSplitRelChunk = 8;   // query channels held in registers at a time
 
 // Floats of a query-side tiled kernel's split rel buffers (0 without split rel): `terms`
-// [kh + kw][tile], then the head's rel_h and rel_w (stage_split_rel_head). The host plans
-// the same (_kernel_ops._split_rel_floats).
-__device__ __forceinline__ int split_rel_floats(const Window& w, int dqk, int tile, int flags) {
-  return (flags & kHasRelSplit) ? (w.kh + w.kw) * tile + dqk / 2 * (w.th + w.tw) : 0;
+// [kh + kw][stride] (stride: the tile, or tile + 1 in query_grad_tiled), then the head's
+// rel_h and rel_w (stage_split_rel_head). The host plans the same (_kernel_ops._split_rel_floats).
+__device__ __forceinline__ int split_rel_floats(const Window& w, int dqk, int stride, int flags) {
+  return (flags & kHasRelSplit) ? (w.kh + w.kw) * stride + dqk / 2 * (w.th + w.tw) : 0;
 }
 
 // One head's split rel copied into shared memory (`dst`: rel_h's Dqk/2 x th entries, then

@@ -405,15 +405,18 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     }
     const A lse_o = lse[(size_t)p.plane * ohw + o];
     A dsum = 0;
-    for (int ty = 0; ty < w.kh; ++ty)
+    for (int ty = 0; ty < w.kh; ++ty) {
+      // The slot row's halo offset and table row, once per row (TileSlots::row).
+      const int row = ts.row(ty), tab_row = (flags & kHasBias) ? ts.tab_row(ty) * w.tw : 0;
       for (int tx = 0; tx < w.kw; ++tx) {
-        const int hs = ts.off(ty, tx);
+        const int hs = row + ts.col(tx);
         const size_t t = (size_t)(ty * w.kw + tx) * ss;
         if (hs < 0 && !w.zeros) { my_dl[t] = 0; continue; }   // border="mask": p_t = dp_t = 0
-        const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(ty, tx, w.tw)) : A(0));
+        const A logit = scale * my_dl[t] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab_row + ts.tab_col(tx)) : A(0));
         my_dl[t] = weight_from_lse(logit, lse_o);   // 0 in an empty window (lse -inf)
         dsum += my_dl[t] * my_dp[t];
       }
+    }
     delta[(size_t)p.plane * ohw + o] = dsum;
     for (int t = 0; t < K; ++t) my_dl[(size_t)t * ss] *= my_dp[(size_t)t * ss] - dsum;
     if (flags & kHasRelSplit) {   // row sums R[ty], then column sums C[tx], of dlogit
@@ -449,11 +452,12 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
     // Channels past nch: the staged keys are 0 (their sums are not stored); only a tail's
     // rel chunk, staged for nch channels, needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {
-      for (int ty = 0; ty < w.kh; ++ty)
+      for (int ty = 0; ty < w.kh; ++ty) {
+        const int row = ts.row(ty), tab_row = (flags & kHasRel) ? ts.tab_row(ty) * w.tw : 0;   // once per row
         for (int tx = 0; tx < w.kw; ++tx) {
-          const int hs = ts.off(ty, tx);
+          const int hs = row + ts.col(tx);
           const A dl = my_dl[(size_t)(ty * w.kw + tx) * ss];
-          const int tab = (flags & kHasRel) ? ts.tab(ty, tx, w.tw) : 0;   // once per slot
+          const int tab = (flags & kHasRel) ? tab_row + ts.tab_col(tx) : 0;   // once per slot
           A key[CK];
           halo_channels_or_zero<CK>(halo, halo_area, hs, key);
 #pragma unroll
@@ -462,6 +466,7 @@ query_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const 
             acc[d] += dl * key[d];
           }
         }
+      }
     });
     T* dqc = dq + qk_off + w.centre(p.r, p.c);
 #pragma unroll
@@ -703,16 +708,16 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
     // Channels past nch: the staged queries are 0; only a tail's rel chunk needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {
-      for (int a = 0; a < w.mr; ++a)
+      for (int a = 0; a < w.mr; ++a) {
+        const int row = ts.row(a), ay = ts.tab_row(a);   // once per user row
         for (int b = 0; b < w.mc; ++b) {
-          const int uh = ts.off(a, b);
+          const int uh = row + ts.col(b);
           A& up = user_p[(size_t)(a * w.mc + b) * tile];
           if (uh < 0) {   // padding: no user
             if (c0 == 0) up = 0;
             continue;
           }
-          const int tab = ts.tab(a, b, w.tw);
-          const int ay = ts.tab_row(a), ax = ts.tab_col(b);
+          const int ax = ts.tab_col(b), tab = ay * w.tw + ax;
           A qu[CK];
           halo_channels<CK>(halo, halo_area, uh, qu);
           A dot = 0;
@@ -726,6 +731,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
           }
           up = c0 == 0 ? dot : up + dot;   // the first chunk stores
         }
+      }
     });
   }
 
@@ -752,17 +758,19 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   }
   __syncthreads();
   if (p.inside)
-    for (int a = 0; a < w.mr; ++a)
+    for (int a = 0; a < w.mr; ++a) {
+      const int row = ts.row(a), tab_row = (flags & kHasBias) ? ts.tab_row(a) * w.tw : 0;   // once per row
       for (int b = 0; b < w.mc; ++b) {
-        const int uh = ts.off(a, b);   // the user's output, as a halo offset (stride 1)
+        const int uh = row + ts.col(b);   // the user's output, as a halo offset (stride 1)
         if (uh < 0) continue;
         const size_t s = (size_t)(a * w.mc + b) * tile;
-        const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + ts.tab(a, b, w.tw)) : A(0));
+        const A logit = scale * user_p[s] + ((flags & kHasBias) ? load(bias, (size_t)h * tt + tab_row + ts.tab_col(b)) : A(0));
         // 0 in an empty window (lse -inf), where exp(logit - lse) would be NaN.
         const A pt = weight_from_lse(logit, lse_h[uh]);
         user_p[s] = pt;
         user_dl[s] = pt * (user_dl[s] - delta_h[uh]);
       }
+    }
 
   // (4) dk = scale * sum_u dlogit_u q_u, over q chunks.
   // (user_p and user_dl point at this thread's column: the sums take the arrays' bases.)

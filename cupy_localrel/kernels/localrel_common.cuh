@@ -591,7 +591,9 @@ struct TileSlots {
       : row_off(rows.off + threadIdx.y), row_tab(rows.tab + threadIdx.y), col_off(cols.off + threadIdx.x),
         col_tab(cols.tab + threadIdx.x), by(blockDim.y), bx(blockDim.x) {}
   __device__ int off(int sr, int sc) const { return row_off[sr * by] + col_off[sc * bx]; }
-  // The row part of off(sr, .), read once per slot row; off(sr, sc) = row(sr) + col(sc).
+  // The row part of off(sr, .); off(sr, sc) = row(sr) + col(sc). The backward's loops over
+  // slots read it (and tab_row) once per slot row: the compiler cannot hoist these shared
+  // loads past the loops' own shared stores, which might alias them.
   __device__ int row(int sr) const { return row_off[sr * by]; }
   __device__ int col(int sc) const { return col_off[sc * bx]; }
   __device__ int tab(int sr, int sc, int tw) const { return row_tab[sr * by] * tw + col_tab[sc * bx]; }

@@ -634,6 +634,44 @@ __device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, con
   }
 }
 
+// The key side's logits of one chunk of split rel channels that lies within one half
+// (kHasRelSplit): their rel depends on the user's table row only (channels < Dqk/2,
+// rel_h) or on its table column only (rel_w). So key + rel of each channel is formed once
+// per user row (column) in registers, and each user costs its query's halo loads and one
+// FMA per channel: no rel load, no add. The users are visited row by row (column by
+// column); each user's dot runs over the channels in order, as in key_grad_tiled's loop,
+// so the logits are bitwise those of it. mine: this thread's column of the users' logits
+// [U][tile] (this chunk stores if first, else adds); rels: the chunk's staged rows of tm
+// entries.
+template <int C, class A>
+__device__ __forceinline__ void split_rel_chunk_logits(A* __restrict__ mine, const A* __restrict__ halo,
+                                                       int halo_area, const A* __restrict__ rels, int tm,
+                                                       const A (&kreg)[C], int nch, bool first, bool rows_half,
+                                                       const TileSlots& ts, int mr, int mc, int tile) {
+  const int outer = rows_half ? mr : mc, inner = rows_half ? mc : mr;
+  for (int i = 0; i < outer; ++i) {
+    const int at = rows_half ? ts.tab_row(i) : ts.tab_col(i), fixed = rows_half ? ts.row(i) : ts.col(i);
+    A krel[C];
+#pragma unroll
+    for (int d = 0; d < C; ++d) krel[d] = d < nch ? kreg[d] + rels[d * tm + at] : kreg[d];   // kreg 0 past nch
+    for (int j = 0; j < inner; ++j) {
+      const int a = rows_half ? i : j, b = rows_half ? j : i;
+      const int uh = fixed + (rows_half ? ts.col(j) : ts.row(j));
+      A& up = mine[(size_t)(a * mc + b) * tile];
+      if (uh < 0) {   // padding: no user
+        if (first) up = 0;
+        continue;
+      }
+      A qu[C];
+      halo_channels<C>(halo, halo_area, uh, qu);
+      A dot = 0;
+#pragma unroll
+      for (int d = 0; d < C; ++d) dot += qu[d] * krel[d];
+      up = first ? dot : up + dot;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Key side, fast path (stride 1): key_grad<T, kAttention> for a tile of keys with the
 // queries and output gradients of its users staged in shared memory (the "halo" of
@@ -706,6 +744,11 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     A kreg[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
+    if ((flags & kHasRelSplit) && (c0 + nch <= split_rel.half || c0 >= split_rel.half)) {
+      split_rel_chunk_logits<CK>(user_p, halo, halo_area, rels, tm, kreg, nch, c0 == 0,
+                                 c0 < split_rel.half, ts, w.mr, w.mc, tile);
+      continue;
+    }
     // Channels past nch: the staged queries are 0; only a tail's rel chunk needs the guard.
     by_chunk_fill(nch == CK, [&](auto full) {
       for (int a = 0; a < w.mr; ++a) {

@@ -129,7 +129,7 @@ CASES = {
     # SASA's rel_h/rel_w go to the kernels as they are (no rel table built per call); the
     # backward reduces the drel partials to the full table, then sums its rows/columns.
     "sasa2d": (_sasa, 0, ["attention_forward_tiled"],   # backward: delta, partials; drel's rows, columns
-               2, ["query_grad_tiled", TABLE_REDUCE, TABLE_REDUCE, "key_grad_tiled"], 0),
+               2, ["query_grad_tiled", TABLE_REDUCE, "key_grad_tiled"], 0),
     "local_qk2d": (_qk, 0, ["qk_forward"], 2, ["query_grad", TABLE_REDUCE, TABLE_REDUCE, "key_grad"], 0),
     "local_av2d": (_av, 0, ["av_forward"], 0, ["av_dattn", "key_grad"], 0),
 }

@@ -372,16 +372,14 @@ def _rel_grad(c: "_Call", rel, part_rel, tiles: int):
     return G.SplitRel.from_full_grad(full) if isinstance(rel, G.SplitRel) else full
 
 
-def _split_rel_grad(c: "_Call", part_rel, blocks: int, tiles: int):
-    """A split rel's ``drel`` from query_grad_tiled's partials: every block's rows partials
-    ``(Dqk/2, th)``, then every block's columns partials ``(Dqk/2, tw)``, each reduced over
-    the blocks into its own array."""
+def _split_rel_grad(c: "_Call", part_rel, tiles: int):
+    """A split rel's ``drel`` from query_grad_tiled's partials (per block: rows ``(Dqk/2,
+    th)``, then columns ``(Dqk/2, tw)``), reduced over the blocks by one launch into the two
+    gradients."""
     geo = c.geo
     half, (th, tw) = geo.dqk // 2, geo.table_shape
-    split = blocks * half * th
-    rows = _table_reduce(c, part_rel[:split], (geo.heads, half, th), tiles, half * th)
-    cols = _table_reduce(c, part_rel[split:], (geo.heads, half, tw), tiles, half * tw)
-    return G.SplitRel(rows, cols)
+    return G.SplitRel(*_table_reduce(c, part_rel, (geo.heads, half, th), tiles, half * (th + tw),
+                                     (geo.heads, half, tw)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,7 +534,7 @@ def _query_grad(c: _Call, mode: int, grad, q, k, v, lse, bias, rel, dq, delta, k
     if rel is None:
         drel = None
     elif split_partials:
-        drel = _split_rel_grad(c, part_rel, blocks, tiles)
+        drel = _split_rel_grad(c, part_rel, tiles)
     else:
         drel = _rel_grad(c, rel, part_rel, tiles)
     return dbias, drel
@@ -566,14 +564,19 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     return _first_fitting_block(plan)
 
 
-def _table_reduce(c: _Call, part, shape, tiles: int, entries: int):
+def _table_reduce(c: _Call, part, shape, tiles: int, entries: int, shape2=None):
+    """Sum the blocks' partials (``entries`` per block) into ``shape``; with ``shape2``, each
+    head's entries past ``shape``'s go to a second result (split rel: rows, then columns)."""
     dst = c.t.xp.empty(shape, c.geo.dtype)
+    dst2 = dst if shape2 is None else c.t.xp.empty(shape2, c.geo.dtype)
+    split = entries if shape2 is None else int(np.prod(shape[1:]))   # entries of dst per head
     total = c.geo.heads * entries
     if total:   # block: 32 outputs x REDUCE_SEGMENTS segments of the partials
         c.fn(BACKWARD_FILE, "table_reduce")(
             (-(-total // WARP), 1, 1), (WARP, REDUCE_SEGMENTS, 1),
-            (part, dst, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries)))
-    return dst
+            (part, dst, dst2, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries),
+             np.int32(split)))
+    return dst if shape2 is None else (dst, dst2)
 
 
 def _key_grad(c: _Call, mode: int, grad, q, k, v, attn, lse, delta, bias, rel, dk, dv,

@@ -146,6 +146,7 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
 // Stage 1 of SASA's split drel (kHasRelSplit) in query_grad_tiled, for one block of outputs:
 //   part_rows[block][c][ay] = sum over the tile's outputs o of scale q_o[c] R_o[ty(ay)],
 //   part_cols[block][c][ax] = sum over o of scale q_o[Dqk/2 + c] C_o[tx(ax)],
+// each block's rows then columns (part_rel[block][Dqk/2 * (th + tw)], for table_reduce's split),
 // where R_o[ty] and C_o[tx] are output o's dlogit summed over slot row ty and slot column
 // tx (in `terms` [kh + kw][terms_stride], zeros outside the plane) and ty(ay) is the slot
 // row that reads table row ay (none: no term). rel_h[c][ay] is in every full-table entry of
@@ -163,8 +164,8 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
                                    const T* __restrict__ qc, int dqk, A scale, A* __restrict__ part_rel, int tile) {
   constexpr int P = kSplitDrelChannels, pitch = 2 * P + 1;
   const int half = dqk / 2, th = w.th, tw = w.tw, bx = blockDim.x;
-  A* part_rows = part_rel;
-  A* part_cols = part_rel + (size_t)gridDim.x * half * th;   // after every block's rows
+  A* part_rows = part_rel + (size_t)p.block * half * (th + tw);   // this block's rows, then columns
+  A* part_cols = part_rows + (size_t)half * th;
   __syncthreads();   // every thread has written its terms, and nobody reads row_slot any more
   invert_table(row_slot, w.rows_tab, p.row0, blockDim.y, w.Ho, w.kh, th, p.tid, tile);
   invert_table(col_slot, w.cols_tab, p.col0, blockDim.x, w.Wo, w.kw, tw, p.tid, tile);
@@ -191,8 +192,8 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
           sum += qt[o * pitch + (row ? n : P + n)] * terms[(size_t)i * terms_stride + o];
         }
       }
-      if (row) part_rows[((size_t)p.block * half + d0 + n) * th + a] = sum;
-      else part_cols[((size_t)p.block * half + d0 + n) * tw + a - th] = sum;
+      if (row) part_rows[(size_t)(d0 + n) * th + a] = sum;
+      else part_cols[(size_t)(d0 + n) * tw + a - th] = sum;
     }
   }
 }
@@ -851,7 +852,10 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 
 // ---------------------------------------------------------------------------------------
 // Stage 2 of dbias/drel: dst[h][e] = sum over batches b and tiles of part[(b*heads + h)
-// * tiles + tile][e]. `entries` per block: th*tw (bias) or Dqk*th*tw (rel). Block
+// * tiles + tile][e]. `entries` per block: th*tw (bias), Dqk*th*tw (rel) or, for split rel,
+// Dqk/2 * (th + tw): then each head's first `split` entries (rel_h's) go to dst[h][e] and
+// the others (rel_w's) to dst2[h][e - split], two results from one launch (split = entries
+// otherwise). Block
 // (32, kReduceSegments): lane x owns output idx = h * entries + e of a run of 32 (coalesced
 // reads), row y sums the y-th contiguous segment of the batch*tiles partials in order, and
 // lane x of row 0 adds the segments' sums in order: a fixed order, more warps in flight than
@@ -861,8 +865,8 @@ constexpr int kReduceSegments = 4;
 
 template <class T>
 __global__ void LOCALREL_BOUNDS
-table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, int heads,
-             int tiles, int entries) {
+table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, T* __restrict__ dst2, int batch, int heads,
+             int tiles, int entries, int split) {
   using A = acc_t<T>;
   __shared__ A seg[kReduceSegments][32];
   const long long idx = (long long)blockIdx.x * 32 + threadIdx.x;
@@ -883,6 +887,6 @@ table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, int batch, 
   if (threadIdx.y == 0 && valid) {
     A total = seg[0][threadIdx.x];
     for (int y = 1; y < kReduceSegments; ++y) total += seg[y][threadIdx.x];
-    store(dst + idx, total);
+    store(e < split ? dst + (size_t)h * split + e : dst2 + (size_t)h * (entries - split) + (e - split), total);
   }
 }

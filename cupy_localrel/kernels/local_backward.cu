@@ -152,10 +152,11 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
 // row that reads table row ay (none: no term). rel_h[c][ay] is in every full-table entry of
 // row ay, so its gradient is those entries' summed over the columns: kh + kw sums per
 // output instead of the full table's Dqk x th x tw partials (and no full table to reduce).
-// Fixed order: outputs by rows, then columns. Lanes take entries channel fastest: a warp's
-// lanes read one or a few sums (broadcasts, rows terms_stride apart: an odd stride keeps
-// them in different banks) and neighbouring channels of one query (qt: rows of
-// 2 kSplitDrelChannels + 1 words). Every thread of the block must call this (barriers).
+// Fixed order: outputs by rows, then columns. Lanes take entries table row (column) fastest:
+// a warp's lanes read the sums of different slot rows of one output (rows terms_stride
+// apart: an odd stride keeps them in different banks), a few channels of its query (qt:
+// rows of 2 kSplitDrelChannels + 1 words), and store neighbouring partials. Every thread
+// of the block must call this (barriers).
 constexpr int kSplitDrelChannels = 8;   // channels of each half per pass
 
 template <class A, class T>
@@ -178,22 +179,23 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
     }
     __syncthreads();
     for (int e = p.tid; e < P * (th + tw); e += tile) {
-      const int n = e % P, a = e / P;   // channel d0 + n of table row a (a < th), else column a - th
+      // Entry: channel d0 + n of table row a (the rows' P x th entries), else of table
+      // column a; a fastest, so that neighbouring lanes store neighbouring partials.
+      const bool row = e < P * th;
+      const int len = row ? th : tw, er = row ? e : e - P * th, n = er / len, a = er - n * len;
       if (n >= nq) continue;
-      const bool row = a < th;
       A sum = 0;
       for (int r = 0; r < (int)blockDim.y; ++r) {
         const int ty = row ? row_slot[r * th + a] : 0;
         if (ty < 0) continue;   // no slot row of tile row r reads table row a
         for (int c = 0; c < bx; ++c) {
-          const int tx = row ? 0 : col_slot[c * tw + a - th];
+          const int tx = row ? 0 : col_slot[c * tw + a];
           if (tx < 0) continue;
           const int o = r * bx + c, i = row ? ty : w.kh + tx;   // i: the sum's row in terms
           sum += qt[o * pitch + (row ? n : P + n)] * terms[(size_t)i * terms_stride + o];
         }
       }
-      if (row) part_rows[(size_t)(d0 + n) * th + a] = sum;
-      else part_cols[(size_t)(d0 + n) * tw + a - th] = sum;
+      (row ? part_rows[(size_t)(d0 + n) * th + a] : part_cols[(size_t)(d0 + n) * tw + a]) = sum;
     }
   }
 }

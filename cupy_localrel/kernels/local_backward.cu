@@ -657,20 +657,10 @@ __device__ __forceinline__ void split_rel_chunk_logits(A* __restrict__ mine, con
     A krel[C];
 #pragma unroll
     for (int d = 0; d < C; ++d) krel[d] = d < nch ? kreg[d] + rels[d * tm + at] : kreg[d];   // kreg 0 past nch
-    for (int j = 0; j < inner; ++j) {
+    for (int j = 0; j < inner; ++j) {   // user (a, b): its logit, or 0 for padding
       const int a = rows_half ? i : j, b = rows_half ? j : i;
-      const int uh = fixed + (rows_half ? ts.col(j) : ts.row(j));
-      A& up = mine[(size_t)(a * mc + b) * tile];
-      if (uh < 0) {   // padding: no user
-        if (first) up = 0;
-        continue;
-      }
-      A qu[C];
-      halo_channels<C>(halo, halo_area, uh, qu);
-      A dot = 0;
-#pragma unroll
-      for (int d = 0; d < C; ++d) dot += qu[d] * krel[d];
-      up = first ? dot : up + dot;
+      chunk_dot_entry<C>(mine[(size_t)(a * mc + b) * tile], halo, halo_area,
+                         fixed + (rows_half ? ts.col(j) : ts.row(j)), krel, first);
     }
   }
 }

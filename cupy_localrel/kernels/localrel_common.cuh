@@ -916,6 +916,24 @@ __device__ __forceinline__ void chunked_slot_logits(
   if (pairs) __syncthreads();
 }
 
+// One slot's (or user's) entry of a chunked dot: m = (first ? 0 : m) + sum_c x[c] * the C
+// channels of halo position `at`, c in order; outside (at < 0, a slot outside the image or
+// a padding user) nothing is added (the first chunk stores 0).
+template <int C, class A>
+__device__ __forceinline__ void chunk_dot_entry(A& m, const A* __restrict__ halo, int halo_area, int at,
+                                                const A (&x)[C], bool first) {
+  if (at < 0) {
+    if (first) m = 0;
+    return;
+  }
+  A val[C];
+  halo_channels<C>(halo, halo_area, at, val);
+  A dot = 0;
+#pragma unroll
+  for (int c = 0; c < C; ++c) dot += x[c] * val[c];
+  m = first ? dot : m + dot;
+}
+
 // mine[s] = sum_e x[e] * halo_e[s] over the chunks, for the slots inside (ts.off >= 0), 0
 // for the others: grad_out . v of each slot (query side; x_at(r, c): grad_out of output
 // (r, c)) or each user (key side; v of key (r, c)); mine as in chunked_slot_logits. One
@@ -944,20 +962,8 @@ __device__ __forceinline__ void chunked_slot_dots(acc_t<T>* __restrict__ mine, a
     load_vector<C, A>(xreg, x_at, p.r, p.c, x_stride, c0, nch);
     for (int sr = 0; sr < nr; ++sr) {
       const int row = ts.row(sr);
-      for (int sc = 0; sc < nc; ++sc) {
-        const int hs = row + ts.col(sc);
-        A& m = mine[(size_t)(sr * nc + sc) * stride];
-        if (hs < 0) {   // outside: nothing to add
-          if (c0 == 0) m = 0;
-          continue;
-        }
-        A val[C];
-        halo_channels<C>(halo, halo_area, hs, val);
-        A dot = 0;
-#pragma unroll
-        for (int e = 0; e < C; ++e) dot += xreg[e] * val[e];
-        m = c0 == 0 ? dot : m + dot;
-      }
+      for (int sc = 0; sc < nc; ++sc)
+        chunk_dot_entry<C>(mine[(size_t)(sr * nc + sc) * stride], halo, halo_area, row + ts.col(sc), xreg, c0 == 0);
     }
   }
 }

@@ -141,7 +141,9 @@ NCU="$(command -v ncu || true)"
 for cand in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
   if [ -z "$NCU" ] && [ -x "$cand" ]; then NCU="$cand"; fi
 done
-MODEL="$(ls benchmarks/results/profile-*/profile-h200.json 2>/dev/null | sort | tail -n 1)"
+# The newest model: the folder name that sorts last (whole paths would put "profile-X/"
+# after "profile-X-more/", since "/" > "-"); gpu_profile.latest_model picks the same.
+MODEL="$(for f in benchmarks/results/profile-*/profile-h200.json; do [ -f "$f" ] && echo "$(basename "$(dirname "$f")") $f"; done | sort | tail -n 1 | cut -d' ' -f2)"
 if [ -z "$MODEL" ]; then
   echo "no profile model JSON (python -m cupy_localrel profile --json)" > "$OUT/gpu-profile.log"
 elif [ "$(left)" -ge 20 ]; then

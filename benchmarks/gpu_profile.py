@@ -51,7 +51,9 @@ KERNEL_REGEX = "regex:attention_forward|query_grad|key_grad|table_reduce"
 
 
 def latest_model(pattern: str = "benchmarks/results/profile-*/profile-h200.json") -> str | None:
-    found = sorted(glob.glob(str(ROOT / pattern)))
+    """The newest model: the one whose folder name sorts last. (Sorting whole paths put
+    ``profile-2026-12-01/...`` after ``profile-2026-12-01-issue10-tiles/...``, as "/" > "-".)"""
+    found = sorted(glob.glob(str(ROOT / pattern)), key=lambda p: Path(p).parent.name)
     return found[-1] if found else None
 
 

@@ -385,6 +385,15 @@ def test_gpu_check_script_parses():
     assert "benchmarks.gpu_profile time" in script.read_text()
 
 
+def test_gpu_profile_takes_the_model_whose_folder_sorts_last(tmp_path):
+    from benchmarks import gpu_profile as GP
+    for name in ("profile-2026-12-01", "profile-2026-12-01-later", "profile-2026-11-30-z"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "profile-h200.json").write_text("{}")
+    assert Path(GP.latest_model(str(tmp_path / "profile-*" / "profile-h200.json"))).parent.name == \
+        "profile-2026-12-01-later"
+
+
 def test_gpu_profile_merges_times_and_ncu_with_the_model(tmp_path):
     from benchmarks import gpu_profile as GP
     model = GP.latest_model()

@@ -551,8 +551,9 @@ def _first_fitting_block(plan_of):
 
 def _tiled_backward_config(geo: Geometry, c: _Call, tables):
     """(block, plan) of query_grad_tiled: dlogit and dp [K][tile + 1] (the + 1 spreads the
-    table sums' reads over the banks), qs[TABLE_CHANNELS][tile], split rel's terms, inverse
-    and per-tile tables."""
+    table sums' reads over the banks), the query rows for the drel partials (TABLE_CHANNELS
+    x tile, or split rel's 2 SPLIT_DREL_CHANNELS + 1 per output), split rel's terms and
+    staged rel_h/rel_w, inverse and per-tile tables."""
     # localrel query_rows_floats: the tile's queries for the drel partials
     query_rows = 2 * SPLIT_DREL_CHANNELS + 1 if c.flags & HAS_REL_SPLIT else TABLE_CHANNELS
 

@@ -141,9 +141,10 @@ NCU="$(command -v ncu || true)"
 for cand in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
   if [ -z "$NCU" ] && [ -x "$cand" ]; then NCU="$cand"; fi
 done
-# The newest model: the folder name that sorts last (whole paths would put "profile-X/"
-# after "profile-X-more/", since "/" > "-"); gpu_profile.latest_model picks the same.
-MODEL="$(for f in benchmarks/results/profile-*/profile-h200.json; do [ -f "$f" ] && echo "$(basename "$(dirname "$f")") $f"; done | sort | tail -n 1 | cut -d' ' -f2)"
+# The newest model: the folder name that sorts last, byte by byte (whole paths would put
+# "profile-X/" after "profile-X-more/", since "/" > "-"); gpu_profile.latest_model picks
+# the same. Tab-separated, so that a path with spaces survives.
+MODEL="$(for f in benchmarks/results/profile-*/profile-h200.json; do [ -f "$f" ] && printf '%s\t%s\n' "$(basename "$(dirname "$f")")" "$f"; done | LC_ALL=C sort | tail -n 1 | cut -f2-)"
 if [ -z "$MODEL" ]; then
   echo "no profile model JSON (python -m cupy_localrel profile --json)" > "$OUT/gpu-profile.log"
 elif [ "$(left)" -ge 20 ]; then

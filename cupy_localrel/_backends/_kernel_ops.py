@@ -412,8 +412,7 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int,
-                staged_rel: int = HAS_REL):
+def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int):
     """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
@@ -423,10 +422,9 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
     the largest span of the (-1 padded) ``table`` (``"pos"`` or ``"users"``, see
     :func:`_halo_extent`) over ``block`` consecutive rows/columns; ``before_halo`` and
     ``after_halo`` are the kernel's other shared bytes, before and after the staging buffer,
-    which starts at the next 16-byte boundary (localrel::align16: its wide loads).
-    ``staged_rel``: the Flags of the rel forms the kernel stages next to its halo (a chunk of
-    CK channels x th*tw entries; split rel only in key_grad_tiled, the query side adds it
-    outside its hot loop).
+    which starts at the next 16-byte boundary (localrel::align16: its wide loads). A full
+    rel table is staged a chunk of CK channels x th*tw entries at a time next to the halo; a
+    split rel once per block, in the kernels' ``after_halo`` bytes (_split_rel_head_floats).
     """
     if geo.stride != (1, 1) or geo.dtype == np.float64 or not c.fast:
         return None
@@ -438,7 +436,7 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))
     staging = max(ck, cv) * halo_h * halo_w   # localrel::staging_floats: rel chunk after CK channels
-    if c.flags & staged_rel:
+    if c.flags & HAS_REL:
         staging = max(staging, ck * (halo_h * halo_w + geo.table_shape[0] * geo.table_shape[1]))
     smem = -(-before_halo // 16) * 16 + c.acc.itemsize * staging + after_halo
     if smem > SMEM_LIMIT and smem > c.t.smem_optin(c.device):   # query the device only if needed
@@ -461,7 +459,12 @@ def _split_rel_floats(geo: Geometry, c: _Call, stride: int) -> int:
     tile + 1 in query_grad_tiled) and the head's rel_h and rel_w staged next to them, else 0."""
     if not c.flags & HAS_REL_SPLIT:
         return 0
-    return sum(geo.kernel) * stride + geo.dqk // 2 * sum(geo.table_shape)
+    return sum(geo.kernel) * stride + _split_rel_head_floats(geo, c)
+
+
+def _split_rel_head_floats(geo: Geometry, c: _Call) -> int:
+    """localrel::split_rel_head_floats: one head's rel_h and rel_w staged in shared memory."""
+    return geo.dqk // 2 * sum(geo.table_shape) if c.flags & HAS_REL_SPLIT else 0
 
 
 def _tile_tables(slots: tuple[int, int], block) -> int:
@@ -624,7 +627,8 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
     return _first_fitting_block(lambda block: _tiled_plan(
         geo, c, block, "users", c.acc.itemsize * 2 * _users(geo) * block[0] * block[1],
-        _tile_tables((rows_users.shape[1], cols_users.shape[1]), block), HAS_REL | HAS_REL_SPLIT))
+        c.acc.itemsize * _split_rel_head_floats(geo, c)
+        + _tile_tables((rows_users.shape[1], cols_users.shape[1]), block)))
 
 
 def _key_bias_grad(t: Target, geo: Geometry, key_bias):

@@ -622,21 +622,6 @@ key_grad(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
     }
 }
 
-// Channels [c0, c0 + nch) of one head's split rel (kHasRelSplit) into shared memory as
-// rows of tm = max(th, tw) entries: channel c < Dqk/2 holds rel_h[c] (th entries, read at
-// the table row), the others rel_w[c - Dqk/2] (tw entries, read at the table column).
-template <class T>
-__device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, const RelOfHead<T>& rel, int tm,
-                                                int c0, int nch, int tid, int nthreads) {
-  for (int i = tid; i < nch * tm; i += nthreads) {
-    const int d = i / tm, e = i - d * tm, c = c0 + d;
-    const bool row = c < rel.half;
-    const int n = row ? rel.th : rel.tw;
-    rels[i] = e < n ? (row ? load(rel.a, (size_t)c * rel.th + e) : load(rel.b, (size_t)(c - rel.half) * rel.tw + e))
-                    : acc_t<T>(0);
-  }
-}
-
 // The key side's logits of one chunk of split rel channels that lies within one half
 // (kHasRelSplit): their rel depends on the user's table row only (channels < Dqk/2,
 // rel_h) or on its table column only (rel_w). So key + rel of each channel is formed once
@@ -644,19 +629,22 @@ __device__ __forceinline__ void stage_split_rel(acc_t<T>* __restrict__ rels, con
 // FMA per channel: no rel load, no add. The users are visited row by row (column by
 // column); each user's dot runs over the channels in order, as in key_grad_tiled's loop,
 // so the logits are bitwise those of it. mine: this thread's column of the users' logits
-// [U][tile] (this chunk stores if first, else adds); rels: the chunk's staged rows of tm
-// entries.
+// [U][tile] (this chunk stores if first, else adds); rel: the head's staged split rel
+// (stage_split_rel_head), c0: the chunk's first channel.
 template <int C, class A>
 __device__ __forceinline__ void split_rel_chunk_logits(A* __restrict__ mine, const A* __restrict__ halo,
-                                                       int halo_area, const A* __restrict__ rels, int tm,
-                                                       const A (&kreg)[C], int nch, bool first, bool rows_half,
+                                                       int halo_area, const RelOfHead<A>& rel, int c0,
+                                                       const A (&kreg)[C], int nch, bool first,
                                                        const TileSlots& ts, int mr, int mc, int tile) {
+  const bool rows_half = c0 < rel.half;
   const int outer = rows_half ? mr : mc, inner = rows_half ? mc : mr;
+  const int entries = rows_half ? rel.th : rel.tw;   // of one channel's rel_h (rel_w)
+  const A* table = rows_half ? rel.a + (size_t)c0 * rel.th : rel.b + (size_t)(c0 - rel.half) * rel.tw;
   for (int i = 0; i < outer; ++i) {
     const int at = rows_half ? ts.tab_row(i) : ts.tab_col(i), fixed = rows_half ? ts.row(i) : ts.col(i);
     A krel[C];
 #pragma unroll
-    for (int d = 0; d < C; ++d) krel[d] = d < nch ? kreg[d] + rels[d * tm + at] : kreg[d];   // kreg 0 past nch
+    for (int d = 0; d < C; ++d) krel[d] = d < nch ? kreg[d] + table[d * entries + at] : kreg[d];   // kreg 0 past nch
     for (int j = 0; j < inner; ++j) {   // user (a, b): its logit, or 0 for padding
       const int a = rows_half ? i : j, b = rows_half ? j : i;
       chunk_dot_entry<C>(mine[(size_t)(a * mc + b) * tile], halo, halo_area,
@@ -672,8 +660,8 @@ __device__ __forceinline__ void split_rel_chunk_logits(A* __restrict__ mine, con
 // position, so both are staged over the same output rectangle). Shared:
 //   user_p[U][TILE], user_dl[U][TILE] (A)   logits, then weights; grad_out . v, then dlogit
 //   halo[max(CK,CV)][halo_h*halo_w] (A)     one chunk of q or grad_out channels (with rel,
-//                                           CK channels of rel after CK of q: staging_floats;
-//                                           split rel: CK rows of max(th, tw), stage_split_rel)
+//                                           CK channels of rel after CK of q: staging_floats)
+//   split rel: the head's rel_h and rel_w (A, stage_split_rel_head)
 //   the tile's users tables as halo offsets (int, see TileSlots)
 // Phases: (1) logits over q chunks, (2) grad_out . v over grad chunks, (3) weights and
 // dlogit, (4) dk over q chunks, (5) dv over grad chunks.
@@ -706,15 +694,17 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
   const T* kn = k + qk_off + n;
   const T* gb = grad + (size_t)p.plane * dv * ohw;
   const T* rel_h = rel + (size_t)h * dqk * tt;
-  const RelOfHead<T> split_rel(rel, rel_w, h, dqk, w, flags);
-  const int tm = max(w.th, w.tw);   // split rel: staged rows of tm entries (stage_split_rel)
 
   // User (a, b) of this thread's key: halo offset of its output ts.off (negative: padding)
   // and its bias/rel table index ts.tab, from the tile's users tables in shared memory.
-  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel, [CK][tm] with split rel (staging_floats)
-  // A chunk of split rel takes the room of a full table's chunk (tm <= th*tw): sized alike.
-  const int staged = (flags & kHasRelSplit) ? (flags | kHasRel) : flags;
-  int* cursor = reinterpret_cast<int*>(halo + staging_floats<CK, CV>(halo_area, (int)tt, staged));
+  A* rels = halo + CK * halo_area;   // [CK][th*tw] with rel (staging_floats)
+  // Split rel: the head's rel_h and rel_w after the staging buffer (read after the barrier
+  // that follows the users tables).
+  A* rel_copy = halo + staging_floats<CK, CV>(halo_area, (int)tt, flags);
+  const RelOfHead<A> split_rel = (flags & kHasRelSplit)
+      ? stage_split_rel_head(rel_copy, RelOfHead<T>(rel, rel_w, h, dqk, w, flags), p.tid, tile)
+      : RelOfHead<A>(nullptr, nullptr, 0, 0, 0);
+  int* cursor = reinterpret_cast<int*>(rel_copy + split_rel_head_floats(w, dqk, flags));
   const TileAxis rows = carve_axis(cursor, w.mr, blockDim.y), cols = carve_axis(cursor, w.mc, blockDim.x);
   fill_users_axis(rows, w.ru_out, w.ru_slot, w.rows_tab, w.kh, w.mr, p.row0, blockDim.y, w.H, oy0, halo_w,
                   p.tid, tile);
@@ -731,15 +721,13 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
     __syncthreads();
     stage_halo<CK>(halo, qb + (size_t)c0 * hw, hw, w, oy0, ox0, halo_h, halo_w, nch, p.tid, tile);
     if (flags & kHasRel) stage_rel(rels, rel_h, (int)tt, c0, nch, p.tid, tile);
-    if (flags & kHasRelSplit) stage_split_rel(rels, split_rel, tm, c0, nch, p.tid, tile);
     __syncthreads();
     if (!p.inside) continue;
     A kreg[CK];
 #pragma unroll
     for (int d = 0; d < CK; ++d) kreg[d] = d < nch ? load(kn, (size_t)(c0 + d) * hw) : A(0);
     if ((flags & kHasRelSplit) && (c0 + nch <= split_rel.half || c0 >= split_rel.half)) {
-      split_rel_chunk_logits<CK>(user_p, halo, halo_area, rels, tm, kreg, nch, c0 == 0,
-                                 c0 < split_rel.half, ts, w.mr, w.mc, tile);
+      split_rel_chunk_logits<CK>(user_p, halo, halo_area, split_rel, c0, kreg, nch, c0 == 0, ts, w.mr, w.mc, tile);
       continue;
     }
     // Channels past nch: the staged queries are 0; only a tail's rel chunk needs the guard.
@@ -762,7 +750,7 @@ key_grad_tiled(const int* __restrict__ geo, const T* __restrict__ grad, const T*
             A key = kreg[d];
             if ((flags & kHasRel) && (decltype(full)::value || d < nch)) key += rels[d * tt + tab];
             if ((flags & kHasRelSplit) && (decltype(full)::value || d < nch))
-              key += rels[d * tm + (c0 + d < split_rel.half ? ay : ax)];
+              key += split_rel.at(c0 + d, ay, ax, flags);
             dot += qu[d] * key;
           }
           up = c0 == 0 ? dot : up + dot;   // the first chunk stores

@@ -632,16 +632,23 @@ __device__ __forceinline__ TileSlots window_tile_slots(int* cursor, const Window
 // q_stride. Fixed summation order (chunk after chunk of kSplitRelChunk channels).
 constexpr int kSplitRelChunk = 8;   // query channels held in registers at a time
 
+// Floats of one head's split rel staged in shared memory (stage_split_rel_head: rel_h's
+// Dqk/2 x th entries, then rel_w's Dqk/2 x tw), 0 without split rel.
+__device__ __forceinline__ int split_rel_head_floats(const Window& w, int dqk, int flags) {
+  return (flags & kHasRelSplit) ? dqk / 2 * (w.th + w.tw) : 0;
+}
+
 // Floats of a query-side tiled kernel's split rel buffers (0 without split rel): `terms`
 // [kh + kw][stride] (stride: the tile, or tile + 1 in query_grad_tiled), then the head's
 // rel_h and rel_w (stage_split_rel_head). The host plans the same (_kernel_ops._split_rel_floats).
 __device__ __forceinline__ int split_rel_floats(const Window& w, int dqk, int stride, int flags) {
-  return (flags & kHasRelSplit) ? (w.kh + w.kw) * stride + dqk / 2 * (w.th + w.tw) : 0;
+  return (flags & kHasRelSplit) ? (w.kh + w.kw) * stride + split_rel_head_floats(w, dqk, flags) : 0;
 }
 
 // One head's split rel copied into shared memory (`dst`: rel_h's Dqk/2 x th entries, then
-// rel_w's Dqk/2 x tw), once per block: split_rel_terms and split_rel_dq read every entry
-// once per query, and from global memory that was one (uniform) request per entry and warp.
+// rel_w's Dqk/2 x tw), once per block: the tiled kernels read every entry once per query
+// (key side: per user row or column), and from global memory that was one (uniform)
+// request per entry and warp.
 // Returns the copy's view; every thread of the block must call this, and a barrier must
 // come before the view is read.
 template <class T>

@@ -94,7 +94,7 @@ def bench_lrnet(info: dict, quick: bool) -> dict:
     nbytes = (q.nbytes + key.nbytes + v.nbytes) + v.nbytes   # out has v's size (stride 1)
     result = dict(shape=dict(B=B, C=C, H=H, W=W, k=k, m=m, heads=heads, dtype="float32", border="mask"),
                   bytes_moved_min=nbytes, fast_path_ms=fast, general_path_ms=general,
-                  fast_path_kernel=f"attention_forward_tiled<float, {', '.join(map(str, K.TILED_CONFIGS['lrnet']))}>")
+                  fast_path_kernel=f"attention_forward_tiled<float, {', '.join(map(str, K.TILED_CONFIGS['lrnet']['attention_forward_tiled']))}>")
     # Backward too (not asked for the LR-Net shape, but the same layer trains).
     out, lse = cl.local_attention2d(q, key, v, heads, k, bias=bias, scale=1.0, return_lse=True)
     grad = cp.ones_like(out)

@@ -244,10 +244,13 @@ def test_fast_path_configs(backend, config, border, dtype, sim_seed):
 TAIL_SHAPES = {
     # LR-Net config (CK=1, CV=8): Dv = 12 is one full value chunk and a tail of 4.
     "lrnet_tail": dict(shape=(1, 2, 3, 12, 13, 37), kernel=7, with_bias=True, with_rel=True),
-    # SASA config (CK=8, CV=16): Dqk = 12 (a tail after a full chunk) and Dv = 6, whose only
-    # chunk is a tail: its channels 6..15 would read the block's poisoned (NaN) shared memory
-    # if they were not staged as 0.
+    # SASA config (CK = 16 forward and key side, 8 query side; CV = 16): Dqk = 12 (the query
+    # side's tail after a full chunk; the other kernels' only chunk is a tail) and Dv = 6,
+    # whose only chunk is a tail: its channels 6..15 would read the block's poisoned (NaN)
+    # shared memory if they were not staged as 0.
     "sasa_tail": dict(shape=(1, 1, 12, 6, 11, 35), kernel=5, with_bias=False, with_rel=True),
+    # Dqk = 20: a tail of 4 after a full chunk of 16 (forward, key side) and after two of 8.
+    "sasa_long_keys": dict(shape=(1, 1, 20, 6, 11, 35), kernel=5, with_bias=False, with_rel=True),
     # Dqk = 6: the only key chunk is a tail, so rel channels 6, 7 were never staged (poisoned):
     # the tail's rel reads must stay guarded. Dv = 20: a value tail after a full chunk.
     "sasa_short_keys": dict(shape=(1, 1, 6, 20, 9, 21), kernel=3, with_bias=True, with_rel=True),
@@ -612,11 +615,13 @@ def _full_rel(rel_h, rel_w):
 
 SPLIT_CASES = {
     # (B, heads, Dqk, Dv, H, W, kernel, stride, key_bias)
-    # SASA's fast-path configuration (CK = 8); Dqk/2 = 3: a key chunk straddles the halves.
+    # SASA's fast-path configuration (CK = 16, 8 on the query side); Dqk/2 = 3: a key chunk
+    # straddles the halves.
     "tiled-sasa-odd": (1, 2, 6, 5, 9, 10, (3, 5), 1, False),
-    # Dqk/2 = 17: two register passes of the short dot products, three key chunks.
+    # Dqk/2 = 17: two register passes of the short dot products; three key chunks (five on
+    # the query side), one straddling the halves.
     "tiled-sasa-wide": (1, 1, 34, 3, 6, 7, (3, 3), 1, False),
-    # Dqk = 4 (LR-Net's CK = 1 range without split rel) runs the CK = 8 kernels: a tail chunk; kh > kw.
+    # Dqk = 4 (LR-Net's CK = 1 range without split rel) runs SASA's kernels: a tail chunk; kh > kw.
     "tiled-lrnet-even": (2, 1, 4, 3, 8, 6, (5, 3), 1, False),
     # key_bias runs the general kernels (for every dtype), as does stride 2.
     "general-key-bias": (1, 2, 6, 4, 7, 8, (3, 5), 1, True),

@@ -21,8 +21,8 @@ Kernel choice (see the .cu files for what each does):
   memory) when the stride is 1, the dtype is not float64 and the tile fits the shared
   memory a block may opt in to (48 KiB without opting in; Target.smem_optin);
   configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
-  stage, 8 value channels per thread, m = 8), ``<T, 8, 16>`` for SASA-like heads (Dqk, Dv
-  16..64). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
+  stage, 8 value channels per thread, m = 8), ``<T, 16, 16>`` for SASA-like heads (Dqk, Dv
+  16..64; TILED_CONFIGS). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).
 - fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
   ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``
@@ -64,7 +64,14 @@ SCRATCH_LIMIT = 256 * 2**20     # global scratch of one launch, for windows too 
 WARP = 32
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
 VPT = 8                         # value channels per thread of the general kernels
-TILED_CONFIGS = {"lrnet": (1, 8), "sasa": (8, 16)}   # (CK, CV) of the *_tiled kernels
+# (CK, CV) of each *_tiled kernel: key (query) channels per staged chunk, value (grad_out)
+# channels per chunk. SASA's forward and key side take 16 key channels a chunk: half the
+# passes over the slots (users) of 8, each of which reloads and stores the per-slot sums;
+# its query side keeps 8 (at 16, its dq loop's code doubles for a modelled +13%).
+TILED_CONFIGS = {
+    "lrnet": {"attention_forward_tiled": (1, 8), "query_grad_tiled": (1, 8), "key_grad_tiled": (1, 8)},
+    "sasa": {"attention_forward_tiled": (16, 16), "query_grad_tiled": (8, 16), "key_grad_tiled": (16, 16)},
+}
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 # The backward fast path's tiles, largest first: each kernel takes the first whose plan fits
 # the device's shared memory (two [K][tile] arrays per block; 16 x 8 halves the halo
@@ -412,8 +419,9 @@ def av_forward(t: Target, geo: Geometry, attn, v):
     return out
 
 
-def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, after_halo: int):
-    """(CK, CV, shared bytes, halo_h, halo_w) of a fast-path kernel, or None where it does not apply.
+def _tiled_plan(geo: Geometry, c: _Call, kernel: str, block, table: str, before_halo: int, after_halo: int):
+    """(CK, CV, shared bytes, halo_h, halo_w) of the fast-path kernel ``kernel`` (a key of
+    TILED_CONFIGS' layouts), or None where it does not apply.
 
     Fast paths need stride 1 (a query sits at its output's position, halos stay small), skip
     float64 (twice the shared memory for little use), serve the dot product without
@@ -431,7 +439,7 @@ def _tiled_plan(geo: Geometry, c: _Call, block, table: str, before_halo: int, af
     # Split rel only on the CK > 1 configuration (localrel::tiled_flags): LR-Net's kernels
     # compile without it.
     lrnet_config = geo.dqk <= 4 and not c.flags & HAS_REL_SPLIT
-    ck, cv = TILED_CONFIGS["lrnet" if lrnet_config else "sasa"]
+    ck, cv = TILED_CONFIGS["lrnet" if lrnet_config else "sasa"][kernel]
     halo_h, halo_w = (_halo_extent(length, k, d, st, geo.border, table, tile) for length, k, d, st, tile
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))
@@ -448,7 +456,7 @@ def _tiled_config(geo: Geometry, c: _Call):
     """Plan of attention_forward_tiled: logits/weights [K][tile], the per-tile tables and
     (split rel) the short dot products' terms [kh + kw][tile]."""
     bx, by = TILED_BLOCK
-    return _tiled_plan(geo, c, TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
+    return _tiled_plan(geo, c, "attention_forward_tiled", TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
                        c.acc.itemsize * _split_rel_floats(geo, c, bx * by)
                        + _tile_tables(geo.kernel, TILED_BLOCK))
 
@@ -564,7 +572,8 @@ def _tiled_backward_config(geo: Geometry, c: _Call, tables):
         tile = block[0] * block[1]
         after = c.acc.itemsize * (query_rows * tile + _split_rel_floats(geo, c, tile + 1)) \
             + tables(block) + _tile_tables(geo.kernel, block)
-        return _tiled_plan(geo, c, block, "pos", c.acc.itemsize * 2 * geo.slots * (tile + 1), after)
+        return _tiled_plan(geo, c, "query_grad_tiled", block, "pos", c.acc.itemsize * 2 * geo.slots * (tile + 1),
+                           after)
     return _first_fitting_block(plan)
 
 
@@ -626,7 +635,7 @@ def _tiled_key_config(geo: Geometry, c: _Call):
     """
     (rows_users, _), (cols_users, _) = geo.rows.users, geo.cols.users
     return _first_fitting_block(lambda block: _tiled_plan(
-        geo, c, block, "users", c.acc.itemsize * 2 * _users(geo) * block[0] * block[1],
+        geo, c, "key_grad_tiled", block, "users", c.acc.itemsize * 2 * _users(geo) * block[0] * block[1],
         c.acc.itemsize * _split_rel_head_floats(geo, c)
         + _tile_tables((rows_users.shape[1], cols_users.shape[1]), block)))
 

@@ -244,13 +244,13 @@ def test_fast_path_configs(backend, config, border, dtype, sim_seed):
 TAIL_SHAPES = {
     # LR-Net config (CK=1, CV=8): Dv = 12 is one full value chunk and a tail of 4.
     "lrnet_tail": dict(shape=(1, 2, 3, 12, 13, 37), kernel=7, with_bias=True, with_rel=True),
-    # SASA config (CK = 16 forward and key side, 8 query side; CV = 16): Dqk = 12 (the query
-    # side's tail after a full chunk; the other kernels' only chunk is a tail) and Dv = 6,
-    # whose only chunk is a tail: its channels 6..15 would read the block's poisoned (NaN)
-    # shared memory if they were not staged as 0.
+    # With a full rel table, SASA's heads take CK = 8 (CV = 16) in every tiled kernel: Dqk = 12
+    # (a tail after a full chunk) and Dv = 6, whose only chunk is a tail: its channels 6..15
+    # would read the block's poisoned (NaN) shared memory if they were not staged as 0.
     "sasa_tail": dict(shape=(1, 1, 12, 6, 11, 35), kernel=5, with_bias=False, with_rel=True),
-    # Dqk = 20: a tail of 4 after a full chunk of 16 (forward, key side) and after two of 8.
-    "sasa_long_keys": dict(shape=(1, 1, 20, 6, 11, 35), kernel=5, with_bias=False, with_rel=True),
+    # Without: CK = 16 in the forward and the key side (8 on the query side). Dqk = 20: a tail
+    # of 4 after a full chunk of 16 (after two of 8 on the query side).
+    "sasa_long_keys": dict(shape=(1, 1, 20, 6, 11, 35), kernel=5, with_bias=True, with_rel=False),
     # Dqk = 6: the only key chunk is a tail, so rel channels 6, 7 were never staged (poisoned):
     # the tail's rel reads must stay guarded. Dv = 20: a value tail after a full chunk.
     "sasa_short_keys": dict(shape=(1, 1, 6, 20, 9, 21), kernel=3, with_bias=True, with_rel=True),
@@ -276,6 +276,29 @@ def test_fast_path_tail_chunks_and_odd_edges(backend, config, border, dtype, sim
     assert dv % cv and (dqk % ck or ck == 1)   # the shapes do make tail chunks
     _check_all_ops(backend, border, c["kernel"], 1, 1, dtype, c["with_bias"], c["with_rel"], shape=c["shape"],
                    scale=0.6)
+
+
+@pytest.mark.parametrize("layout, dqk, rel, want", [
+    # (CK, CV) of the forward, the query side and the key side (_kernel_ops.TILED_CONFIGS)
+    ("lrnet", 1, None, [(1, 8)] * 3),
+    ("sasa", 32, None, [(16, 16), (8, 16), (16, 16)]),
+    ("sasa split rel", 32, "split", [(16, 16), (8, 16), (16, 16)]),
+    ("sasa split rel, Dqk <= 4", 4, "split", [(16, 16), (8, 16), (16, 16)]),
+    ("full rel", 32, "full", [(8, 16)] * 3),   # its rel chunk keeps 8 channels of the table
+])
+def test_tiled_channel_chunks_per_layout(layout, dqk, rel, want):
+    from cupy_localrel._backends import _kernel_ops as K
+    _require("sim")
+    x = _inputs(1, 2, dqk, 8, 20, 20, 5, "mask", False, rel == "full", np.float32, 0)
+    if rel == "split":
+        half = np.zeros((2, dqk // 2, 5), np.float32)
+        x["rel"] = G.SplitRel(half, half.copy())
+    geo = G.qk_geometry(x["q"], x["k"], 2, 5, 1, 1, "mask", None, x["rel"], 1.0, v=x["v"])
+    c = K._Call(K.Target("sim"), geo, None, x["rel"])
+    th, tw = geo.table_shape
+    plans = [K._tiled_config(geo, c), K._tiled_backward_config(geo, c, lambda b: 4 * (b[1] * th + b[0] * tw))[1],
+             K._tiled_key_config(geo, c)[1]]
+    assert [tuple(p[:2]) for p in plans] == want
 
 
 # Register blocking of the tiled kernels' hot loops (localrel_common.cuh: RowPair): each

@@ -22,7 +22,7 @@ Kernel choice (see the .cu files for what each does):
   memory a block may opt in to (48 KiB without opting in; Target.smem_optin);
   configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
   stage, 8 value channels per thread, m = 8), ``<T, 16, 16>`` for SASA-like heads (Dqk, Dv
-  16..64; TILED_CONFIGS). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
+  16..64; ``<T, 8, 16>`` with a full rel table; TILED_CONFIGS). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
   8 value channels).
 - fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
   ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``
@@ -65,12 +65,15 @@ WARP = 32
 MAX_THREADS = 128               # LOCALREL_THREADS: the kernels' __launch_bounds__
 VPT = 8                         # value channels per thread of the general kernels
 # (CK, CV) of each *_tiled kernel: key (query) channels per staged chunk, value (grad_out)
-# channels per chunk. SASA's forward and key side take 16 key channels a chunk: half the
-# passes over the slots (users) of 8, each of which reloads and stores the per-slot sums;
-# its query side keeps 8 (at 16, its dq loop's code doubles for a modelled +13%).
+# channels per chunk, per head layout. SASA's forward and key side take 16 key channels a
+# chunk: half the passes over the slots (users) of 8, each of which reloads and stores the
+# per-slot sums; its query side keeps 8 (at 16, its dq loop's code doubles for a modelled
+# +13%). With a full rel table, every key chunk stages that many channels of it too: 8
+# keep the tables' shared memory where it was (k = 13 still fits sm_80).
 TILED_CONFIGS = {
     "lrnet": {"attention_forward_tiled": (1, 8), "query_grad_tiled": (1, 8), "key_grad_tiled": (1, 8)},
     "sasa": {"attention_forward_tiled": (16, 16), "query_grad_tiled": (8, 16), "key_grad_tiled": (16, 16)},
+    "full_rel": {"attention_forward_tiled": (8, 16), "query_grad_tiled": (8, 16), "key_grad_tiled": (8, 16)},
 }
 TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query tile
 # The backward fast path's tiles, largest first: each kernel takes the first whose plan fits
@@ -438,8 +441,9 @@ def _tiled_plan(geo: Geometry, c: _Call, kernel: str, block, table: str, before_
         return None
     # Split rel only on the CK > 1 configuration (localrel::tiled_flags): LR-Net's kernels
     # compile without it.
-    lrnet_config = geo.dqk <= 4 and not c.flags & HAS_REL_SPLIT
-    ck, cv = TILED_CONFIGS["lrnet" if lrnet_config else "sasa"][kernel]
+    layout = "lrnet" if geo.dqk <= 4 and not c.flags & HAS_REL_SPLIT else \
+        "full_rel" if c.flags & HAS_REL else "sasa"
+    ck, cv = TILED_CONFIGS[layout][kernel]
     halo_h, halo_w = (_halo_extent(length, k, d, st, geo.border, table, tile) for length, k, d, st, tile
                       in zip((geo.height, geo.width), geo.kernel, geo.dilation, geo.stride,
                              (block[1], block[0])))

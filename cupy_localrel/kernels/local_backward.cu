@@ -155,15 +155,18 @@ __device__ void table_partials(const Window& w, const TilePos& p, const A* __res
 // Fixed order: outputs by rows, then columns. Lanes take entries table row (column) fastest:
 // a warp's lanes read the sums of different slot rows of one output (rows terms_stride
 // apart: an odd stride keeps them in different banks), a few channels of its query (qt:
-// rows of 2 kSplitDrelChannels + 1 words), and store neighbouring partials. Every thread
-// of the block must call this (barriers).
+// rows of 2 kSplitDrelChannels + 1 words), and store neighbouring partials. Each thread
+// sums kSplitDrelSums channels of its table row (column), so one read of a dlogit sum feeds
+// them all. Every thread of the block must call this (barriers).
 constexpr int kSplitDrelChannels = 8;   // channels of each half per pass
+constexpr int kSplitDrelSums = 4;       // channels per thread (divides kSplitDrelChannels)
 
 template <class A, class T>
 __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* __restrict__ terms, int terms_stride,
                                    A* __restrict__ qt, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                    const T* __restrict__ qc, int dqk, A scale, A* __restrict__ part_rel, int tile) {
-  constexpr int P = kSplitDrelChannels, pitch = 2 * P + 1;
+  constexpr int P = kSplitDrelChannels, S = kSplitDrelSums, pitch = 2 * P + 1;
+  static_assert(P % S == 0, "a thread's channels lie in one pass");
   const int half = dqk / 2, th = w.th, tw = w.tw, bx = blockDim.x;
   A* part_rows = part_rel + (size_t)p.block * half * (th + tw);   // this block's rows, then columns
   A* part_cols = part_rows + (size_t)half * th;
@@ -178,13 +181,16 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
       qt[p.tid * pitch + n] = (p.inside && n % P < nq) ? scale * load(qc, (size_t)c * w.in_plane()) : A(0);
     }
     __syncthreads();
-    for (int e = p.tid; e < P * (th + tw); e += tile) {
-      // Entry: channel d0 + n of table row a (the rows' P x th entries), else of table
-      // column a; a fastest, so that neighbouring lanes store neighbouring partials.
-      const bool row = e < P * th;
-      const int len = row ? th : tw, er = row ? e : e - P * th, n = er / len, a = er - n * len;
-      if (n >= nq) continue;
-      A sum = 0;
+    for (int e = p.tid; e < (P / S) * (th + tw); e += tile) {
+      // Entry: channels d0 + n0 .. n0 + S - 1 of table row a (the rows' P/S x th entries),
+      // else of table column a; a fastest, so that neighbouring lanes store neighbouring
+      // partials. Each dlogit sum read feeds the S channels' sums.
+      const bool row = e < (P / S) * th;
+      const int len = row ? th : tw, er = row ? e : e - (P / S) * th, n0 = er / len * S, a = er - n0 / S * len;
+      if (n0 >= nq) continue;
+      A sum[S];
+#pragma unroll
+      for (int s = 0; s < S; ++s) sum[s] = 0;
       for (int r = 0; r < (int)blockDim.y; ++r) {
         const int ty = row ? row_slot[r * th + a] : 0;
         if (ty < 0) continue;   // no slot row of tile row r reads table row a
@@ -192,10 +198,16 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
           const int tx = row ? 0 : col_slot[c * tw + a];
           if (tx < 0) continue;
           const int o = r * bx + c, i = row ? ty : w.kh + tx;   // i: the sum's row in terms
-          sum += qt[o * pitch + (row ? n : P + n)] * terms[(size_t)i * terms_stride + o];
+          const A t = terms[(size_t)i * terms_stride + o];
+          const A* q_o = qt + o * pitch + (row ? 0 : P) + n0;
+#pragma unroll
+          for (int s = 0; s < S; ++s) sum[s] += q_o[s] * t;
         }
       }
-      (row ? part_rows[(size_t)(d0 + n) * th + a] : part_cols[(size_t)(d0 + n) * tw + a]) = sum;
+      A* part = row ? part_rows + (size_t)(d0 + n0) * th + a : part_cols + (size_t)(d0 + n0) * tw + a;
+#pragma unroll
+      for (int s = 0; s < S; ++s)
+        if (n0 + s < nq) part[(size_t)s * len] = sum[s];
     }
   }
 }

@@ -165,7 +165,7 @@ template <class A, class T>
 __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* __restrict__ terms, int terms_stride,
                                    A* __restrict__ qt, int* __restrict__ row_slot, int* __restrict__ col_slot,
                                    const T* __restrict__ qc, int dqk, A scale, A* __restrict__ part_rel, int tile) {
-  constexpr int P = kSplitDrelChannels, S = kSplitDrelSums, pitch = 2 * P + 1;
+  constexpr int P = kSplitDrelChannels, S = kSplitDrelSums, G = P / S, pitch = 2 * P + 1;
   static_assert(P % S == 0, "a thread's channels lie in one pass");
   const int half = dqk / 2, th = w.th, tw = w.tw, bx = blockDim.x;
   A* part_rows = part_rel + (size_t)p.block * half * (th + tw);   // this block's rows, then columns
@@ -181,13 +181,13 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
       qt[p.tid * pitch + n] = (p.inside && n % P < nq) ? scale * load(qc, (size_t)c * w.in_plane()) : A(0);
     }
     __syncthreads();
-    for (int e = p.tid; e < (P / S) * (th + tw); e += tile) {
-      // Entry: channels d0 + n0 .. n0 + S - 1 of table row a (the rows' P/S x th entries),
-      // else of table column a; a fastest, so that neighbouring lanes store neighbouring
-      // partials. Each dlogit sum read feeds the S channels' sums.
-      const bool row = e < (P / S) * th;
-      const int len = row ? th : tw, er = row ? e : e - (P / S) * th, n0 = er / len * S, a = er - n0 / S * len;
-      if (n0 >= nq) continue;
+    for (int e = p.tid; e < G * (th + tw); e += tile) {
+      // Entry: channels d0 + j, d0 + j + G, .. (S of them) of table row a (the rows' G x th
+      // entries), else of table column a; a fastest. The G threads of a row (column) take
+      // neighbouring channels, so that a warp's lanes store neighbouring partials.
+      const bool row = e < G * th;
+      const int len = row ? th : tw, er = row ? e : e - G * th, j = er / len, a = er - j * len;
+      if (j >= nq) continue;
       A sum[S];
 #pragma unroll
       for (int s = 0; s < S; ++s) sum[s] = 0;
@@ -199,15 +199,15 @@ __device__ void split_rel_partials(const Window& w, const TilePos& p, const A* _
           if (tx < 0) continue;
           const int o = r * bx + c, i = row ? ty : w.kh + tx;   // i: the sum's row in terms
           const A t = terms[(size_t)i * terms_stride + o];
-          const A* q_o = qt + o * pitch + (row ? 0 : P) + n0;
+          const A* q_o = qt + o * pitch + (row ? 0 : P) + j;
 #pragma unroll
-          for (int s = 0; s < S; ++s) sum[s] += q_o[s] * t;
+          for (int s = 0; s < S; ++s) sum[s] += q_o[s * G] * t;
         }
       }
-      A* part = row ? part_rows + (size_t)(d0 + n0) * th + a : part_cols + (size_t)(d0 + n0) * tw + a;
+      A* part = row ? part_rows + (size_t)(d0 + j) * th + a : part_cols + (size_t)(d0 + j) * tw + a;
 #pragma unroll
       for (int s = 0; s < S; ++s)
-        if (n0 + s < nq) part[(size_t)s * len] = sum[s];
+        if (j + s * G < nq) part[(size_t)s * G * len] = sum[s];
     }
   }
 }

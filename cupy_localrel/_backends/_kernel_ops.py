@@ -80,7 +80,7 @@ TILED_BLOCK = (16, 8)           # (x: columns, y: rows) of the fast path's query
 # the device's shared memory (two [K][tile] arrays per block; 16 x 8 halves the halo
 # staging per output of 16 x 4, and k = 13 on sm_80 falls back to 16 x 4).
 TILED_BWD_BLOCKS = ((16, 8), (16, 4))
-REDUCE_SEGMENTS = 4             # kReduceSegments of table_reduce
+REDUCE_RUN, REDUCE_SEGMENTS = 8, 16   # table_reduce's block: kReduceRun x kReduceSegments
 TABLE_CHANNELS = 8              # kTableChannels of query_grad_tiled: query rows per drel pass
 SPLIT_DREL_CHANNELS = 8         # kSplitDrelChannels of query_grad_tiled (split rel's drel)
 HAS_BIAS, HAS_REL, HAS_KEY_BIAS, HAS_REL_SPLIT = 1, 2, 4, 8   # localrel::Flags
@@ -588,9 +588,9 @@ def _table_reduce(c: _Call, part, shape, tiles: int, entries: int, shape2=None):
     dst2 = dst if shape2 is None else c.t.xp.empty(shape2, c.geo.dtype)
     split = entries if shape2 is None else int(np.prod(shape[1:]))   # entries of dst per head
     total = c.geo.heads * entries
-    if total:   # block: 32 outputs x REDUCE_SEGMENTS segments of the partials
+    if total:   # block: REDUCE_RUN outputs x REDUCE_SEGMENTS segments of the partials
         c.fn(BACKWARD_FILE, "table_reduce")(
-            (-(-total // WARP), 1, 1), (WARP, REDUCE_SEGMENTS, 1),
+            (-(-total // REDUCE_RUN), 1, 1), (REDUCE_RUN, REDUCE_SEGMENTS, 1),
             (part, dst, dst2, np.int32(c.geo.batch), c.heads, np.int32(tiles), np.int32(entries),
              np.int32(split)))
     return dst if shape2 is None else (dst, dst2)

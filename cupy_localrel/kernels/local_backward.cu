@@ -848,20 +848,22 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // Dqk/2 * (th + tw): then each head's first `split` entries (rel_h's) go to dst[h][e] and
 // the others (rel_w's) to dst2[h][e - split], two results from one launch (split = entries
 // otherwise). Block
-// (32, kReduceSegments): lane x owns output idx = h * entries + e of a run of 32 (coalesced
-// reads), row y sums the y-th contiguous segment of the batch*tiles partials in order, and
-// lane x of row 0 adds the segments' sums in order: a fixed order, more warps in flight than
-// one serial sum. Grid: ceil(heads * entries / 32) blocks.
+// (kReduceRun, kReduceSegments): lane x owns output idx = h * entries + e of a run of
+// kReduceRun (a warp reads 4 such runs, each a whole sector), row y sums the y-th
+// contiguous segment of the batch*tiles partials in order, and lane x of row 0 adds the
+// segments' sums in order: a fixed order. Short runs and many segments give the small
+// reductions (a bias table: heads * th * tw outputs) enough blocks and warps in flight to
+// hide the loads' latency. Grid: ceil(heads * entries / kReduceRun) blocks.
 // ---------------------------------------------------------------------------------------
-constexpr int kReduceSegments = 4;
+constexpr int kReduceRun = 8, kReduceSegments = 16;
 
 template <class T>
 __global__ void LOCALREL_BOUNDS
 table_reduce(const acc_t<T>* __restrict__ part, T* __restrict__ dst, T* __restrict__ dst2, int batch, int heads,
              int tiles, int entries, int split) {
   using A = acc_t<T>;
-  __shared__ A seg[kReduceSegments][32];
-  const long long idx = (long long)blockIdx.x * 32 + threadIdx.x;
+  __shared__ A seg[kReduceSegments][kReduceRun];
+  const long long idx = (long long)blockIdx.x * kReduceRun + threadIdx.x;
   const bool valid = idx < (long long)heads * entries;
   const int h = valid ? (int)(idx / entries) : 0, e = (int)(idx - (long long)h * entries);
   const long long n = (long long)batch * tiles;   // partials per entry, (b, tile) order

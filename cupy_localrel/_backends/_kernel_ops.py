@@ -22,8 +22,8 @@ Kernel choice (see the .cu files for what each does):
   memory a block may opt in to (48 KiB without opting in; Target.smem_optin);
   configuration ``<T, 1, 8>`` for LR-Net-like heads (Dqk <= 4: one key channel per
   stage, 8 value channels per thread, m = 8), ``<T, 16, 16>`` for SASA-like heads (Dqk, Dv
-  16..64; ``<T, 8, 16>`` with a full rel table; TILED_CONFIGS). Otherwise ``attention_forward<T, 8>`` (online softmax, one thread per query and
-  8 value channels).
+  16..64; ``<T, 8, 16>`` with a full rel table; TILED_CONFIGS). Otherwise
+  ``attention_forward<T, 8>`` (online softmax, one thread per query and 8 value channels).
 - fused backward: ``query_grad<T, 0>`` (delta, dq, dbias/drel partials) then
   ``key_grad<T, 0>`` (dk, dv gathered through the users tables), then ``table_reduce``
   (dbias/drel in a fixed order). Fast paths ``query_grad_tiled<T, CK, CV>`` and
@@ -460,8 +460,8 @@ def _tiled_config(geo: Geometry, c: _Call):
     """Plan of attention_forward_tiled: logits/weights [K][tile], the per-tile tables and
     (split rel) the short dot products' terms [kh + kw][tile]."""
     bx, by = TILED_BLOCK
-    return _tiled_plan(geo, c, "attention_forward_tiled", TILED_BLOCK, "pos", c.acc.itemsize * geo.slots * bx * by,
-                       c.acc.itemsize * _split_rel_floats(geo, c, bx * by)
+    return _tiled_plan(geo, c, "attention_forward_tiled", TILED_BLOCK, "pos",
+                       c.acc.itemsize * geo.slots * bx * by, c.acc.itemsize * _split_rel_floats(geo, c, bx * by)
                        + _tile_tables(geo.kernel, TILED_BLOCK))
 
 

@@ -849,7 +849,7 @@ av_dattn(const int* __restrict__ geo, const T* __restrict__ grad, const T* __res
 // the others (rel_w's) to dst2[h][e - split], two results from one launch (split = entries
 // otherwise). Block
 // (kReduceRun, kReduceSegments): lane x owns output idx = h * entries + e of a run of
-// kReduceRun (a warp reads 4 such runs, each a whole sector), row y sums the y-th
+// kReduceRun (a warp reads 4 such runs of 32 bytes), row y sums the y-th
 // contiguous segment of the batch*tiles partials in order, and lane x of row 0 adds the
 // segments' sums in order: a fixed order. Short runs and many segments give the small
 // reductions (a bias table: heads * th * tw outputs) enough blocks and warps in flight to

@@ -423,3 +423,49 @@ def test_gpu_profile_merges_times_and_ncu_with_the_model(tmp_path):
         GP.merge(rep, None, bad)
     assert GP.main(["dry-run", "--model", model, "--out", str(tmp_path)]) == 0
     assert "DRY RUN" in (tmp_path / "gpu-profile.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel variants on a GPU (benchmarks/gpu_variants.py): patching and comparing, no GPU
+# ---------------------------------------------------------------------------------------
+def _one_line_patch(path: str, old: str, new: str) -> str:
+    """A git-style patch replacing the line ``old`` of ``path`` (repository-relative) by ``new``."""
+    import difflib
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / path).read_text().splitlines(keepends=True)
+    changed = [new + "\n" if line.rstrip("\n") == old else line for line in lines]
+    assert changed != lines, f"{old!r} not in {path}"
+    return "".join(difflib.unified_diff(lines, changed, f"a/{path}", f"b/{path}"))
+
+
+def test_gpu_variants_applies_a_patch_to_a_copy_and_reports_a_stale_one(tmp_path):
+    import shutil
+    from benchmarks import gpu_variants as GV
+    if not (shutil.which("git") or shutil.which("patch")):
+        pytest.skip("neither git nor patch is installed")
+    path, old = "cupy_localrel/_roofline.py", 'MODELLED = "modelled"'
+    good = tmp_path / "good.patch"
+    good.write_text(_one_line_patch(path, old, 'MODELLED = "modelled (variant)"'))
+    stale = tmp_path / "stale.patch"
+    stale.write_text(_one_line_patch(path, old, 'MODELLED = "x"').replace(old, 'MODELLED = "gone"'))
+    tree = GV.copy_tree(tmp_path / "copy")
+    assert GV.apply_patch(str(good), tree)[0]
+    assert 'MODELLED = "modelled (variant)"' in (tree / path).read_text()
+    root = Path(__file__).resolve().parent.parent
+    assert 'MODELLED = "modelled"' in (root / path).read_text(), "the tree itself was modified"
+    ok, message = GV.apply_patch(str(stale), GV.copy_tree(tmp_path / "copy2"))
+    assert not ok and message.startswith("stale")
+
+
+def test_gpu_variants_compares_the_fastest_rounds():
+    from benchmarks import gpu_variants as GV
+    def run(us):
+        return {"rc": 0, "times": {"ops": [{"name": "lrnet_forward", "measured_us": us,
+                                            "launches": [{"kernel": "attention_forward_tiled<float, 1, 8>",
+                                                          "measured_us": us}]}]}}
+    rows = GV.compare([run(100.0), run(90.0)], [run(80.0), run(85.0)])
+    assert len(rows) == 1 and rows[0]["base_us"] == 90.0 and rows[0]["variant_us"] == 80.0
+    assert rows[0]["variant_over_base"] == pytest.approx(80.0 / 90.0)
+    report = {"model": "m.json", "rounds": 2, "dry_run": False,
+              "variants": [{"name": "v", "applied": "git apply", "rows": rows}]}
+    assert "| v | yes | lrnet_forward |" in GV.to_markdown(report)

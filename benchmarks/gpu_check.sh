@@ -19,7 +19,8 @@
 #   GPU_CHECK_COMMIT=<hash> bash benchmarks/gpu_check.sh /tmp/gpu_check; tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
 # (GPU_CHECK_COMMIT: the commit under test, for env.json, when .git does not travel)
 # After it, with about 3 minutes of the lease left: the kernel variants the model could not
-# decide, measured against this tree (python -m benchmarks.gpu_variants --out "$OUT/variants").
+# decide, measured against this tree (python -m benchmarks.gpu_variants --out "$OUT/variants",
+# all runs within --time-limit, default 150 s).
 # Every step runs under its own timeout; a failing step does not stop the others. The exit
 # codes of all steps are in steps.tsv and summary.json; the script exits non-zero if any
 # step failed.

@@ -457,6 +457,49 @@ def test_gpu_variants_applies_a_patch_to_a_copy_and_reports_a_stale_one(tmp_path
     assert not ok and message.startswith("stale")
 
 
+def _drifted(patch: str, old: str, drifted: str) -> str:
+    """``patch`` with one context line changed: it no longer applies exactly."""
+    assert f" {old}\n" in patch
+    return patch.replace(f" {old}\n", f" {drifted}\n", 1)
+
+
+def test_gpu_variants_rejects_a_drifted_patch_without_git_too(tmp_path, monkeypatch):
+    import shutil
+    from benchmarks import gpu_variants as GV
+    path = "cupy_localrel/_roofline.py"
+    patch = _one_line_patch(path, 'MODELLED = "modelled"', 'MODELLED = "modelled (variant)"')
+    context = next(line[1:] for line in patch.splitlines() if line.startswith(" ") and line.strip())
+    drifted = tmp_path / "drifted.patch"
+    drifted.write_text(_drifted(patch, context, context + "  # drifted"))
+    tools = [t for t in ("git", "patch") if shutil.which(t)]
+    if not tools:
+        pytest.skip("neither git nor patch is installed")
+    for tool in tools:   # git, and patch alone (as where git is missing): no fuzz
+        which = shutil.which
+        monkeypatch.setattr(GV.shutil, "which", lambda name, tool=tool: which(name) if name == tool else None)
+        ok, message = GV.apply_patch(str(drifted), GV.copy_tree(tmp_path / f"copy-{tool}"))
+        assert not ok and message.startswith("stale"), (tool, message)
+        monkeypatch.undo()
+
+
+def test_gpu_variants_dry_run_fails_on_a_stale_patch(tmp_path):
+    import shutil
+    from benchmarks import gpu_variants as GV
+    if not (shutil.which("git") or shutil.which("patch")):
+        pytest.skip("neither git nor patch is installed")
+    path, old = "cupy_localrel/_roofline.py", 'MODELLED = "modelled"'
+    good, stale = tmp_path / "good.patch", tmp_path / "stale.patch"
+    good.write_text(_one_line_patch(path, old, 'MODELLED = "modelled (variant)"'))
+    stale.write_text(_one_line_patch(path, old, 'MODELLED = "x"').replace(old, 'MODELLED = "gone"'))
+    out = tmp_path / "out"
+    assert GV.main(["--dry-run", "--out", str(out), str(good)]) == 0
+    assert GV.main(["--dry-run", "--out", str(out), str(good), str(stale)]) == 1
+    report = json.loads((out / "variants.json").read_text())
+    assert [v["ok"] for v in report["variants"]] == [True, False]
+    assert report["runs_done"] == 4 and all(r["rc"] == 0 for r in report["base_runs"])
+    assert "stale" in (out / "variants.md").read_text()
+
+
 def test_gpu_variants_compares_the_fastest_rounds():
     from benchmarks import gpu_variants as GV
     def run(us):
@@ -465,7 +508,11 @@ def test_gpu_variants_compares_the_fastest_rounds():
                                                           "measured_us": us}]}]}}
     rows = GV.compare([run(100.0), run(90.0)], [run(80.0), run(85.0)])
     assert len(rows) == 1 and rows[0]["base_us"] == 90.0 and rows[0]["variant_us"] == 80.0
-    assert rows[0]["variant_over_base"] == pytest.approx(80.0 / 90.0)
-    report = {"model": "m.json", "rounds": 2, "dry_run": False,
-              "variants": [{"name": "v", "applied": "git apply", "rows": rows}]}
-    assert "| v | yes | lrnet_forward |" in GV.to_markdown(report)
+    assert rows[0]["variant_over_base"] == pytest.approx(80.0 / 90.0) and "problem" not in rows[0]
+    report = {"model": "m.json", "runs_done": 4, "dry_run": False,
+              "variants": [{"name": "v", "applied": "git apply", "ok": True, "rows": rows}]}
+    assert "| v | git apply | lrnet_forward |" in GV.to_markdown(report)
+    other = run(70.0)
+    other["times"]["ops"][0]["launches"][0]["kernel"] = "attention_forward<float, 8>"
+    assert GV.compare([run(90.0)], [other])[0]["problem"].startswith("kernels differ")
+    assert GV.compare([run(90.0)], [])[0]["problem"] == "timed on one side only"

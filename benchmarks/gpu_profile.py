@@ -200,6 +200,9 @@ def merge(rep: dict, times: dict | None, ncu: list[dict] | None) -> dict:
         for i, r in enumerate(launches):
             row = {"op": o["name"], "kernel": r["kernel"], "modelled_us": r["model"]["predicted_us"],
                    "modelled_bound": r["model"]["bound"],
+                   # both issue estimates, so a measured issue-bound kernel tells which is closer
+                   "modelled_issue_us": r["model"]["times_us"]["issue"],
+                   "modelled_issue_per_block_us": r["model"].get("issue_per_block_us"),
                    "engine_global_load_sectors_per_request":
                        r["global_load"]["sectors"] / max(1, r["global_load"]["requests"]),
                    "engine_shared_load_wavefronts": r["shared_load"]["wavefronts"],
@@ -240,12 +243,14 @@ def to_markdown(m: dict) -> str:
     for o in m["ops"]:
         lines.append(f"| {o['name']} | {o['modelled_us']:.1f} | {fmt(o['measured_us'])} | {o['floor_us']:.1f} | "
                      f"{fmt(o['measured_share'], '{:.1%}')} | {o['modelled_bound']} |")
-    lines += ["", "| op | kernel | modelled us | measured us | measured/modelled | sectors/req ld engine | "
-              "ncu | shared wavefronts engine | ncu |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| op | kernel | modelled us | issue us: static / per block | measured us | measured/modelled | "
+              "sectors/req ld engine | ncu | shared wavefronts engine | ncu |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in m["launches"]:
         n = r.get("ncu", {})
         wf_ncu = (n.get("shared_load_wavefronts", 0) + n.get("shared_store_wavefronts", 0)) if n else None
-        lines.append(f"| {r['op']} | {r['kernel']} | {r['modelled_us']:.1f} | {fmt(r.get('measured_us'))} | "
+        lines.append(f"| {r['op']} | {r['kernel']} | {r['modelled_us']:.1f} | {fmt(r.get('modelled_issue_us'))} / "
+                     f"{fmt(r.get('modelled_issue_per_block_us'))} | {fmt(r.get('measured_us'))} | "
                      f"{fmt(r.get('measured_over_modelled'), '{:.2f}')} | "
                      f"{r['engine_global_load_sectors_per_request']:.2f} | "
                      f"{fmt(r.get('ncu_global_load_sectors_per_request'), '{:.2f}')} | "

@@ -363,34 +363,79 @@ def instruction_mix(path: Path, names: Sequence[str], arch: str = "90") -> dict:
 
 _TEXT_RE = re.compile(r"^\.text\.(\S+):$")
 _FILE_LINE_RE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_BLOCK_ENDS = frozenset({"BRA", "BRX", "JMP", "JMX", "EXIT", "RET"})
 
 
-def sass_line_mix(disassembly: str) -> dict[str, dict[str, dict[str, int]]]:
-    """{mangled function: {``file:line``: {class: count}}} from ``nvdisasm -g`` text: the
-    static SASS instructions the compiler attributes to each source line (-lineinfo)."""
-    out: dict = {}
-    func = where = None
+def _sass_walk(disassembly: str, marked: frozenset = frozenset()):
+    """Yield (mangled function, ``file:line``, opcode, modifiers, starts_block) for each SASS
+    instruction of ``nvdisasm -g``/``-gi`` text (NOPs left out). -gi prints an instruction's
+    inline chain as consecutive comments, innermost first: the line is the first one of the
+    chain not in ``marked`` (``file:line`` of lines marked "profile: caller's line": the wide
+    loads' helpers), as the CPU engine attributes an access (_sim/profile._kernel_frame);
+    -g prints only the innermost. A block starts at a label and after a branch, exit or
+    return: the instructions of one basic block run equally often."""
+    func, chain, in_comments, new_block = None, [], False, True
     for line in disassembly.splitlines():
         t = line.strip()
         m = _TEXT_RE.match(t)
         if m:
-            func, where = out.setdefault(m.group(1), {}), None
+            func, chain, in_comments, new_block = m.group(1), [], False, True
             continue
         m = _FILE_LINE_RE.search(t)
         if m:
-            where = f"{Path(m.group(1)).name}:{m.group(2)}"
+            if not in_comments:
+                chain, in_comments = [], True
+            chain.append(f"{Path(m.group(1)).name}:{m.group(2)}")
+            continue
+        if t.startswith(".L") and t.endswith(":"):
+            new_block = True
             continue
         m = _SASS_RE.search(t)
-        if func is None or where is None or not m or m.group(1) == "NOP":
+        if func is None or not chain or not m or m.group(1) == "NOP":
             continue
-        _count_sass(func.setdefault(where, dict.fromkeys(MIX_KEYS, 0)), m.group(1), m.group(2))
+        in_comments = False
+        where = next((c for c in chain if c not in marked), chain[-1])
+        yield func, where, m.group(1), m.group(2), new_block
+        new_block = m.group(1) in _BLOCK_ENDS
+
+
+def sass_line_mix(disassembly: str, marked: frozenset = frozenset()) -> dict[str, dict[str, dict[str, int]]]:
+    """{mangled function: {``file:line``: {class: count}}} from ``nvdisasm -g``/``-gi`` text:
+    the static SASS instructions the compiler attributes to each source line (-lineinfo)."""
+    out: dict = {}
+    for func, where, opcode, modifiers, _ in _sass_walk(disassembly, marked):
+        _count_sass(out.setdefault(func, {}).setdefault(where, dict.fromkeys(MIX_KEYS, 0)), opcode, modifiers)
     return out
 
 
-def sass_lines(path: Path, names: Sequence[str], arch: str = "90") -> dict:
+def sass_blocks(disassembly: str, marked: frozenset = frozenset()) -> dict[str, list[dict]]:
+    """{mangled function: [block]}: the basic blocks of each function in program order, each
+    ``{"instructions": n, "words": {file:line: memory words}}`` (lines as in sass_line_mix,
+    the CPU engine's attribution). How often a block runs follows from the engine's dynamic
+    requests of its lines (_profile.block_instructions)."""
+    out: dict = {}
+    for func, where, opcode, modifiers, starts in _sass_walk(disassembly, marked):
+        blocks = out.setdefault(func, [])
+        if starts or not blocks:
+            blocks.append({"instructions": 0, "words": {}})
+        block = blocks[-1]
+        block["instructions"] += 1
+        if _SASS_CLASSES.get(opcode) in MEMORY_CLASSES:
+            block["words"][where] = block["words"].get(where, 0) + _sass_words(modifiers)
+    return out
+
+
+def marked_lines() -> frozenset:
+    """``file:line`` of the kernel sources' lines marked "profile: caller's line"."""
+    from ._sim.profile import _marked_lines
+    return frozenset(f"{p.name}:{no}" for p in sorted(_loader.KERNEL_DIR.glob("*.cu*"))
+                     for no in _marked_lines(str(p)))
+
+
+def sass_lines(path: Path, names: Sequence[str], arch: str = "90", with_blocks: bool = False) -> dict:
     """{name expression: {``file:line``: {class: count}}}: each kernel's SASS per source line,
     from an NVRTC cubin built with -lineinfo and disassembled by nvdisasm (beside cuobjdump).
-    {} when no nvdisasm is found."""
+    ``with_blocks``: {name expression: (that, sass_blocks' list)}. {} when no nvdisasm is found."""
     import subprocess
     import tempfile
     cuobjdump = find_cuobjdump()
@@ -406,12 +451,16 @@ def sass_lines(path: Path, names: Sequence[str], arch: str = "90") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        r = subprocess.run([nvdisasm, "-g", "-c", f.name], capture_output=True, text=True)
+        r = subprocess.run([nvdisasm, "-gi", "-c", f.name], capture_output=True, text=True)
     if r.returncode:
         return {}
-    by_mangled = sass_line_mix(r.stdout)
+    marked = marked_lines()
+    by_mangled, blocks = sass_line_mix(r.stdout, marked), sass_blocks(r.stdout, marked)
     from ._sim.engine import find_extern_c_kernels
     names = [*names, *[k for k in find_extern_c_kernels(source) if k not in names]]
+    if with_blocks:
+        return {n: (by_mangled[lowered.get(n, n)], blocks.get(lowered.get(n, n), []))
+                for n in names if lowered.get(n, n) in by_mangled}
     return {n: by_mangled[lowered.get(n, n)] for n in names if lowered.get(n, n) in by_mangled}
 
 

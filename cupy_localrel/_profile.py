@@ -229,13 +229,13 @@ def nvrtc_report(filename: str, arch: str) -> dict:
         ok, log, lowered = nv.compile(path.read_text(), path.name, N.compile_options(path, arch, nv.version[0]), names)
         usage = N.parse_ptxas(log) if ok else {}
         mix = N.instruction_mix(path, names, arch)
-        per_line = N.sass_lines(path, names, arch)
+        per_line = N.sass_lines(path, names, arch, with_blocks=True)
         for n in names + [k for k in mix["kernels"] if k not in names]:
             entry = dict(usage.get(lowered.get(n, n), {}))
             if n in mix["kernels"]:
                 entry["mix"] = mix["kernels"][n]
                 entry["mix_tool"] = mix["tool"]
-            entry["sass_lines"] = per_line.get(n, {})
+            entry["sass_lines"], entry["sass_blocks"] = per_line.get(n, ({}, []))
             out[n] = entry
     except (N.NvrtcUnavailable, RuntimeError, OSError) as e:
         out = {"_error": str(e)}
@@ -257,6 +257,49 @@ def instructions_per_request(mix: dict | None) -> float | None:
     return mix["total"] / mem if mem else None
 
 
+def block_instructions(blocks: list[dict], line_words: dict) -> tuple:
+    """Warp instructions of a launch weighed by basic block, and the share of the engine's
+    word requests whose line has SASS memory instructions: (instructions, matched share),
+    or (None, 0.0) without blocks or requests.
+
+    A block's instructions run equally often. A block with memory instructions runs as often
+    as its lines' dynamic word requests (``line_words``, the engine's, whole grid) per static
+    memory word say, averaged over the block's memory words; a block without memory
+    instructions takes the mean of its nearest such neighbours in program order (a lead:
+    loop control and arithmetic sit next to their loads). Unlike the static ratio, this does
+    not weigh a loop by how often the compiler unrolled it."""
+    static: dict = {}
+    for b in blocks:
+        for line, words in b["words"].items():
+            static[line] = static.get(line, 0) + words
+    if not static or not line_words:
+        return None, 0.0
+    rates = {line: line_words.get(line, 0.0) / words for line, words in static.items()}
+    execs = []
+    for b in blocks:
+        total = sum(b["words"].values())
+        execs.append(sum(w * rates[line] for line, w in b["words"].items()) / total if total else None)
+    known = [i for i, e in enumerate(execs) if e is not None]
+    instructions = 0.0
+    for i, (b, e) in enumerate(zip(blocks, execs)):
+        if e is None:
+            near = [execs[j] for j in (max((j for j in known if j < i), default=None),
+                                       min((j for j in known if j > i), default=None)) if j is not None]
+            e = sum(near) / len(near)
+        instructions += e * b["instructions"]
+    matched = sum(v for line, v in line_words.items() if line in static)
+    return instructions, matched / sum(line_words.values())
+
+
+def line_words(c: LaunchCounters) -> dict:
+    """{``file:line``: the engine's dynamic requests in 4-byte units of width per lane}, whole
+    grid (the units of LaunchCounters.totals()["word_requests"])."""
+    out: dict = {}
+    for s in c.sites:
+        out[s.location] = out.get(s.location, 0.0) + s.requests * max(1, s.bytes // max(1, 4 * s.lanes)) * c.scale
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Model and report
 # ---------------------------------------------------------------------------------------
@@ -273,6 +316,12 @@ def launch_record(c: LaunchCounters, dev: R.Device, report: dict | None) -> dict
     smem = c.shared_bytes + int(info.get("smem", 0))
     model = R.launch_time(dev, totals, threads=threads, blocks_total=c.blocks_total, regs=info.get("regs"),
                           smem_bytes=smem, instructions_per_request=instructions_per_request(info.get("mix")))
+    # A second issue estimate, by basic block (informational: the bound keeps the static ratio).
+    instructions, matched = block_instructions(info.get("sass_blocks") or [], line_words(c))
+    if instructions is not None:
+        model["issue_per_block_us"] = instructions / (dev.issue_per_sm * min(dev.sms, c.blocks_total)
+                                                      * dev.clock_ghz * 1e9) * 1e6
+        model["issue_per_block_matched"] = matched
     return {"kernel": c.kernel, "source": Path(c.source).name, "grid": list(c.grid), "block": list(c.block),
             "shared_bytes": c.shared_bytes, "blocks_profiled": c.blocks_profiled, "blocks_total": c.blocks_total,
             **totals, "registers": info.get("regs"), "instruction_mix": info.get("mix"),
@@ -366,6 +415,17 @@ def format_report(rep: dict) -> str:
                    f"{m['occupancy']:.0%} | {spr:.2f} ({ideal:.2f}) | {wpr:.2f} ({wideal:.2f}) | {wratio:.2f} | "
                    f"{_us(t['hbm'])} | {_us(t['l2'])} | "
                    f"{_us(t['shared'])} | {_us(t['issue'])} | {_us(t['latency'])} | {_us(m['predicted_us'])} | {m['bound']} |")
+    blocked = [r for r in rep["launches"] if "issue_per_block_us" in r["model"]]
+    if blocked:
+        out += ["", "A second issue estimate (a lead, not the bound): each SASS basic block's instructions times "
+                "how often its memory instructions run by the engine's counts (_profile.block_instructions); "
+                "unlike the issue column it does not weigh a loop by its unrolling.", "",
+                "| op | kernel | issue us (static ratio) | issue us (per block) | engine words matched |",
+                "|---|---|---:|---:|---:|"]
+        for r in blocked:
+            m = r["model"]
+            out.append(f"| {r['op']} | {r['kernel']} | {_us(m['times_us']['issue'])} | "
+                       f"{_us(m['issue_per_block_us'])} | {m['issue_per_block_matched']:.1%} |")
     out += ["", "Costliest lines: the engine's dynamic requests per warp (whole grid / warps launched) beside "
             "the static SASS instructions nvdisasm attributes to the line (-lineinfo); a loop's SASS runs once "
             "per iteration, the engine counts every iteration.", "",

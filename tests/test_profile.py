@@ -300,6 +300,61 @@ def test_sass_and_ptx_mix_parsers():
     assert N.ptx_mix(ptx)["v"]["memory_words"] == 4 + 1
 
 
+_GI_TEXT = """
+.text._Z1kv:
+	//## File "/x/common.cuh", line 10 inlined at "/x/common.cuh", line 20
+	//## File "/x/common.cuh", line 20 inlined at "/tmp/k.cu", line 5
+	//## File "/tmp/k.cu", line 5
+        /*0000*/                   LDS.128 R4, [R2] ;
+	//## File "/tmp/k.cu", line 6
+        /*0010*/                   FFMA R0, R4, R5, R0 ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+.L_x_0:
+	//## File "/tmp/k.cu", line 7
+        /*0030*/                   LDG.E R8, desc[UR4][R6.64] ;
+        /*0040*/                   NOP ;
+.L_x_1:
+        /*0050*/                   EXIT ;
+"""
+
+
+def test_sass_walk_attributes_like_the_engine_and_splits_blocks():
+    from cupy_localrel import _nvrtc_check as N
+    # The chain's innermost line is a marked helper (10) and so is its caller (20): the
+    # access belongs to the kernel line 5, as the CPU engine counts it.
+    marked = frozenset({"common.cuh:10", "common.cuh:20"})
+    lines = N.sass_line_mix(_GI_TEXT, marked)["_Z1kv"]
+    assert lines["k.cu:5"]["shared_load"] == 1 and lines["k.cu:5"]["memory_words"] == 4
+    assert lines["k.cu:6"]["ffma"] == 1 and lines["k.cu:7"]["global_load"] == 1
+    assert N.sass_line_mix(_GI_TEXT)["_Z1kv"]["common.cuh:10"]["shared_load"] == 1   # unmarked: innermost
+    blocks = N.sass_blocks(_GI_TEXT, marked)["_Z1kv"]
+    assert [b["instructions"] for b in blocks] == [3, 1, 1]   # after the branch; at each label; no NOP
+    assert [b["words"] for b in blocks] == [{"k.cu:5": 4}, {"k.cu:7": 1}, {}]
+
+
+def test_block_instructions_do_not_weigh_a_loop_by_its_unrolling():
+    from cupy_localrel._profile import block_instructions
+    n = 1000.0   # dynamic word requests of the loop's load line, 1 word each
+    prologue = {"instructions": 30, "words": {"k.cu:1": 1}}
+    between = {"instructions": 4, "words": {}}   # no memory: the mean of its two neighbours
+    tail = {"instructions": 2, "words": {}}      # no memory, one neighbour: that one's
+    rolled = [prologue, between, {"instructions": 5, "words": {"k.cu:9": 1}}, tail]
+    unrolled = [prologue, between, {"instructions": 17, "words": {"k.cu:9": 4}}, tail]   # 4 copies
+    words = {"k.cu:1": 32.0, "k.cu:9": n}
+    a, matched = block_instructions(rolled, words)
+    b, _ = block_instructions(unrolled, words)
+    assert matched == 1.0
+    assert a == pytest.approx(32 * 30 + (32 + n) / 2 * 4 + n * 5 + n * 2)
+    assert b == pytest.approx(32 * 30 + (32 + n / 4) / 2 * 4 + n / 4 * 17 + n / 4 * 2)
+    assert b < a   # unrolling saves loop control: fewer instructions run
+    # The static ratio (all instructions per static memory word, times the dynamic words)
+    # would halve its estimate (41 / 2 -> 53 / 5 per word) where what runs falls by 37%.
+    static = lambda bl: sum(x["instructions"] for x in bl) / sum(sum(x["words"].values()) for x in bl)  # noqa: E731
+    assert static(unrolled) / static(rolled) < 0.55 and b / a > 0.6
+    assert block_instructions(rolled, {"other.cu:1": 5.0}) == (pytest.approx(0.0), 0.0)
+    assert block_instructions([], words) == (None, 0.0)
+
+
 def test_instruction_mix_of_the_calibration_copy():
     from cupy_localrel import _nvrtc_check as N
     try:

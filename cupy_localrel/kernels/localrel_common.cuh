@@ -370,14 +370,14 @@ template <class V> __device__ __forceinline__ V load_wide(const V* p) {
 #ifdef CUDASIM
   return cudasim_load_wide(p);   // profile: caller's line
 #else
-  return *p;
+  return *p;   // profile: caller's line
 #endif
 }
 template <class V> __device__ __forceinline__ void store_wide(V* p, const V& v) {
 #ifdef CUDASIM
   cudasim_store_wide(p, v);   // profile: caller's line
 #else
-  *p = v;
+  *p = v;   // profile: caller's line
 #endif
 }
 __device__ __forceinline__ float load_wide(const float* p) { return *p; }   // profile: caller's line

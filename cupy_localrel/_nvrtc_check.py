@@ -369,11 +369,12 @@ _BLOCK_ENDS = frozenset({"BRA", "BRX", "JMP", "JMX", "EXIT", "RET"})
 def _sass_walk(disassembly: str, marked: frozenset = frozenset()):
     """Yield (mangled function, ``file:line``, opcode, modifiers, starts_block) for each SASS
     instruction of ``nvdisasm -g``/``-gi`` text (NOPs left out). -gi prints an instruction's
-    inline chain as consecutive comments, innermost first: the line is the first one of the
-    chain not in ``marked`` (``file:line`` of lines marked "profile: caller's line": the wide
-    loads' helpers), as the CPU engine attributes an access (_sim/profile._kernel_frame);
-    -g prints only the innermost. A block starts at a label and after a branch, exit or
-    return: the instructions of one basic block run equally often."""
+    inline chain as consecutive comments, innermost first: the line is the CPU engine's for
+    the same chain (_sim.profile.kernel_line: past the toolkit's headers and the lines
+    marked "profile: caller's line", the wide loads' helpers; ``marked``: more such
+    ``file:line``); -g prints only the innermost. A block starts at a label and after a
+    branch, exit or return: the instructions of one basic block run equally often."""
+    from ._sim.profile import kernel_line
     func, chain, in_comments, new_block = None, [], False, True
     for line in disassembly.splitlines():
         t = line.strip()
@@ -385,7 +386,7 @@ def _sass_walk(disassembly: str, marked: frozenset = frozenset()):
         if m:
             if not in_comments:
                 chain, in_comments = [], True
-            chain.append(f"{Path(m.group(1)).name}:{m.group(2)}")
+            chain.append((m.group(1), m.group(2)))
             continue
         if t.startswith(".L") and t.endswith(":"):
             new_block = True
@@ -394,7 +395,8 @@ def _sass_walk(disassembly: str, marked: frozenset = frozenset()):
         if func is None or not chain or not m or m.group(1) == "NOP":
             continue
         in_comments = False
-        where = next((c for c in chain if c not in marked), chain[-1])
+        innermost = f"{Path(chain[0][0]).name}:{chain[0][1]}"
+        where = kernel_line(chain, marked) or innermost
         yield func, where, m.group(1), m.group(2), new_block
         new_block = m.group(1) in _BLOCK_ENDS
 
@@ -425,17 +427,11 @@ def sass_blocks(disassembly: str, marked: frozenset = frozenset()) -> dict[str, 
     return out
 
 
-def marked_lines() -> frozenset:
-    """``file:line`` of the kernel sources' lines marked "profile: caller's line"."""
-    from ._sim.profile import _marked_lines
-    return frozenset(f"{p.name}:{no}" for p in sorted(_loader.KERNEL_DIR.glob("*.cu*"))
-                     for no in _marked_lines(str(p)))
-
-
-def sass_lines(path: Path, names: Sequence[str], arch: str = "90", with_blocks: bool = False) -> dict:
-    """{name expression: {``file:line``: {class: count}}}: each kernel's SASS per source line,
-    from an NVRTC cubin built with -lineinfo and disassembled by nvdisasm (beside cuobjdump).
-    ``with_blocks``: {name expression: (that, sass_blocks' list)}. {} when no nvdisasm is found."""
+def sass_lines(path: Path, names: Sequence[str], arch: str = "90") -> dict:
+    """{name expression: ({``file:line``: {class: count}}, [block])}: each kernel's SASS per
+    source line (sass_line_mix) and its basic blocks (sass_blocks), from an NVRTC cubin built
+    with -lineinfo and disassembled by nvdisasm (beside cuobjdump). {} when no nvdisasm is
+    found."""
     import subprocess
     import tempfile
     cuobjdump = find_cuobjdump()
@@ -454,14 +450,11 @@ def sass_lines(path: Path, names: Sequence[str], arch: str = "90", with_blocks: 
         r = subprocess.run([nvdisasm, "-gi", "-c", f.name], capture_output=True, text=True)
     if r.returncode:
         return {}
-    marked = marked_lines()
-    by_mangled, blocks = sass_line_mix(r.stdout, marked), sass_blocks(r.stdout, marked)
+    by_mangled, blocks = sass_line_mix(r.stdout), sass_blocks(r.stdout)
     from ._sim.engine import find_extern_c_kernels
     names = [*names, *[k for k in find_extern_c_kernels(source) if k not in names]]
-    if with_blocks:
-        return {n: (by_mangled[lowered.get(n, n)], blocks.get(lowered.get(n, n), []))
-                for n in names if lowered.get(n, n) in by_mangled}
-    return {n: by_mangled[lowered.get(n, n)] for n in names if lowered.get(n, n) in by_mangled}
+    return {n: (by_mangled[lowered.get(n, n)], blocks.get(lowered.get(n, n), []))
+            for n in names if lowered.get(n, n) in by_mangled}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

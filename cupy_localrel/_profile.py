@@ -229,7 +229,7 @@ def nvrtc_report(filename: str, arch: str) -> dict:
         ok, log, lowered = nv.compile(path.read_text(), path.name, N.compile_options(path, arch, nv.version[0]), names)
         usage = N.parse_ptxas(log) if ok else {}
         mix = N.instruction_mix(path, names, arch)
-        per_line = N.sass_lines(path, names, arch, with_blocks=True)
+        per_line = N.sass_lines(path, names, arch)
         for n in names + [k for k in mix["kernels"] if k not in names]:
             entry = dict(usage.get(lowered.get(n, n), {}))
             if n in mix["kernels"]:
@@ -296,7 +296,7 @@ def line_words(c: LaunchCounters) -> dict:
     grid (the units of LaunchCounters.totals()["word_requests"])."""
     out: dict = {}
     for s in c.sites:
-        out[s.location] = out.get(s.location, 0.0) + s.requests * max(1, s.bytes // max(1, 4 * s.lanes)) * c.scale
+        out[s.location] = out.get(s.location, 0.0) + s.words * c.scale
     return out
 
 

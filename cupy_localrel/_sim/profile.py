@@ -53,6 +53,12 @@ class SiteCounters:
     wavefronts: int = 0   # shared: bank wavefronts, summed over requests
     ideal_wavefronts: int = 0   # shared: max(1, ceil(distinct bytes / 128)), summed over requests
 
+    @property
+    def words(self) -> int:
+        """Requests in 4-byte units of width per lane (a site is one instruction of one width:
+        bytes / lanes), at least 1 each: the issue proxy's unit (see _profile.py)."""
+        return self.requests * max(1, self.bytes // max(1, 4 * self.lanes))
+
     def add(self, other: "SiteCounters") -> None:
         for f in ("requests", "lanes", "bytes", "sectors", "ideal_sectors", "wavefronts", "ideal_wavefronts"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
@@ -109,9 +115,7 @@ class LaunchCounters:
 
         atomics = self.merged("atomic", "global")
         atomics.add(self.merged("atomic", "shared"))
-        # Requests in 4-byte units of width per lane (a site is one instruction of one width:
-        # bytes / lanes), at least 1 each: the issue proxy's counterpart (see _profile.py).
-        words = sum(s.requests * max(1, s.bytes // max(1, 4 * s.lanes)) for s in self.sites)
+        words = sum(s.words for s in self.sites)   # SiteCounters.words: the issue proxy's unit
         return {
             "global_load": glob("load"), "global_store": glob("store"),
             "shared_load": shared("load"), "shared_store": shared("store"),
@@ -277,20 +281,35 @@ def _marked_lines(path: str) -> frozenset:
     return frozenset(no for no, line in enumerate(text.split("\n"), start=1) if CALLER_LINE_MARK in line)
 
 
+# The engine's own headers stand in for CUDA's under the same names (cuda_fp16.h, ...): a
+# frame in either is the toolkit's, not the kernel's.
+_TOOLKIT_HEADERS = frozenset(p.name for p in HEADER_DIR.glob("*.h"))
+
+
+def kernel_line(chain, extra_marked: frozenset = frozenset()) -> str | None:
+    """Where an access counts: the innermost frame of an inline ``chain`` ((path, line) pairs,
+    innermost first) outside the toolkit's headers (the engine's stand-ins for CUDA's, the
+    C++ library's under /usr or /opt) and not on a line marked CALLER_LINE_MARK, as
+    ``file:line``; None if there is none. The one rule for the engine's accesses
+    (addr2line's chain) and for NVRTC's SASS (``nvdisasm -gi``'s chain, _nvrtc_check): a path
+    that does not exist (NVRTC names the main file as given) is read from the kernel folder.
+    ``extra_marked``: ``file:line`` also treated as marked."""
+    from .._loader import KERNEL_DIR
+    for path, line in chain:
+        path = Path(path)
+        if path.name in _TOOLKIT_HEADERS or str(path).startswith(("/usr/", "/opt/")):
+            continue
+        source = path if path.exists() else KERNEL_DIR / path.name
+        if int(line) in _marked_lines(str(source)) or f"{path.name}:{line}" in extra_marked:
+            continue
+        return f"{path.name}:{line}"
+    return None
+
+
 def _kernel_frame(frames: list[str]) -> str:
-    """The innermost inlined frame outside the engine's own headers and the C++ library's
-    (atomics, <cmath>) and not on a line marked CALLER_LINE_MARK, as ``file:line``."""
-    for f in frames:
-        m = _LINE_RE.match(f)
-        if not m or m.group(1) == "??":
-            continue
-        path = Path(m.group(1))
-        if path.parent == HEADER_DIR or str(path).startswith(("/usr/", "/opt/")):
-            continue
-        if int(m.group(2)) in _marked_lines(str(path)):
-            continue
-        return f"{path.name}:{m.group(2)}"
-    return frames[0] if frames else "?"
+    """kernel_line of addr2line's frames (``path:line``, innermost first)."""
+    chain = [(m.group(1), m.group(2)) for f in frames if (m := _LINE_RE.match(f)) and m.group(1) != "??"]
+    return kernel_line(chain) or (frames[0] if frames else "?")
 
 
 def source_lines(library: str, offsets: tuple) -> dict:
